@@ -1,0 +1,5 @@
+"""``python -m nnsteer`` runs the CLI."""
+
+from nnsteer.cli import main
+
+main()

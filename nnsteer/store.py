@@ -1,0 +1,201 @@
+"""The run directory and its files (formats fixed by CONTRACTS.md).
+
+Every file is written to a temporary name beside its target and renamed into place,
+so an interrupted stage never leaves a half-written output. Parquet files carry their
+provenance as JSON under the key-value metadata key ``metadata``; safetensors files
+under the ``__metadata__`` entry ``nnsteer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from nnsteer.errors import BadInput
+
+#: Which stage writes each file, for "run `nnsteer X` first" messages.
+PRODUCERS = {
+    "tasks.parquet": "tasks",
+    "chains.parquet": "generate",
+    "annotations.parquet": "annotate",
+    "vectors.safetensors": "extract",
+    "attribution.parquet": "attribute",
+    "layers.json": "select",
+    "steered.parquet": "steer",
+    "steered_annotations.parquet": "evaluate",
+    "evaluation.parquet": "evaluate",
+    "report.html": "report",
+}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one study. ``RunDir("runs/smollm2-135m").chains`` is a path."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def tasks(self) -> Path:
+        return self.root / "tasks.parquet"
+
+    @property
+    def chains(self) -> Path:
+        return self.root / "chains.parquet"
+
+    @property
+    def annotations(self) -> Path:
+        return self.root / "annotations.parquet"
+
+    @property
+    def vectors(self) -> Path:
+        return self.root / "vectors.safetensors"
+
+    @property
+    def attribution(self) -> Path:
+        return self.root / "attribution.parquet"
+
+    @property
+    def layers(self) -> Path:
+        return self.root / "layers.json"
+
+    @property
+    def steered(self) -> Path:
+        """Steered evaluation chains (same columns as ``chains.parquet``)."""
+        return self.root / "steered.parquet"
+
+    @property
+    def steered_annotations(self) -> Path:
+        return self.root / "steered_annotations.parquet"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation.parquet"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def charts(self) -> Path:
+        """Folder of chart files (HTML, PNG, SVG)."""
+        return self.root / "charts"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def nnsteer_version() -> str:
+    from nnsteer import __version__
+
+    return __version__
+
+
+def provenance(stage: str, options: dict[str, Any], model: dict[str, Any] | None = None) -> dict:
+    """The metadata every output carries: stage, its options, model, version, time."""
+    return {
+        "stage": stage,
+        "options": options,
+        "model": model or {},
+        "nnsteer": nnsteer_version(),
+        "time": now_iso(),
+    }
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success only."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet(df: pl.DataFrame, path: Path | str, metadata: dict[str, Any]) -> None:
+    """Write ``df`` atomically with ``metadata`` as JSON under the key ``metadata``."""
+    with atomic_path(path) as tmp:
+        df.write_parquet(tmp, metadata={"metadata": json.dumps(metadata, default=str)})
+
+
+def require(path: Path | str) -> Path:
+    """``path`` if it exists, else :class:`BadInput` naming the stage that writes it."""
+    path = Path(path)
+    if not path.exists():
+        stage = PRODUCERS.get(path.name)
+        hint = f": run `nnsteer {stage}` first" if stage else ""
+        raise BadInput(f"{path} not found{hint}")
+    return path
+
+
+def read_parquet(path: Path | str, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a run file, checking that it exists and has the named columns."""
+    path = require(path)
+    try:
+        df = pl.read_parquet(path)
+    except Exception as exc:  # polars raises several kinds for damaged files
+        raise BadInput(f"{path}: not a readable parquet file ({type(exc).__name__})") from None
+    missing = [c for c in columns or [] if c not in df.columns]
+    if missing:
+        raise BadInput(f"{path}: missing column(s) {', '.join(missing)}")
+    return df
+
+
+def read_metadata(path: Path | str) -> dict[str, Any]:
+    """The nnsteer metadata of a parquet or safetensors file ({} if it has none)."""
+    path = require(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("nnsteer")
+    else:
+        raw = pl.read_parquet_metadata(path).get("metadata")
+    return json.loads(raw) if raw else {}
+
+
+def write_json(path: Path | str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    path = require(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+
+
+def write_text(path: Path | str, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable values (options, input identities)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

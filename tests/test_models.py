@@ -1,0 +1,142 @@
+"""Model loading and the architecture adapter, against transformers' own outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnsteer.errors import BadInput
+from nnsteer.models import Architecture, describe_model, load_model, resolve_source
+
+
+def _layer_outputs(lm, ids, mask):
+    with lm.nn.trace(input_ids=ids, attention_mask=mask, remote=lm.remote):
+        out = torch.stack([lm.layers[i].output for i in range(lm.arch.n_layers)]).save()
+    return out
+
+
+@pytest.mark.parametrize("remote", [False, "local"])
+def test_layer_outputs_equal_hidden_states(tiny_model, remote):
+    lm = tiny_model
+    enc = lm.tokenizer(["The cat sat on the mat.", "Hi"], return_tensors="pt", padding=True)
+    was = lm.remote
+    lm.remote = remote
+    try:
+        outs = _layer_outputs(lm, enc["input_ids"], enc["attention_mask"])
+    finally:
+        lm.remote = was
+    hf = lm.hf_model
+    position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(**enc, position_ids=position_ids, output_hidden_states=True).hidden_states
+    n = lm.arch.n_layers
+    for layer in range(n - 1):
+        torch.testing.assert_close(outs[layer], ref[layer + 1], rtol=0, atol=0)
+    # transformers applies the final norm to its last hidden state.
+    normed = lm.arch.final_norm(hf)(outs[n - 1])
+    torch.testing.assert_close(normed, ref[n], rtol=0, atol=0)
+
+
+def test_adapter_sizes(tiny_llama, tiny_qwen2):
+    assert (tiny_llama.arch.family, tiny_llama.arch.n_layers, tiny_llama.arch.d_model) == ("llama", 4, 64)
+    assert (tiny_qwen2.arch.family, tiny_qwen2.arch.n_layers) == ("qwen2", 3)
+    assert tiny_llama.arch.unembed(tiny_llama.hf_model) is tiny_llama.hf_model.lm_head
+
+
+def test_unsupported_architecture_is_one_line():
+    from transformers import GPT2Config
+
+    with pytest.raises(BadInput, match="unsupported architecture 'gpt2'"):
+        Architecture.from_config(GPT2Config(), "gpt2-dir")
+
+
+def test_local_directory_roundtrip(tiny_llama, tmp_path):
+    tiny_llama.hf_model.save_pretrained(tmp_path)
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), device="cpu")
+    ids = tiny_llama.tokenizer("hello world", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(lm.hf_model(ids).logits, tiny_llama.hf_model(ids).logits)
+    assert lm.provenance()["n_layers"] == 4
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("no-such-model", "unknown model 'no-such-model'"),
+        ("missing.gguf", "missing.gguf: no such GGUF file"),
+    ],
+)
+def test_bad_model_names(name, message):
+    with pytest.raises(BadInput, match=message):
+        resolve_source(name)
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(64))
+    with pytest.raises(BadInput, match="broken.gguf: not a readable GGUF file"):
+        resolve_source(str(bad))
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(BadInput, match="has no config.json"):
+        resolve_source(str(tmp_path))
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "nnsteer", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_lists_every_command():
+    out = _cli("--help").stdout
+    for command in ["tasks", "generate", "annotate", "extract", "attribute", "select", "steer",
+                    "evaluate", "report", "run", "models"]:
+        assert f"  {command}" in out
+
+
+def test_cli_bad_model_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf")
+    for name in ["no-such-model", str(bad)]:
+        result = _cli("models", "--model", name)
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert name in result.stderr
+
+
+def test_remote_without_key_is_one_line_error():
+    result = _cli("models", "--model", "meta-llama/Llama-3.1-8B", "--remote",
+                  env={"NDIF_API_KEY": ""})
+    assert result.returncode == 2
+    assert "NDIF_API_KEY" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.embedded
+def test_embedded_model_description_and_cache():
+    info = describe_model("smollm2-135m", device="cpu")
+    assert (info["layers"], info["width"]) == (30, 576)
+    source = resolve_source("smollm2-135m")
+    assert Path(source.path, "model.safetensors").is_file()
+    assert not [p for p in Path(source.path).parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.embedded
+def test_embedded_model_equals_gguf():
+    """The cached safetensors copy computes what transformers' GGUF loader computes."""
+    from transformers import AutoModelForCausalLM
+
+    from nnsteer.models import embedded_gguf
+
+    lm = load_model("smollm2-135m", device="cpu")
+    gguf = embedded_gguf("smollm2-135m")
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ids = lm.tokenizer("Let me think about this step by step.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(lm.hf_model(ids).logits, ref(ids).logits, rtol=0, atol=0)
