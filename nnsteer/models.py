@@ -365,6 +365,17 @@ def load_model(
     )
 
 
+def load_tokenizer(model: str = DEFAULT_MODEL) -> Any:
+    """The tokenizer of ``model`` alone (for stages that read chains but run no model)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(model)
+    try:
+        return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except OSError as exc:
+        raise BadInput(f"cannot load the tokenizer of {model!r}: {_first_line(exc)}") from None
+
+
 def _load_weights(source: ModelSource, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
