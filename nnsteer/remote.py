@@ -1,13 +1,32 @@
-"""NDIF readiness: is there an API key, is the service up, does it serve this model now."""
+"""NDIF: is a model served now, and running requests that survive a flaky network.
+
+:func:`check_remote` is what ``--remote`` checks before any work (``load_model`` calls it);
+:func:`with_retries` runs one batch's request again after a connection error, a timeout
+or a 5xx answer, with exponential backoff, and names the batch when it gives up.
+
+Example:
+    >>> check_remote("meta-llama/Llama-3.1-8B")          # doctest: +SKIP
+    'running'
+    >>> ids = with_retries(lambda: run_batch(lm, batch), what="batch 3/12")  # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
+import difflib
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from nnsteer.errors import BadInput, NnsteerError
 
+T = TypeVar("T")
+
 NDIF_KEY_HELP = "export NDIF_API_KEY=<your key> (free key at https://login.ndif.us)"
+
+#: HTTP statuses worth asking again: rate limited, or the server failed for now.
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def ndif_deployments(timeout: float = 10.0) -> dict[str, dict[str, Any]]:
@@ -38,7 +57,11 @@ def ndif_deployments(timeout: float = 10.0) -> dict[str, dict[str, Any]]:
 
 
 def check_remote(model: str) -> str:
-    """Fail in one line unless ``model`` can run on NDIF now; return its state."""
+    """Fail in one line unless ``model`` can run on NDIF now; return its state.
+
+    In order: an API key must be set, the name must be a Hub id, and NDIF must be
+    reachable and running the model. Each failure says what to do instead.
+    """
     from nnsight.schema.config import CONFIG
 
     if not CONFIG.API.APIKEY:
@@ -52,9 +75,88 @@ def check_remote(model: str) -> str:
     if state != "RUNNING":
         running = sorted(repo for repo, info in served.items() if info["state"] == "RUNNING")
         now = f"({state.lower()})" if state else "(not deployed)"
+        close = difflib.get_close_matches(model, running, n=1, cutoff=0.8)
+        hint = f"Did you mean {close[0]}? " if close else ""
         raise BadInput(
             f"NDIF does not serve {model} right now {now}; it runs: "
-            f"{', '.join(running) or 'nothing'}. Pick one of those, or run on a local GPU "
-            "without --remote"
+            f"{', '.join(running) or 'nothing'}. {hint}Pick one of those, or run on a "
+            "local GPU without --remote"
         )
     return "running"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed request may succeed if sent again.
+
+    True for connection errors, timeouts and 408/429/5xx answers, whether raised by
+    httpx or websocket-client directly or wrapped in nnsight's ``RemoteError``; False for
+    errors the request itself causes (a failed intervention, a 4xx answer).
+    """
+    import httpx
+    import websocket
+
+    while exc is not None:
+        if isinstance(exc, httpx.HTTPStatusError):
+            return exc.response.status_code in TRANSIENT_STATUS
+        if isinstance(exc, websocket.WebSocketBadStatusException):
+            return exc.status_code in TRANSIENT_STATUS
+        if isinstance(
+            exc,
+            (
+                ConnectionError,
+                TimeoutError,
+                httpx.TransportError,
+                websocket.WebSocketConnectionClosedException,
+                websocket.WebSocketTimeoutException,
+                websocket.WebSocketAddressException,
+            ),
+        ):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def with_retries(
+    request: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = 5,
+    base_delay: float = 2.0,
+    max_delay: float = 60.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """``request()``, sent again after a transient failure (see :func:`is_transient`).
+
+    Waits ``base_delay * 2**k`` seconds (at most ``max_delay``) before retry ``k + 1``.
+    Other errors propagate at once. After ``attempts`` transient failures raises
+    :class:`NnsteerError` naming ``what`` (e.g. ``"batch 3/12"``), so the user knows
+    where a rerun resumes. Locally nothing is transient, so stages call it either way.
+    """
+    attempt = 1
+    while True:
+        try:
+            return request()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+            if attempt >= attempts:
+                raise NnsteerError(
+                    f"{what} failed {attempt} times on NDIF ({reason}); finished batches "
+                    "are saved, rerun the same command to resume"
+                ) from exc
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1))
+            _warn(f"{what}: {reason}; retry {attempt}/{attempts - 1} in {delay:g} s")
+            sleep(delay)
+            attempt += 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def _warn(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"nnsteer: {message}", file=sys.stderr)

@@ -1,0 +1,49 @@
+"""``nnsteer annotate``: behaviour spans of the chains (annotations.parquet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nnsteer.models import DEFAULT_MODEL
+
+
+@click.command(name="annotate")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Model whose run directory to use (when --run-dir is not given).")
+@click.option("--annotator", default="auto", show_default=True,
+              help="rules, openai:<model>, or auto (openai:gpt-4o if OPENAI_API_KEY is set, "
+                   "else rules).")
+@click.option("--base-url", default=None, help="Any OpenAI-compatible server (vLLM, Ollama).")
+@click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Concurrent LLM requests.")
+@click.option("--source", type=click.Choice(["chains", "steered"]), default="chains",
+              show_default=True, help="Annotate chains.parquet or steered.parquet.")
+@click.option("--agreement", "agreement_files", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Instead: print the rules annotator's agreement with the LLM annotations "
+                   "of FILE (annotated-chains JSON). Repeatable.")
+@click.pass_context
+def command(ctx: click.Context, model: str, annotator: str, base_url: str | None, workers: int,
+            source: str, agreement_files: tuple[Path, ...]) -> None:
+    """Annotate chains into behaviour spans (annotations.parquet)."""
+    if agreement_files:
+        from nnsteer.agreement import file_agreement
+        from nnsteer.rules import rules_annotate
+
+        for path in agreement_files:
+            click.echo(file_agreement(path, rules_annotate).format(f"rules vs {path.name}"))
+            click.echo()
+        return
+    from nnsteer.annotate import annotate_chains
+    from nnsteer.cli.common import run_dir
+
+    run = run_dir(ctx, model)
+    summary = annotate_chains(run, annotator=annotator, base_url=base_url, workers=workers,
+                              source=source)
+    out = run.annotations if source == "chains" else run.steered_annotations
+    click.echo(f"wrote {out}")
+    click.echo(f"{'label':<24}{'spans':>7}{'tokens':>8}{'unaligned':>11}{'unknown':>9}")
+    for label, spans, tokens, unaligned, unknown in summary.iter_rows():
+        click.echo(f"{label:<24}{spans:>7}{tokens:>8}{unaligned:>11}{unknown:>9}")

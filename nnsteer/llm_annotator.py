@@ -1,0 +1,152 @@
+"""The LLM annotator: any OpenAI-compatible Chat Completions server (default GPT-4o).
+
+Replies are cached on disk per (model, prompt version, text), so a rerun never pays
+twice; the ``openai`` client retries 429, 5xx and timeouts with exponential backoff.
+The key comes from ``OPENAI_API_KEY`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from nnsteer.annotate import Span, parse_annotation
+from nnsteer.errors import BadInput
+from nnsteer.labels import LABELS
+from nnsteer.models import model_slug
+from nnsteer.store import write_json
+
+API_KEY_ENV = "OPENAI_API_KEY"
+DEFAULT_MODEL = "gpt-4o"
+#: Bump when PROMPT changes: cached replies of other versions are not reused.
+PROMPT_VERSION = "1"
+
+_MEANINGS = {
+    "initializing": "restating the problem, setting the goal, or planning the first steps",
+    "deduction": "deriving a conclusion from what is already known or computed",
+    "adding-knowledge": "bringing in a fact, definition, formula or piece of world knowledge "
+                        "that is not stated in the problem",
+    "example-testing": "trying a concrete example, case or value to test an idea",
+    "uncertainty-estimation": "expressing doubt or confidence, or weighing whether something "
+                              "is right",
+    "backtracking": "abandoning or revising an earlier approach or claim and trying another",
+}
+
+PROMPT = (
+    "You label the reasoning of a language model with behaviours.\n\n"
+    "Behaviours:\n"
+    + "".join(f'- "{label}": {_MEANINGS[label]}\n' for label in LABELS)
+    + "\nSplit the reasoning into consecutive parts and write every part as\n"
+    '["label"]exact text of the part["end-section"]\n'
+    "Copy the text exactly, in order, without changing, adding or leaving out words. "
+    "A part is usually one sentence; split a sentence whose halves show different "
+    "behaviours. Use only the six labels above. Reply with the labelled text only."
+)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A text the annotator could not annotate, and why."""
+
+    reason: str
+
+
+class LLMAnnotator:
+    """Annotates texts through a Chat Completions endpoint, with an on-disk reply cache."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, base_url: str | None = None,
+                 cache_dir: Path | None = None, max_retries: int = 6,
+                 timeout: float = 180.0) -> None:
+        self.model = model
+        self.base_url = base_url
+        self.cache_dir = cache_dir
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self._client = None
+
+    def cache_path(self, text: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        return Path(self.cache_dir) / model_slug(self.model) / f"v{PROMPT_VERSION}-{digest}.json"
+
+    def cached(self, text: str) -> str | None:
+        """The cached reply for ``text``, if any."""
+        path = self.cache_path(text)
+        if path is None or not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())["reply"]
+        except (json.JSONDecodeError, KeyError):
+            return None
+
+    def connect(self) -> None:
+        """Create the client; :class:`BadInput` if no key is set (unless a server is named)."""
+        import openai
+
+        key = os.environ.get(API_KEY_ENV)
+        if not key and self.base_url is None:
+            raise BadInput(f"the openai:{self.model} annotator needs {API_KEY_ENV} in the "
+                           "environment (or --base-url for a server without keys)")
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=key or "none",
+                                     max_retries=self.max_retries, timeout=self.timeout)
+
+    def request(self, text: str) -> str:
+        """One Chat Completions request at temperature 0; the reply's text."""
+        reply = self._client.chat.completions.create(
+            model=self.model, temperature=0,
+            messages=[{"role": "system", "content": PROMPT}, {"role": "user", "content": text}],
+        )
+        return reply.choices[0].message.content or ""
+
+    def annotate(self, text: str) -> list[Span] | Failed:
+        """Spans of ``text`` from the cache or the server; a reply with no labels is asked
+        for once more, then reported as :class:`Failed`."""
+        import openai
+
+        reply = self.cached(text)
+        if reply is not None:
+            return parse_annotation(reply, text)
+        for _ in range(2):
+            try:
+                reply = self.request(text)
+            except openai.AuthenticationError:
+                raise BadInput(f"{API_KEY_ENV} was rejected by "
+                               f"{self.base_url or 'the OpenAI API'}") from None
+            except openai.APIError as exc:
+                return Failed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            spans = parse_annotation(reply, text)
+            if spans:
+                path = self.cache_path(text)
+                if path is not None:
+                    write_json(path, {"model": self.model, "prompt_version": PROMPT_VERSION,
+                                      "reply": reply})
+                return spans
+        return Failed(f"reply has no labels: {reply[:80]!r}")
+
+
+def annotate_texts(
+    texts: Sequence[str], *, model: str = DEFAULT_MODEL, base_url: str | None = None,
+    workers: int = 8, cache_dir: Path | None = None, progress: bool = True,
+    max_retries: int = 6,
+) -> list[list[Span] | Failed]:
+    """Annotate ``texts`` concurrently (``workers`` requests at a time), in input order."""
+    annotator = LLMAnnotator(model, base_url=base_url, cache_dir=cache_dir,
+                             max_retries=max_retries)
+    if any(annotator.cached(t) is None for t in texts):
+        annotator.connect()
+    results: list[list[Span] | Failed] = [Failed("not run")] * len(texts)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(annotator.annotate, t): i for i, t in enumerate(texts)}
+        bar = tqdm(as_completed(futures), total=len(futures), disable=not progress,
+                   desc=f"annotate ({model})", unit="chain")
+        for future in bar:
+            results[futures[future]] = future.result()
+    return results

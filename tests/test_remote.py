@@ -1,0 +1,396 @@
+"""The strict remote backend, NDIF readiness checks and request retries.
+
+References are plain: transformers' ``output_hidden_states``, the same block run locally,
+and hand-built ``/status`` answers from a server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import nnsight
+import pytest
+import torch
+from click.testing import CliRunner
+from nnsight.schema.config import CONFIG
+
+from conftest import make_tiny
+from nnsteer import positions
+from nnsteer.cli import cli
+from nnsteer.errors import BadInput, NnsteerError
+from nnsteer.remote import check_remote, is_transient, with_retries
+from strict_remote import RemoteImportError, strict_remote
+
+IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [2, 2, 50, 51, 52, 53, 54, 55]])
+MASK = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
+
+
+@pytest.fixture()
+def lm(tokenizer):
+    """A private tiny Llama (the strict backend flips ``lm.remote``)."""
+    return make_tiny("llama", tokenizer)
+
+
+# --- the strict backend ---------------------------------------------------------------
+
+
+def _layer_sums(lm, remote):
+    m, layers = lm.nn, lm.layers
+    with m.trace(input_ids=IDS, attention_mask=MASK, remote=remote):
+        sums = torch.stack([layers[i].output.sum(1) for i in range(4)]).save()
+    return sums
+
+
+def test_strict_trace_equals_hidden_states_and_returns_only_saves(lm):
+    position_ids = (MASK.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        hidden = lm.hf_model(
+            input_ids=IDS, attention_mask=MASK, position_ids=position_ids,
+            output_hidden_states=True,
+        ).hidden_states
+    reference = torch.stack([h.sum(1) for h in hidden[1:4]])
+    with strict_remote(lm) as server:
+        sums = _layer_sums(lm, lm.remote)
+    assert lm.remote is False
+    torch.testing.assert_close(sums[:3], reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(sums, _layer_sums(lm, False))
+    (record,) = server.requests
+    assert record.names == ("sums",) and not record.others
+    assert [(t.shape, t.dtype) for t in record.tensors] == [((4, 2, 64), "float32")]
+    assert 4 * 2 * 64 * 4 < record.response_bytes < 4 * 2 * 64 * 4 + 2_000
+
+
+def test_strict_generate_with_steering_at_every_step_equals_local(lm):
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(1))
+
+    def steered(remote):
+        m, layer = lm.nn, lm.layers[1]
+        with pytest.warns(UserWarning, match="never reached"):
+            with m.generate(max_new_tokens=6, do_sample=False, remote=remote) as tracer:
+                with tracer.invoke(input_ids=IDS, attention_mask=MASK):
+                    for step in tracer.iter[:]:
+                        layer.output[:] += 4.0 * vector.to(layer.output.device)
+                with tracer.invoke():
+                    ids = tracer.result.save()
+        return ids
+
+    with strict_remote(lm) as server:
+        remote_ids = steered(lm.remote)
+    assert torch.equal(remote_ids, steered(False))
+    assert not torch.equal(remote_ids[:, 8:], lm.hf_model.generate(
+        input_ids=IDS, attention_mask=MASK, max_new_tokens=6, do_sample=False)[:, 8:])
+    assert [(t.shape, t.dtype) for t in server.tensors()] == [((2, 14), "int64")]
+
+
+def test_strict_gradient_trace_equals_autograd(lm):
+    target, position = 7, 5
+
+    def grad_norms(remote):
+        m, layers = lm.nn, lm.layers
+        with m.trace(input_ids=IDS[:1], remote=remote):
+            m.model.embed_tokens.output.requires_grad_(True)
+            hs = [layers[i].output for i in range(4)]
+            loss = -torch.log_softmax(m.output.logits[0, position], -1)[target]
+            grads = torch.autograd.grad(loss, hs)
+            norms = torch.stack([g[0, position].norm() for g in grads]).save()
+        return norms
+
+    outputs = {}
+    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out))
+             for i, layer in enumerate(lm.hf_model.model.layers)]
+    embeds = lm.hf_model.model.embed_tokens(IDS[:1]).requires_grad_(True)
+    try:
+        logits = lm.hf_model(inputs_embeds=embeds).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    loss = -torch.log_softmax(logits[0, position], -1)[target]
+    reference = torch.stack([g[0, position].norm() for g in
+                             torch.autograd.grad(loss, [outputs[i] for i in range(4)])])
+    with strict_remote(lm):
+        norms = grad_norms(lm.remote)
+    torch.testing.assert_close(norms, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_strict_session_with_kv_cache_equals_full_forward(lm):
+    from transformers import DynamicCache
+
+    def next_token_logits(remote):
+        m = lm.nn
+        with m.session(remote=remote):
+            with torch.no_grad():
+                with m.trace(input_ids=IDS[:1, :5]):
+                    cache = m.output.past_key_values
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
+            results = nnsight.save([])
+            for p in (3, 4):
+                with m.trace(input_ids=IDS[:1, p:p + 1], position_ids=torch.tensor([[p]]),
+                             past_key_values=DynamicCache(
+                                 ddp_cache_data=[(k[:, :, :p], v[:, :, :p]) for k, v in kv])):
+                    results.append(m.output.logits[0, -1])
+        return torch.stack(list(results))
+
+    with torch.no_grad():
+        reference = lm.hf_model(input_ids=IDS[:1, :5]).logits[0, 3:5]
+    with strict_remote(lm) as server:
+        logits = next_token_logits(lm.remote)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
+    assert len(server.requests) == 1 and server.requests[0].kind == "Tracer"
+
+
+def test_installed_helper_fails_strict_until_registered(lm):
+    """The check has teeth: nnsteer is installed here, not on the server."""
+
+    def with_helper(remote):
+        m = lm.nn
+        with m.trace(input_ids=IDS[:1], remote=remote):
+            where = torch.tensor(positions.merge_positions([[3, 1], [1, 2]]))
+            picked = m.model.layers[0].output[0, where].sum().save()
+        return picked
+
+    local = with_helper(False)
+    # nnsight's own simulation misses it: installed packages stay importable there.
+    assert torch.equal(with_helper("local"), local)
+    with strict_remote(lm), pytest.raises(RemoteImportError, match="'nnsteer"):
+        with_helper(lm.remote)
+    assert sys.modules["nnsteer.positions"] is positions  # the client's modules are back
+    nnsight.register(positions)
+    try:
+        with strict_remote(lm):
+            assert torch.equal(with_helper(lm.remote), local)
+    finally:
+        import cloudpickle
+
+        cloudpickle.unregister_pickle_by_value(positions)
+
+
+def test_strict_tensors_are_copies_on_the_server(lm):
+    """A block that writes into a client tensor instead of saving a result gets nothing back."""
+
+    def fill(remote):
+        out = torch.zeros(4)
+        m, layers = lm.nn, lm.layers
+        with m.trace(input_ids=IDS[:1], remote=remote):
+            for i in range(4):
+                out[i] = layers[i].output.sum()
+        return out
+
+    assert fill(False).abs().sum() > 0
+    with strict_remote(lm):
+        assert fill(lm.remote).abs().sum() == 0
+
+
+def test_strict_rejects_remote_inside_a_remote_session(lm):
+    def nested(remote):
+        m = lm.nn
+        with m.session(remote=remote):
+            with m.trace(input_ids=IDS[:1], remote=remote):
+                total = m.model.layers[0].output.sum().save()
+        return total
+
+    with strict_remote(lm), pytest.raises(RuntimeError, match="outer session only"):
+        nested(lm.remote)
+
+
+# --- readiness: NDIF's /status answered by a server on 127.0.0.1 ----------------------
+
+
+def _status(*deployments: tuple[str, str]) -> dict:
+    return {"deployments": {
+        f"{repo}-{i}": {"repo_id": repo, "application_state": state, "deployment_level": "HOT"}
+        for i, (repo, state) in enumerate(deployments)
+    }}
+
+
+@contextlib.contextmanager
+def _http_server(routes: dict[str, tuple[int, object]]) -> Iterator[str]:
+    """Serve ``{path: (status, json body)}`` on 127.0.0.1; any other path gets 404."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            status, body = routes.get(self.path, (404, {"detail": "not found"}))
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    watchdog = threading.Timer(60, server.shutdown)
+    thread.start()
+    watchdog.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        watchdog.cancel()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture()
+def ndif(monkeypatch):
+    """Point nnsight at a local /status server: ``ndif(status_json, key=...)``."""
+    stack = contextlib.ExitStack()
+
+    def serve(status: dict, key: str | None = "test-key", code: int = 200) -> str:
+        host = stack.enter_context(_http_server({"/status": (code, status)}))
+        monkeypatch.setattr(CONFIG.API, "HOST", host)
+        monkeypatch.setattr(CONFIG.API, "APIKEY", key)
+        return host
+
+    with stack:
+        yield serve
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_remote_running(ndif):
+    ndif(_status(("org/big-model", "DEPLOYING"), ("org/big-model", "RUNNING")))
+    assert check_remote("org/big-model") == "running"
+
+
+def test_check_remote_not_served_lists_running_models(ndif):
+    ndif(_status(("org/Big-Model", "RUNNING"), ("org/other", "DEPLOYING")))
+    with pytest.raises(BadInput) as err:
+        check_remote("org/big-model")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "not deployed" in message and "it runs: org/Big-Model." in message
+    assert "Did you mean org/Big-Model?" in message and "without --remote" in message
+    with pytest.raises(BadInput, match=r"org/other right now \(deploying\)"):
+        check_remote("org/other")
+
+
+def test_check_remote_service_down(monkeypatch):
+    monkeypatch.setattr(CONFIG.API, "HOST", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key")
+    with pytest.raises(NnsteerError, match="cannot reach NDIF at .*/status") as err:
+        check_remote("org/big-model")
+    assert "\n" not in str(err.value)
+
+
+def test_check_remote_server_error(ndif):
+    ndif({"detail": "maintenance"}, code=503)
+    with pytest.raises(NnsteerError, match=r"cannot reach NDIF .*HTTPStatusError"):
+        check_remote("org/big-model")
+
+
+def test_check_remote_needs_api_key(ndif):
+    ndif(_status(("org/big-model", "RUNNING")), key=None)
+    with pytest.raises(BadInput, match="NDIF_API_KEY") as err:
+        check_remote("org/big-model")
+    assert "\n" not in str(err.value)
+
+
+def test_check_remote_needs_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key")
+    with pytest.raises(BadInput, match="Hugging Face id"):
+        check_remote("smollm2-135m")
+    with pytest.raises(BadInput, match="Hugging Face id"):
+        check_remote(str(tmp_path))
+
+
+def test_cli_models_remote_not_served(ndif):
+    ndif(_status(("org/big-model", "RUNNING")))
+    result = CliRunner().invoke(cli, ["models", "--model", "org/small-model", "--remote"])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("nnsteer: error: NDIF does not serve org/small-model")
+
+
+def test_cli_models_remote_served_without_hub_access(ndif, monkeypatch):
+    """NDIF serves it, but its config cannot be fetched here: still one clean line."""
+    import huggingface_hub.constants
+
+    ndif(_status(("org/big-model", "RUNNING")))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(cli, ["models", "--model", "org/big-model", "--remote"])
+    assert result.exit_code == 1, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("nnsteer: error: cannot read the config of 'org/big-model'")
+
+
+# --- retries --------------------------------------------------------------------------
+
+
+def test_with_retries_recovers_after_two_connection_errors():
+    calls, delays = [], []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise httpx.ConnectError("connection refused")
+        return "ids"
+
+    assert with_retries(flaky, what="batch 2/5", sleep=delays.append) == "ids"
+    assert len(calls) == 3 and delays == [2.0, 4.0]
+
+
+def test_with_retries_gives_up_naming_the_batch_on_a_real_nnsight_request(lm):
+    """nnsight's own RemoteBackend against a closed port: connection refused every time."""
+    from nnsight.intervention.backends.remote import RemoteBackend
+
+    backend = RemoteBackend("nnsight.modeling.transformers.TransformersModel:{}",
+                            host=f"http://127.0.0.1:{_closed_port()}")
+    calls, delays = [], []
+
+    def request() -> torch.Tensor:
+        calls.append(1)
+        with lm.nn.trace(input_ids=IDS[:1], backend=backend):
+            out = lm.nn.output.logits.sum().save()
+        return out
+
+    with pytest.raises(NnsteerError, match=r"^batch 3/12 failed 4 times on NDIF \(Connection"):
+        with_retries(request, what="batch 3/12", attempts=4, base_delay=1, max_delay=3,
+                     sleep=delays.append)
+    assert len(calls) == 4 and delays == [1, 2, 3]
+
+
+def test_with_retries_does_not_repeat_a_failing_intervention():
+    calls = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise IndexError("index 9 is out of bounds")
+
+    with pytest.raises(IndexError):
+        with_retries(broken, what="batch 1/1", sleep=pytest.fail)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(("status", "transient"), [(503, True), (429, True), (401, False)])
+def test_is_transient_reads_the_cause_of_nnsight_errors(status, transient):
+    from nnsight.intervention.backends.remote import RemoteError
+
+    response = httpx.Response(status, request=httpx.Request("POST", "http://x/request"))
+    cause = httpx.HTTPStatusError("failed", request=response.request, response=response)
+    try:
+        raise RemoteError("Failed to send request") from cause
+    except RemoteError as exc:
+        assert is_transient(exc) is transient
+
+
+def test_is_transient_server_side_job_error_is_not():
+    from nnsight.intervention.backends.remote import RemoteError
+
+    assert not is_transient(RemoteError("CUDA out of memory"))
+    assert is_transient(TimeoutError("read timed out"))
+

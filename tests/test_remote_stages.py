@@ -1,0 +1,197 @@
+"""Every stage that supports ``--remote`` gives the local result through the strict backend.
+
+One small study (tiny Llama, 2 train + 1 eval task, hand-placed spans) is run locally
+once; each stage then runs again on a copy of its inputs with ``lm.remote`` routed
+through :mod:`strict_remote`, and its output must equal the local one. The same runs
+check the payload budgets: what each response may hold.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import polars as pl
+import pytest
+import torch
+from polars.testing import assert_frame_equal
+
+from conftest import make_tiny
+from nnsteer.labels import LABELS
+from nnsteer.remote import with_retries
+from nnsteer.store import RunDir, provenance, write_json, write_parquet
+from strict_remote import strict_remote
+
+generation = pytest.importorskip("nnsteer.generation")
+vectors = pytest.importorskip("nnsteer.vectors")
+attribution = pytest.importorskip("nnsteer.attribution")
+steer = pytest.importorskip("nnsteer.steer")
+tasks = pytest.importorskip("nnsteer.tasks")
+
+MAX_NEW_TOKENS = 6
+BATCH = 2
+BEHAVIOUR = "backtracking"
+#: The envelope torch.save adds around the tensors of a response (zip headers, pickle).
+ENVELOPE = 2_000
+
+
+@pytest.fixture(scope="module")
+def lm(tokenizer):
+    return make_tiny("llama", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, lm) -> RunDir:
+    """Every stage run locally, in order, on one small run directory."""
+    run = RunDir(tmp_path_factory.mktemp("local"))
+    records = [
+        {"task_id": f"t{i}", "category": "Verbal Logic", "split": split, "source": "file",
+         "prompt": prompt}
+        for i, (split, prompt) in enumerate([
+            ("train", "Is every square a rectangle?"),
+            ("train", "A bat and a ball cost 1.10 in total. How much is the ball?"),
+            ("eval", "If all bloops are razzies, are some razzies bloops?"),
+        ])
+    ]
+    tasks.save_tasks(run, tasks.tasks_frame(records), {})
+    generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS, batch_size=BATCH)
+    _annotate_thirds(run, lm)
+    vectors.extract_vectors(run, lm, batch_size=BATCH)
+    attribution.attribute(run, lm, metric="nll", batch_size=BATCH, labels=[BEHAVIOUR])
+    write_json(run.layers, {BEHAVIOUR: {"vector_layer": 1, "layers": [1, 2], "coefficient": 4.0}})
+    steer.steer_chains(run, lm, behaviours=[BEHAVIOUR], limit=1, random_control=False,
+                       max_new_tokens=MAX_NEW_TOKENS, batch_size=BATCH)
+    return run
+
+
+def _annotate_thirds(run: RunDir, lm) -> None:
+    """Three spans per chain over thirds of its response, labels taken in turn."""
+    chains = pl.read_parquet(run.chains)
+    rows, turn = [], 0
+    for chain_id, response in zip(chains["chain_id"], chains["response"]):
+        cuts = [0, len(response) // 3, 2 * len(response) // 3, len(response)]
+        for start, end in zip(cuts, cuts[1:]):
+            if start < end:
+                label = (BEHAVIOUR, *LABELS)[turn % (len(LABELS) + 1)]
+                rows.append({"chain_id": chain_id, "label": label, "start": start, "end": end,
+                             "text": response[start:end], "annotator": "test", "status": "ok"})
+                turn += 1
+    write_parquet(pl.DataFrame(rows), run.annotations, provenance("annotate", {}, lm.provenance()))
+
+
+def _inputs(study: RunDir, tmp_path, *files: str) -> RunDir:
+    """A fresh run directory holding copies of ``files`` of the local study."""
+    run = RunDir(tmp_path / "strict")
+    run.root.mkdir()
+    for name in files:
+        shutil.copy(study.path(name), run.path(name))
+    return run
+
+
+def _same_chains(local: pl.DataFrame, remote: pl.DataFrame) -> None:
+    columns = ["chain_id", "prompt_ids", "output_ids", "response", "finish_reason", "direction"]
+    assert_frame_equal(remote.select(columns), local.select(columns))
+
+
+def _assert_token_ids_only(server, chains: pl.DataFrame) -> None:
+    """Generation budget: one int64 ``[batch, new tokens]`` tensor per request.
+
+    ``torch.save`` writes a view's whole storage, so the bytes may include the prompt ids.
+    """
+    longest_prompt = chains["prompt_ids"].list.len().max()
+    for record in server.requests:
+        (ids,) = record.tensors
+        assert not record.others
+        assert ids.dtype == "int64" and ids.shape[0] <= BATCH and ids.shape[1] <= MAX_NEW_TOKENS
+        assert record.response_bytes < BATCH * (longest_prompt + MAX_NEW_TOKENS) * 8 + ENVELOPE
+
+
+def test_generate_strict_equals_local(study, lm, tmp_path):
+    run = _inputs(study, tmp_path, "tasks.parquet")
+    with strict_remote(lm) as server:
+        chains = generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS,
+                                            batch_size=BATCH)
+    _same_chains(pl.read_parquet(study.chains), chains)
+    assert len(server.requests) == 1  # 2 tasks, one batch
+    _assert_token_ids_only(server, chains)
+
+
+def test_extract_strict_equals_local(study, lm, tmp_path):
+    run = _inputs(study, tmp_path, "tasks.parquet", "chains.parquet", "annotations.parquet")
+    with strict_remote(lm) as server:
+        remote = vectors.extract_vectors(run, lm, batch_size=BATCH)
+    local = vectors.load_vectors(study.vectors)
+    assert set(remote.vectors) == set(local.vectors)
+    for label, vector in local.vectors.items():
+        assert torch.equal(remote.vectors[label], vector), label
+    # Budget: per batch, one [n_layers, n_groups, d_model] float32 sum; no [T, D] activations.
+    n_groups = len(local.vectors)
+    longest = max(len(p) + len(o) for p, o in
+                  pl.read_parquet(study.chains).select("prompt_ids", "output_ids").iter_rows())
+    for record in server.requests:
+        (sums,) = record.tensors
+        assert sums.dtype == "float32" and sums.shape == (4, n_groups, 64)
+        assert record.response_bytes < 4 * n_groups * 64 * 4 + ENVELOPE
+        assert record.response_bytes < BATCH * longest * 64 * 4  # less than one layer's [T, D]
+
+
+def test_attribute_strict_equals_local(study, lm, tmp_path):
+    run = _inputs(study, tmp_path, "chains.parquet", "annotations.parquet",
+                  "vectors.safetensors")
+    with strict_remote(lm) as server:
+        remote = attribution.attribute(run, lm, metric="nll", batch_size=BATCH,
+                                       labels=[BEHAVIOUR])
+    assert_frame_equal(remote, pl.read_parquet(study.attribution))
+    # Budget: per chain, per-span per-layer effects [n_spans, n_layers] and nothing else.
+    spans = pl.read_parquet(study.path(attribution.SPANS_FILE))
+    assert len(server.requests) == spans["chain_id"].n_unique()
+    n_returned = 0
+    for record in server.requests:
+        assert not record.others
+        for effects in record.tensors:
+            assert effects.shape[1:] == (4,) and effects.shape[0] <= BATCH
+            n_returned += effects.shape[0]
+    assert n_returned == spans.height
+    assert max(r.response_bytes for r in server.requests) < spans.height * 4 * 4 + ENVELOPE
+
+
+def test_steer_strict_equals_local(study, lm, tmp_path):
+    run = _inputs(study, tmp_path, "tasks.parquet", "vectors.safetensors", "layers.json")
+    with strict_remote(lm) as server:
+        remote = steer.steer_chains(run, lm, behaviours=[BEHAVIOUR], limit=1,
+                                    random_control=False, max_new_tokens=MAX_NEW_TOKENS,
+                                    batch_size=BATCH)
+    local = pl.read_parquet(study.steered)
+    _same_chains(local, remote)
+    (baseline,) = local.filter(pl.col("direction") == "none")["output_ids"].to_list()
+    steered = local.filter(pl.col("direction") != "none")["output_ids"].to_list()
+    assert any(ids != baseline for ids in steered)  # the steering changed the chains
+    _assert_token_ids_only(server, remote)
+
+
+def test_generate_resumes_at_the_batch_ndif_dropped(study, lm, tmp_path):
+    run = _inputs(study, tmp_path, "tasks.parquet")
+    with strict_remote(lm) as server:
+        server.fail_next(None, httpx.ConnectError("connection reset"))  # batch 2 of 2
+        with pytest.raises(httpx.ConnectError):
+            generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS, batch_size=1)
+    assert pl.read_parquet(run.chains).height == 1
+    with strict_remote(lm) as server:
+        chains = generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS, batch_size=1)
+    assert len(server.requests) == 1
+    _same_chains(pl.read_parquet(study.chains), chains)
+
+
+def test_with_retries_resends_a_dropped_batch(study, lm):
+    chains = pl.read_parquet(study.chains)
+    prompts = pl.read_parquet(study.tasks).filter(pl.col("split") == "train")["prompt"].to_list()
+    delays = []
+    with strict_remote(lm) as server:
+        server.fail_next(httpx.ReadTimeout("timed out"), httpx.ConnectError("refused"))
+        generations = with_retries(
+            lambda: generation.generate(lm, prompts, max_new_tokens=MAX_NEW_TOKENS,
+                                        batch_size=BATCH, progress=False),
+            what="batch 1/1", sleep=delays.append,
+        )
+    assert delays == [2.0, 4.0] and len(server.requests) == 1
+    assert [g.output_ids for g in generations] == chains["output_ids"].to_list()

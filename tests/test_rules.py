@@ -1,0 +1,97 @@
+"""The offline rules annotator and the agreement measures."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import ANNOTATED_CHAINS, requires_shared
+from nnsteer.agreement import agreement, file_agreement, word_labels
+from nnsteer.annotate import Span
+from nnsteer.cli import cli
+from nnsteer.errors import BadInput
+from nnsteer.rules import rules_annotate, sentences
+
+CHAIN = (
+    "Okay, so I need to find the area of the triangle. The sides are 3, 4 and 5.\n\n"
+    "I remember that a 3-4-5 triangle is a right triangle. So the area is 3 * 4 / 2 = 6. "
+    "Wait, maybe I should use Heron's formula instead. Hmm, I'm not sure that is needed. "
+    "Let me test it with s = 6: sqrt(6 * 3 * 2 * 1) = 6. It matches. "
+    "A triangle's area is half its base times its height."
+)
+
+
+def test_sentences_and_labels_on_a_written_chain():
+    spans = rules_annotate(CHAIN)
+    assert [(s.label, CHAIN[s.start:s.end]) for s in spans] == [
+        ("initializing", "Okay, so I need to find the area of the triangle."),
+        ("initializing", "The sides are 3, 4 and 5."),
+        ("adding-knowledge", "I remember that a 3-4-5 triangle is a right triangle."),
+        ("deduction", "So the area is 3 * 4 / 2 = 6."),
+        ("backtracking", "Wait, maybe I should use Heron's formula instead."),
+        ("uncertainty-estimation", "Hmm, I'm not sure that is needed."),
+        ("example-testing", "Let me test it with s = 6: sqrt(6 * 3 * 2 * 1) = 6."),
+        ("example-testing", "It matches."),
+        ("adding-knowledge", "A triangle's area is half its base times its height."),
+    ]
+    assert {s.status for s in spans} == {"ok"}
+
+
+def test_sentences_split_on_lines_and_keep_decimals():
+    text = "  First line without stop\nx = 2.5 here. Next one!\n\n"
+    assert [text[a:b] for a, b in sentences(text)] == [
+        "First line without stop", "x = 2.5 here.", "Next one!"]
+    assert rules_annotate("") == []
+
+
+def test_word_labels_take_the_span_covering_most_of_a_word():
+    text = "ab cd ef gh"
+    spans = [Span("deduction", 0, 4, "ok", ""), Span("backtracking", 4, 8, "ok", ""),
+             Span("example-testing", 9, 11, "unaligned", "")]
+    # "cd" has one character in each span: the first found keeps it.
+    assert word_labels(text, spans) == ["deduction", "deduction", "backtracking", "none"]
+
+
+def test_agreement_against_hand_computed_values():
+    reference = ["deduction", "deduction", "backtracking", "none"]
+    predicted = ["deduction", "backtracking", "backtracking", "deduction"]
+    result = agreement(reference, predicted)
+    assert result.f1["deduction"] == pytest.approx(0.5)        # 2·1 / (2 + 2)
+    assert result.f1["backtracking"] == pytest.approx(2 / 3)   # 2·1 / (2 + 1)
+    assert result.precision["backtracking"] == pytest.approx(0.5)
+    assert result.recall["deduction"] == pytest.approx(0.5)
+    assert result.macro_f1 == pytest.approx((0.5 + 2 / 3) / 2)
+    # observed 2/4; expected (2·2 + 1·2 + 1·0) / 16 = 6/16
+    assert result.kappa == pytest.approx((0.5 - 0.375) / (1 - 0.375))
+    assert agreement(reference, reference).kappa == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        agreement(reference, predicted[:2])
+
+
+@requires_shared()
+def test_rules_agreement_on_thinking_models_is_measured():
+    # Recorded in bench/results/agreement.txt: 0.559 and 0.513.
+    for name, floor in [("deepseek-r1-distill-llama-8b", 0.55), ("deepseek-r1-distill-qwen-14b", 0.50)]:
+        result = file_agreement(ANNOTATED_CHAINS / f"{name}.json", rules_annotate)
+        assert result.macro_f1 >= floor
+        assert result.kappa > 0.3
+        assert result.words > 50_000
+
+
+@requires_shared()
+def test_cli_prints_agreement():
+    path = ANNOTATED_CHAINS / "deepseek-r1-distill-llama-8b.json"
+    result = CliRunner().invoke(cli, ["annotate", "--agreement", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "rules vs deepseek-r1-distill-llama-8b.json" in result.output
+    assert "macro-F1" in result.output and "Cohen's kappa" in result.output
+
+
+def test_agreement_file_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"response": "x"}]')
+    with pytest.raises(BadInput, match="record 0 lacks thinking_process"):
+        file_agreement(bad, rules_annotate)
+    bad.write_text("{")
+    result = CliRunner().invoke(cli, ["annotate", "--agreement", str(bad)])
+    assert result.exit_code == 2 and "bad.json: not a readable JSON file" in result.output
