@@ -1,0 +1,35 @@
+"""``nnsteer evaluate``: behaviour shares of the steered chains (Figure 4)."""
+
+from __future__ import annotations
+
+import click
+
+from nnsteer.models import DEFAULT_MODEL
+
+
+@click.command(name="evaluate")
+@click.option("--annotator", default=None,
+              help="rules or openai:<model>. Default: the annotator of annotations.parquet.")
+@click.option("--base-url", default=None, help="OpenAI-compatible endpoint for openai:<model>.")
+@click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Parallel annotation requests.")
+@click.option("--denominator", type=click.Choice(["labelled", "steered"]), default="labelled",
+              show_default=True,
+              help="Shares of all labelled tokens, or of the four steered labels (released code).")
+@click.option("--n-boot", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Bootstrap resamples of the tasks.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Only picks the default run directory, runs/<model-slug>.")
+@click.pass_context
+def command(ctx: click.Context, annotator: str | None, base_url: str | None, workers: int,
+            denominator: str, n_boot: int, seed: int, model: str) -> None:
+    """Annotate steered chains and measure behaviour shares (evaluation.parquet, chart, summary)."""
+    from nnsteer.cli.common import run_dir
+    from nnsteer.evaluate import CHART_FILE, SUMMARY_FILE, evaluate
+
+    run = run_dir(ctx, model)
+    evaluate(run, annotator=annotator, base_url=base_url, workers=workers,
+             denominator=denominator, n_boot=n_boot, seed=seed)
+    click.echo((run.root / SUMMARY_FILE).read_text(), nl=False)
+    click.echo(f"wrote {run.evaluation}, {run.charts / CHART_FILE}, {run.root / SUMMARY_FILE}", err=True)
