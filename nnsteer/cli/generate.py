@@ -1,0 +1,45 @@
+"""``nnsteer generate``: greedy chains on the tasks of a split (chains.parquet)."""
+
+from __future__ import annotations
+
+import click
+
+from nnsteer.cli.common import model_options, open_model, run_dir
+
+
+@click.command(name="generate")
+@model_options
+@click.option(
+    "--split",
+    type=click.Choice(["train", "eval"]),
+    default="train",
+    show_default=True,
+    help="Which tasks to generate chains for.",
+)
+@click.option("--limit", type=int, default=None, help="Only the first N tasks of the split.")
+@click.option("--max-new-tokens", type=int, default=500, show_default=True)
+@click.pass_context
+def command(
+    ctx: click.Context,
+    model: str,
+    remote: bool,
+    device: str | None,
+    dtype: str,
+    batch_size: int,
+    split: str,
+    limit: int | None,
+    max_new_tokens: int,
+) -> None:
+    """Generate greedy reasoning chains (chains.parquet); a rerun continues where it stopped."""
+    from nnsteer.generation import generate_chains
+    from nnsteer.tasks import write_tasks
+
+    run = run_dir(ctx, model)
+    if not run.tasks.exists():
+        click.echo(f"{run.tasks} not found: writing the built-in tasks", err=True)
+        write_tasks(run)
+    lm = open_model(model, remote, device, dtype)
+    chains = generate_chains(
+        run, lm, split=split, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    click.echo(f"{run.chains}: {chains.height} chains")

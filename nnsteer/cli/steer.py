@@ -1,0 +1,78 @@
+"""``nnsteer steer``: steered and baseline chains on the eval tasks (steered.parquet)."""
+
+from __future__ import annotations
+
+import click
+
+from nnsteer.cli.common import model_options, open_model, run_dir
+from nnsteer.labels import STEERED_LABELS
+
+
+def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _numbers(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+@click.command(name="steer")
+@model_options
+@click.option(
+    "--behaviours",
+    callback=_names,
+    default=None,
+    help=f"Comma-separated labels. Default: {','.join(STEERED_LABELS)}.",
+)
+@click.option(
+    "--coefficients",
+    callback=_numbers,
+    default=None,
+    help="Comma-separated sweep, e.g. 0.5,1,2. Default: each label's layers.json coefficient.",
+)
+@click.option(
+    "--random-control/--no-random-control",
+    default=True,
+    show_default=True,
+    help="Also steer with a random vector of the same norm at the same layers.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control.")
+@click.option("--limit", type=int, default=None, help="Only the first N eval tasks.")
+@click.option("--max-new-tokens", type=int, default=500, show_default=True)
+@click.pass_context
+def command(
+    ctx: click.Context,
+    model: str,
+    remote: bool,
+    device: str | None,
+    dtype: str,
+    batch_size: int,
+    behaviours: list[str] | None,
+    coefficients: list[float] | None,
+    random_control: bool,
+    seed: int,
+    limit: int | None,
+    max_new_tokens: int,
+) -> None:
+    """Generate steered chains (positive, negative) and baselines on the eval tasks."""
+    from nnsteer.steer import steer_chains
+
+    run = run_dir(ctx, model)
+    lm = open_model(model, remote, device, dtype)
+    chains = steer_chains(
+        run,
+        lm,
+        behaviours=behaviours,
+        coefficients=coefficients,
+        random_control=random_control,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    click.echo(f"{run.steered}: {chains.height} chains")

@@ -1,0 +1,523 @@
+"""Greedy chains, unsteered or steered, batched and resumable, locally or on NDIF.
+
+:func:`generate` is the one entry point: task prompts in, token ids and text out. A
+:class:`SteeringSpec` adds (``positive``) or subtracts (``negative``) ``coefficient ×
+vector`` to the output of each of its decoder blocks, at every position and every step,
+each of ``n`` layers receiving ``coefficient / n`` (paper). The intervention lives inside
+an nnsight ``generate`` context, so ``lm.remote`` sends the same code to NDIF.
+
+:func:`run_chain_jobs` is what the ``generate`` and ``steer`` stages share: it writes the
+chains table after every batch and, on a rerun, skips the chains already written.
+
+Example:
+    >>> gens = generate(lm, ["What is 17 * 23?"], max_new_tokens=64)
+    >>> gens[0].response[gens[0].thinking_start:gens[0].thinking_end]   # the reasoning
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from nnsteer.errors import BadInput
+from nnsteer.models import LoadedModel
+from nnsteer.positions import decode_response
+from nnsteer.store import (
+    RunDir,
+    fingerprint,
+    provenance,
+    read_metadata,
+    read_parquet,
+    write_parquet,
+)
+
+log = logging.getLogger(__name__)
+
+Direction = Literal["positive", "negative"]
+
+#: The user turn around every task prompt: the released code's wording (seen in the
+#: annotated chains of the non-thinking instruct models). One wording for every model
+#: keeps chains comparable; it makes a non-thinking model write its reasoning out, and
+#: for such a model the whole response is the reasoning.
+TASK_TEMPLATE = (
+    "Please answer the following question:\n\n{prompt}\n\n"
+    "It requires a few steps of reasoning. So first, think step by step, "
+    "and only then give the final answer."
+)
+
+#: Pure greedy decoding: these override whatever the model's generation config sets
+#: (``None`` disables a logits processor; sampling settings are ignored without sampling).
+GREEDY: dict[str, Any] = {
+    "do_sample": False,
+    "num_beams": 1,
+    "temperature": None,
+    "top_p": None,
+    "top_k": None,
+    "min_p": None,
+    "typical_p": None,
+    "repetition_penalty": None,
+    "no_repeat_ngram_size": None,
+    "min_length": None,
+    "min_new_tokens": None,
+}
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """Vectors to add at decoder-block outputs: ``{layer: [d_model] vector}``.
+
+    Each of the ``n`` layers receives ``±coefficient / n × vector`` (sign from ``direction``).
+    """
+
+    vectors: dict[int, torch.Tensor]
+    coefficient: float
+    direction: Direction = "positive"
+
+    def validate(self, lm: LoadedModel) -> None:
+        """:class:`BadInput` unless the spec fits ``lm``: layers in range, widths, finite values."""
+        if not self.vectors:
+            raise BadInput("steering spec has no layers")
+        if self.direction not in ("positive", "negative"):
+            raise BadInput(
+                f"steering direction must be positive or negative, not {self.direction!r}"
+            )
+        if not math.isfinite(self.coefficient) or self.coefficient < 0:
+            raise BadInput(
+                f"steering coefficient must be a finite number >= 0 (direction gives the sign), "
+                f"not {self.coefficient}"
+            )
+        lm.arch.check_layers(list(self.vectors), what="steering layer")
+        for layer, vector in self.vectors.items():
+            if tuple(vector.shape) != (lm.arch.d_model,):
+                raise BadInput(
+                    f"steering vector for layer {layer} has shape {tuple(vector.shape)}; "
+                    f"the model's width is {lm.arch.d_model}"
+                )
+            if not torch.isfinite(vector).all():
+                raise BadInput(f"steering vector for layer {layer} contains NaN or inf")
+
+    def deltas(self) -> dict[int, torch.Tensor]:
+        """What is added at each layer: ``±coefficient / n_layers × vector`` (float32)."""
+        sign = 1.0 if self.direction == "positive" else -1.0
+        scale = sign * self.coefficient / len(self.vectors)
+        return {
+            layer: scale * v.detach().to("cpu", torch.float32) for layer, v in self.vectors.items()
+        }
+
+
+#: One spec for every prompt, or one spec (or ``None``: unsteered) per prompt.
+Steering = SteeringSpec | Sequence[SteeringSpec | None] | None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One greedy chain: ids the model saw and produced, the text, where its reasoning is."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    response: str
+    thinking_start: int
+    thinking_end: int
+    finish_reason: Literal["eos", "length"]
+
+
+def chat_prompt(tokenizer: Any, task_prompt: str) -> str:
+    """The chat-templated text of one task, ending with the assistant's generation prompt."""
+    messages = [{"role": "user", "content": TASK_TEMPLATE.format(prompt=task_prompt)}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_token_ids(tokenizer: Any, task_prompt: str) -> list[int]:
+    """The token ids the model sees for one task (the template supplies BOS if any)."""
+    return tokenizer(chat_prompt(tokenizer, task_prompt), add_special_tokens=False)["input_ids"]
+
+
+def reasoning_span(response: str) -> tuple[int, int]:
+    """Char offsets of the reasoning: the text between ``<think>`` and ``</think>``.
+
+    A response without ``<think>`` before its ``</think>`` had the tag opened by the
+    prompt: the reasoning starts at 0. Without ``</think>`` it runs to the end, so a
+    response with no tags at all is all reasoning.
+    """
+    end = response.find(THINK_CLOSE)
+    end = len(response) if end < 0 else end
+    opened = response.rfind(THINK_OPEN, 0, end)
+    start = 0 if opened < 0 else opened + len(THINK_OPEN)
+    return start, end
+
+
+def eos_ids(lm: LoadedModel) -> set[int]:
+    """Token ids that end a chain: the generation config's EOS, else the tokenizer's."""
+    eos = lm.hf_model.generation_config.eos_token_id
+    if eos is None:
+        eos = lm.tokenizer.eos_token_id
+    ids = {eos} if isinstance(eos, int) else set(eos or [])
+    if not ids:
+        raise BadInput(
+            f"{lm.name}: neither the generation config nor the tokenizer names an EOS token"
+        )
+    return ids
+
+
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    steering: Steering = None,
+    max_new_tokens: int = 500,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[Generation]:
+    """Greedy chains for raw task prompts, in the order given.
+
+    ``steering`` is one spec for every prompt, or one spec (or ``None``) per prompt, so
+    one batch can mix behaviours, directions and unsteered rows.
+    """
+    results: list[Generation | None] = [None] * len(prompts)
+    for indices, generations in generate_batches(
+        lm,
+        prompts,
+        steering=steering,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    ):
+        for i, gen in zip(indices, generations):
+            results[i] = gen
+    return results  # type: ignore[return-value]
+
+
+def generate_batches(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    steering: Steering = None,
+    max_new_tokens: int = 500,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Iterator[tuple[list[int], list[Generation]]]:
+    """Like :func:`generate`, yielding ``(prompt indices, generations)`` batch by batch.
+
+    Batches group prompts of similar token length (longest first); every input is
+    checked before the first batch runs.
+    """
+    specs = _per_prompt(steering, len(prompts))
+    if not prompts:
+        raise BadInput("no prompts to generate from")
+    if max_new_tokens < 1:
+        raise BadInput(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    if batch_size < 1:
+        raise BadInput(f"batch size must be at least 1, not {batch_size}")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadInput(f"prompt {i} is empty")
+    for spec in {id(s): s for s in specs if s is not None}.values():
+        spec.validate(lm)
+
+    tokenizer = lm.tokenizer
+    prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+    stop = eos_ids(lm)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
+    bar = tqdm(total=len(prompts), unit="chain", desc="generate", disable=not progress)
+    started, n_tokens = time.perf_counter(), 0
+    try:
+        for first in range(0, len(order), batch_size):
+            indices = order[first : first + batch_size]
+            new_ids = _generate_batch(
+                lm, [prompt_ids[i] for i in indices], [specs[i] for i in indices], max_new_tokens
+            )
+            generations = [
+                _finish(tokenizer, prompt_ids[i], row, stop) for i, row in zip(indices, new_ids)
+            ]
+            n_tokens += sum(len(g.output_ids) for g in generations)
+            bar.update(len(indices))
+            bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - started):.1f}")
+            yield indices, generations
+    finally:
+        bar.close()
+    if progress:
+        seconds = time.perf_counter() - started
+        tqdm.write(
+            f"generated {len(prompts)} chains, {n_tokens} tokens in {seconds:.1f} s "
+            f"({n_tokens / seconds:.1f} tokens/s)",
+            file=sys.stderr,
+        )
+
+
+def _per_prompt(steering: Steering, n: int) -> list[SteeringSpec | None]:
+    if steering is None or isinstance(steering, SteeringSpec):
+        return [steering] * n
+    specs = list(steering)
+    if len(specs) != n:
+        raise BadInput(f"got {len(specs)} steering specs for {n} prompts")
+    return specs
+
+
+def _generate_batch(
+    lm: LoadedModel,
+    prompt_ids: list[list[int]],
+    specs: list[SteeringSpec | None],
+    max_new_tokens: int,
+) -> list[list[int]]:
+    """New token ids of one left-padded batch (pads after EOS included)."""
+    batch = lm.tokenizer.pad(
+        {"input_ids": prompt_ids}, padding=True, padding_side="left", return_tensors="pt"
+    )
+    width = batch["input_ids"].shape[1]
+    steer = _batch_deltas(specs, lm.arch.d_model)
+    layers = lm.layers
+    # An open-ended ``tracer.iter[:]`` ends by design with a "never reached" warning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was never reached.*")
+        with lm.nn.generate(max_new_tokens=max_new_tokens, remote=lm.remote, **GREEDY) as tracer:
+            with tracer.invoke(dict(batch)):
+                if steer:
+                    for _ in tracer.iter[:]:
+                        for layer, delta in steer:
+                            h = layers[layer].output
+                            h[:] += delta.to(device=h.device, dtype=h.dtype)[:, None, :]
+            with tracer.invoke():
+                new_ids = tracer.result[:, width:].save()
+    return new_ids.tolist()
+
+
+def _batch_deltas(specs: list[SteeringSpec | None], d_model: int) -> list[tuple[int, torch.Tensor]]:
+    """``(layer, [batch, d_model] addition)`` in layer order; zero rows for unsteered prompts."""
+    per_layer: dict[int, torch.Tensor] = {}
+    for row, spec in enumerate(specs):
+        if spec is None:
+            continue
+        for layer, delta in spec.deltas().items():
+            per_layer.setdefault(layer, torch.zeros(len(specs), d_model))[row] = delta
+    return sorted(per_layer.items())
+
+
+def _finish(
+    tokenizer: Any, prompt_ids: list[int], new_ids: list[int], stop: set[int]
+) -> Generation:
+    """Cut a generated row after its first EOS and decode it."""
+    cut = next((i + 1 for i, t in enumerate(new_ids) if t in stop), None)
+    output_ids = new_ids[:cut]
+    response = decode_response(tokenizer, output_ids)
+    start, end = reasoning_span(response)
+    return Generation(
+        prompt_ids=list(prompt_ids),
+        output_ids=output_ids,
+        response=response,
+        thinking_start=start,
+        thinking_end=end,
+        finish_reason="length" if cut is None else "eos",
+    )
+
+
+# --- the chains table (generate and steer stages) -------------------------------------
+
+
+def generate_chains(
+    run: RunDir,
+    lm: LoadedModel,
+    *,
+    split: str = "train",
+    limit: int | None = None,
+    max_new_tokens: int = 500,
+    batch_size: int = 8,
+) -> pl.DataFrame:
+    """The ``generate`` stage: one unsteered chain per task of ``split`` into ``run.chains``.
+
+    Resumable: a rerun keeps the chains already written and generates the rest.
+    """
+    tasks = split_tasks(run, split, limit)
+    jobs = [
+        ChainJob(chain_id=t["task_id"], task_id=t["task_id"], split=split, prompt=t["prompt"])
+        for t in tasks.iter_rows(named=True)
+    ]
+    options = {
+        "split": split,
+        "limit": limit,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+    }
+    return run_chain_jobs(
+        lm,
+        jobs,
+        run.chains,
+        provenance("generate", options, lm.provenance()),
+        None,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+
+
+def split_tasks(run: RunDir, split: str, limit: int | None = None) -> pl.DataFrame:
+    """The first ``limit`` tasks of ``split`` in ``run.tasks``; :class:`BadInput` if none."""
+    if limit is not None and limit < 1:
+        raise BadInput(f"--limit must be at least 1, not {limit}")
+    tasks = read_parquet(run.tasks, columns=["task_id", "prompt", "split"])
+    tasks = tasks.filter(pl.col("split") == split)
+    if limit is not None:
+        tasks = tasks.head(limit)
+    if tasks.is_empty():
+        raise BadInput(f"{run.tasks}: no tasks in the {split!r} split")
+    empty = tasks.filter(pl.col("prompt").fill_null("").str.strip_chars() == "")["task_id"]
+    if empty.len():
+        raise BadInput(f"{run.tasks}: task {empty[0]!r} has an empty prompt")
+    duplicated = tasks.filter(pl.col("task_id").is_duplicated())["task_id"]
+    if duplicated.len():
+        raise BadInput(f"{run.tasks}: task_id {duplicated[0]!r} is not unique")
+    return tasks
+
+
+CHAIN_SCHEMA: dict[str, Any] = {
+    "chain_id": pl.String,
+    "task_id": pl.String,
+    "split": pl.String,
+    "model": pl.String,
+    "prompt_ids": pl.List(pl.Int64),
+    "output_ids": pl.List(pl.Int64),
+    "response": pl.String,
+    "thinking_start": pl.Int64,
+    "thinking_end": pl.Int64,
+    "finish_reason": pl.String,
+    "behaviour": pl.String,
+    "direction": pl.String,
+    "coefficient": pl.Float64,
+    "layers": pl.List(pl.Int64),
+    "vector": pl.String,
+}
+
+
+@dataclass(frozen=True)
+class ChainJob:
+    """One chain to generate and the columns that describe it."""
+
+    chain_id: str
+    task_id: str
+    split: str
+    prompt: str
+    steering: SteeringSpec | None = None
+    behaviour: str | None = None
+    direction: str = "none"
+    coefficient: float = 0.0
+    layers: tuple[int, ...] = field(default_factory=tuple)
+    vector: str = "none"
+
+
+def run_chain_jobs(
+    lm: LoadedModel,
+    jobs: list[ChainJob],
+    path: Path,
+    metadata: dict[str, Any],
+    resume_inputs: Any,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> pl.DataFrame:
+    """Generate the chains of ``jobs`` into ``path``, rewriting it atomically after each batch.
+
+    Rows already in ``path`` are kept when the file was written for the same model,
+    ``max_new_tokens`` and ``resume_inputs`` (e.g. the steering vectors); otherwise the
+    stage starts over. Returns the table in job order.
+    """
+    model = {k: v for k, v in lm.provenance().items() if k != "remote"}
+    resume_key = fingerprint(model, max_new_tokens, resume_inputs)
+    metadata = {**metadata, "resume_key": resume_key}
+    done = _reusable_rows(lm, path, resume_key, jobs)
+    finished = set(done["chain_id"])
+    todo = [job for job in jobs if job.chain_id not in finished]
+    if done.height:
+        log.info("%s: %d chains already done, %d to generate", path, done.height, len(todo))
+    ordered = {job.chain_id: i for i, job in enumerate(jobs)}
+
+    def in_job_order(df: pl.DataFrame) -> pl.DataFrame:
+        return df.sort(pl.col("chain_id").replace_strict(ordered, return_dtype=pl.Int64))
+
+    if todo:
+        for indices, generations in generate_batches(
+            lm,
+            [job.prompt for job in todo],
+            steering=[job.steering for job in todo],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        ):
+            rows = [_chain_row(lm.name, todo[i], gen) for i, gen in zip(indices, generations)]
+            done = pl.concat([done, pl.DataFrame(rows, schema=CHAIN_SCHEMA)])
+            write_parquet(in_job_order(done), path, metadata)
+    done = in_job_order(done)
+    write_parquet(done, path, metadata)  # also when nothing was left to generate
+    return done
+
+
+def _reusable_rows(
+    lm: LoadedModel, path: Path, resume_key: str, jobs: list[ChainJob]
+) -> pl.DataFrame:
+    """Rows of ``path`` that are exactly what ``jobs`` would generate now."""
+    empty = pl.DataFrame(schema=CHAIN_SCHEMA)
+    if not path.exists():
+        return empty
+    if read_metadata(path).get("resume_key") != resume_key:
+        log.warning("%s was written with other settings or inputs: generating it again", path)
+        return empty
+    existing = read_parquet(path, columns=list(CHAIN_SCHEMA)).cast(CHAIN_SCHEMA)
+    expected = {
+        job.chain_id: _job_columns(job, prompt_token_ids(lm.tokenizer, job.prompt)) for job in jobs
+    }
+    keep = [
+        row
+        for row in existing.select(list(CHAIN_SCHEMA)).iter_rows(named=True)
+        if expected.get(row["chain_id"]) == {k: row[k] for k in _JOB_COLUMNS}
+    ]
+    return pl.DataFrame(keep, schema=CHAIN_SCHEMA)
+
+
+_JOB_COLUMNS = (
+    "chain_id",
+    "task_id",
+    "split",
+    "prompt_ids",
+    "behaviour",
+    "direction",
+    "coefficient",
+    "layers",
+    "vector",
+)
+
+
+def _job_columns(job: ChainJob, prompt_ids: list[int]) -> dict[str, Any]:
+    """The columns of a chain fixed before generation."""
+    return {
+        "chain_id": job.chain_id,
+        "task_id": job.task_id,
+        "split": job.split,
+        "prompt_ids": prompt_ids,
+        "behaviour": job.behaviour,
+        "direction": job.direction,
+        "coefficient": float(job.coefficient),
+        "layers": list(job.layers),
+        "vector": job.vector,
+    }
+
+
+def _chain_row(model: str, job: ChainJob, gen: Generation) -> dict[str, Any]:
+    return {
+        **_job_columns(job, gen.prompt_ids),
+        "model": model,
+        "output_ids": gen.output_ids,
+        "response": gen.response,
+        "thinking_start": gen.thinking_start,
+        "thinking_end": gen.thinking_end,
+        "finish_reason": gen.finish_reason,
+    }

@@ -1,0 +1,211 @@
+"""The ``steer`` stage: steered and baseline chains on the eval tasks (``steered.parquet``).
+
+For each behaviour in ``layers.json``, the behaviour's vector taken at its
+``vector_layer`` is added (``positive``) or subtracted (``negative``) at each of its
+``layers`` with ``coefficient / len(layers)``; one unsteered baseline per task is the
+reference. A control steers with a seeded random direction of the same norm at the same
+layers and coefficient. Every chain of every behaviour and direction shares the batches.
+
+Example:
+    >>> steer_chains(RunDir("runs/smollm2-135m"), lm, coefficients=[0.5, 1.0], limit=10)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+import torch
+
+from nnsteer.errors import BadInput
+from nnsteer.generation import ChainJob, SteeringSpec, run_chain_jobs, split_tasks
+from nnsteer.labels import STEERED_LABELS
+from nnsteer.models import LoadedModel
+from nnsteer.store import RunDir, provenance, read_json
+from nnsteer.vectors import VectorSet, load_vectors
+
+DIRECTIONS = ("positive", "negative")
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One behaviour's entry of ``layers.json``."""
+
+    vector_layer: int
+    layers: tuple[int, ...]
+    coefficient: float
+
+
+def read_layer_choices(
+    run: RunDir, behaviours: Sequence[str], lm: LoadedModel
+) -> dict[str, LayerChoice]:
+    """The ``layers.json`` entries of ``behaviours``, checked against the model."""
+    path = run.layers
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise BadInput(f"{path}: expected an object keyed by behaviour label")
+    choices = {}
+    for behaviour in behaviours:
+        if behaviour not in raw:
+            raise BadInput(
+                f"{path}: no layers for {behaviour!r} (it has {', '.join(raw) or 'none'}); "
+                "run `nnsteer select` or name other behaviours"
+            )
+        choices[behaviour] = _layer_choice(raw[behaviour], f"{path}: {behaviour}")
+        lm.arch.check_layers(
+            [choices[behaviour].vector_layer, *choices[behaviour].layers],
+            what=f"{path}: {behaviour}: layer",
+        )
+    return choices
+
+
+def _layer_choice(entry: Any, where: str) -> LayerChoice:
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not isinstance(entry, dict):
+        raise BadInput(f"{where}: expected {{vector_layer, layers, coefficient}}")
+    layers, coefficient = entry.get("layers"), entry.get("coefficient")
+    if not is_int(entry.get("vector_layer")):
+        raise BadInput(f"{where}: vector_layer must be an integer")
+    if not isinstance(layers, list) or not layers or not all(is_int(x) for x in layers):
+        raise BadInput(f"{where}: layers must be a non-empty list of integers")
+    if len(set(layers)) != len(layers):
+        raise BadInput(f"{where}: layers repeat a layer")
+    if (
+        not isinstance(coefficient, (int, float))
+        or isinstance(coefficient, bool)
+        or not math.isfinite(coefficient)
+    ):
+        raise BadInput(f"{where}: coefficient must be a number")
+    return LayerChoice(entry["vector_layer"], tuple(layers), float(coefficient))
+
+
+def random_like(vector: torch.Tensor, seed: int, behaviour: str) -> torch.Tensor:
+    """A random direction with the norm of ``vector``, fixed by ``seed`` and ``behaviour``."""
+    generator = torch.Generator().manual_seed(_seed_for(seed, behaviour))
+    direction = torch.randn(vector.shape, generator=generator, dtype=torch.float32)
+    return direction * (vector.norm() / direction.norm())
+
+
+def _seed_for(seed: int, behaviour: str) -> int:
+    return (
+        int.from_bytes(hashlib.sha256(f"{seed}|{behaviour}".encode()).digest()[:8], "little") >> 1
+    )
+
+
+def steered_chain_id(
+    task_id: str, behaviour: str, direction: str, coefficient: float, vector: str
+) -> str:
+    """``{task_id}|{behaviour}|{direction}|{coefficient:g}|{vector}``."""
+    return f"{task_id}|{behaviour}|{direction}|{coefficient:g}|{vector}"
+
+
+def baseline_chain_id(task_id: str) -> str:
+    return f"{task_id}|baseline"
+
+
+def steer_chains(
+    run: RunDir,
+    lm: LoadedModel,
+    *,
+    behaviours: list[str] | None = None,
+    coefficients: list[float] | None = None,
+    random_control: bool = True,
+    limit: int | None = None,
+    max_new_tokens: int = 500,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """The ``steer`` stage: baseline, positive and negative chains per eval task (``run.steered``).
+
+    ``coefficients`` (a sweep) replaces each behaviour's ``layers.json`` coefficient;
+    ``random_control`` adds chains steered by a norm-matched random vector. Resumable.
+    """
+    behaviours = list(STEERED_LABELS if behaviours is None else behaviours)
+    if not behaviours or len(set(behaviours)) != len(behaviours):
+        raise BadInput(f"behaviours must be distinct and at least one, got {behaviours}")
+    for c in coefficients or []:
+        if not math.isfinite(c) or c < 0:
+            raise BadInput(f"--coefficients: {c} is not a number >= 0 (direction gives the sign)")
+    tasks = split_tasks(run, "eval", limit)
+    choices = read_layer_choices(run, behaviours, lm)
+    vectors = _behaviour_vectors(load_vectors(run.vectors), choices, lm, seed, random_control)
+    jobs = []
+    for task in tasks.iter_rows(named=True):
+        task_id, prompt = task["task_id"], task["prompt"]
+        jobs.append(ChainJob(baseline_chain_id(task_id), task_id, "eval", prompt))
+        for behaviour, choice in choices.items():
+            for coefficient in coefficients or [choice.coefficient]:
+                for direction in DIRECTIONS:
+                    for kind, vector in vectors[behaviour].items():
+                        spec = SteeringSpec(
+                            {layer: vector for layer in choice.layers}, coefficient, direction
+                        )
+                        jobs.append(
+                            ChainJob(
+                                steered_chain_id(task_id, behaviour, direction, coefficient, kind),
+                                task_id,
+                                "eval",
+                                prompt,
+                                spec,
+                                behaviour,
+                                direction,
+                                coefficient,
+                                choice.layers,
+                                kind,
+                            )
+                        )
+    options = {
+        "behaviours": behaviours,
+        "coefficients": coefficients,
+        "random_control": random_control,
+        "limit": limit,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    used = {b: {k: _digest(v) for k, v in kinds.items()} for b, kinds in vectors.items()}
+    return run_chain_jobs(
+        lm,
+        jobs,
+        run.steered,
+        provenance("steer", options, lm.provenance()),
+        used,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+
+
+def _behaviour_vectors(
+    vector_set: VectorSet,
+    choices: dict[str, LayerChoice],
+    lm: LoadedModel,
+    seed: int,
+    control: bool,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{behaviour: {"behaviour": vector, "random": control}}`` at each vector layer."""
+    if (vector_set.n_layers, vector_set.d_model) != (lm.arch.n_layers, lm.arch.d_model):
+        raise BadInput(
+            f"the vectors are [{vector_set.n_layers}, {vector_set.d_model}] per label but "
+            f"{lm.name} has {lm.arch.n_layers} layers of width {lm.arch.d_model}"
+        )
+    vectors = {}
+    for behaviour, choice in choices.items():
+        vector = vector_set[behaviour][choice.vector_layer].to(torch.float32)
+        if not torch.isfinite(vector).all():
+            raise BadInput(
+                f"the {behaviour!r} vector at layer {choice.vector_layer} contains NaN or inf"
+            )
+        vectors[behaviour] = {"behaviour": vector}
+        if control:
+            vectors[behaviour]["random"] = random_like(vector, seed, behaviour)
+    return vectors
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()[:16]
