@@ -1,0 +1,35 @@
+"""``nnsteer extract``: difference-of-means candidate vectors at every layer."""
+
+from __future__ import annotations
+
+import click
+
+from nnsteer.cli.common import model_options
+
+
+@click.command(name="extract")
+@model_options
+@click.option("--variant", type=click.Choice(["paper", "released-code"]), default="paper",
+              show_default=True,
+              help="paper: per-chain means over each label's positions; released-code: per-span "
+                   "means over a span's first tokens, rescaled to the overall mean's norm.")
+@click.pass_context
+def command(ctx: click.Context, model: str, remote: bool, device: str | None, dtype: str,
+            batch_size: int, variant: str) -> None:
+    """Candidate steering vectors of every label at every layer (vectors.safetensors)."""
+    from nnsteer.cli.common import open_model, run_dir
+    from nnsteer.labels import OVERALL
+    from nnsteer.vectors import extract_vectors, read_inputs
+
+    run = run_dir(ctx, model)
+    read_inputs(run, model)  # bad input fails here, before the model loads
+    lm = open_model(model, remote, device, dtype)
+    vs = extract_vectors(run, lm, variant=variant, batch_size=batch_size)
+    counts = vs.metadata["counts"]
+    click.echo(f"{'label':<24} {'chains':>7} {'spans':>7} {'positions':>10}")
+    for label in [*vs.labels, OVERALL]:
+        c = counts[label]
+        click.echo(f"{label:<24} {c['chains']:>7} {c['spans']:>7} {c['positions']:>10}")
+    for label in vs.metadata["skipped_labels"]:
+        click.echo(f"skipped {label}: no usable span (no vector written)", err=True)
+    click.echo(f"wrote {run.vectors} ({vs.n_layers} layers x {vs.d_model}, variant {variant})", err=True)

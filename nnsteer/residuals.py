@@ -1,0 +1,161 @@
+"""Mean residual-stream activations over chosen token positions, reduced on the device.
+
+A :class:`Selection` names one token sequence and, per group (a behaviour label, or
+``overall``), lists of positions; each list is one *sample* whose activations are
+averaged. :func:`sum_sample_means` returns, per group and layer, the sum over all
+samples of all sequences of the sample's mean decoder-block output, and the number
+of samples: a difference of means is then ``sums[c] / counts[c] - ...``.
+
+One nnsight trace per batch reads the output of every decoder block and contracts it,
+inside the trace, with a ``[positions, groups]`` weight matrix (``1/len(sample)`` at
+each position of each sample, summed over samples). Only the ``[n_layers, n_groups,
+d_model]`` float32 result is saved, so neither memory nor what NDIF sends back grows
+with the length or the number of chains, and no full activations leave the device.
+Left padding is masked and skipped (padded rows are never read); position ids count
+each row from its first real token, so results do not depend on the batch size.
+
+Example:
+    >>> sel = Selection(ids=prompt_ids + output_ids, samples={"backtracking": [[41, 42, 43]]})
+    >>> sums = sum_sample_means(lm, [sel], ["backtracking"])
+    >>> sums.means()["backtracking"].shape      # [n_layers, d_model]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from nnsteer.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A token sequence and, per group, the position lists whose activations are averaged."""
+
+    ids: Sequence[int]
+    samples: Mapping[str, Sequence[Sequence[int]]]
+
+
+@dataclass
+class MeanSums:
+    """Per group: the sum over samples of each sample's mean activation ``[L, H]``, and how many."""
+
+    sums: dict[str, torch.Tensor]
+    counts: dict[str, int]
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """Mean over samples (float32 ``[L, H]``) of each group that has at least one sample."""
+        return {
+            group: (total / self.counts[group]).float()
+            for group, total in self.sums.items()
+            if self.counts[group]
+        }
+
+
+def sum_sample_means(
+    lm: LoadedModel,
+    selections: Sequence[Selection],
+    groups: Sequence[str],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> MeanSums:
+    """Sum of per-sample mean activations at every layer, per group, over all selections.
+
+    Sequences run longest first in batches of ``batch_size`` (less padding); the
+    accumulators are float64 ``[n_layers, d_model]`` per group, whatever the number
+    of sequences.
+    """
+    n_layers, d_model = lm.arch.n_layers, lm.arch.d_model
+    totals = torch.zeros(len(groups), n_layers, d_model, dtype=torch.float64)
+    counts = dict.fromkeys(groups, 0)
+    for selection in selections:
+        for group in groups:
+            counts[group] += sum(1 for sample in selection.samples.get(group, ()) if sample)
+    order = sorted(range(len(selections)), key=lambda i: -len(selections[i].ids))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    tokens = sum(len(s.ids) for s in selections)
+    with tqdm(total=tokens, desc="residuals", unit="tok", disable=not progress) as bar:
+        for batch in batches:
+            chosen = [selections[i] for i in batch]
+            batch_inputs = _batch_inputs(chosen, groups)
+            if len(batch_inputs.rows):  # else no sample reads this batch
+                layer_sums = _reduce_batch(lm, batch_inputs)
+                totals += layer_sums.to("cpu", torch.float64).transpose(0, 1)
+            bar.update(sum(len(s.ids) for s in chosen))
+    return MeanSums(dict(zip(groups, totals)), counts)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Model inputs of a left-padded batch and what to read from its activations.
+
+    ``rows`` indexes the flattened ``[B * T]`` positions that any sample uses;
+    ``weights[r, k]`` is the sum over group k's samples holding ``rows[r]`` of
+    ``1/len(sample)``.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    position_ids: torch.Tensor
+    rows: torch.Tensor
+    weights: torch.Tensor
+
+
+def _batch_inputs(selections: Sequence[Selection], groups: Sequence[str]) -> _Batch:
+    """Left-pad ``selections`` and weight their samples (a position repeated in a sample counts once)."""
+    width = max(len(s.ids) for s in selections)
+    ids = torch.zeros(len(selections), width, dtype=torch.long)
+    mask = torch.zeros(len(selections), width, dtype=torch.long)
+    flat: list[int] = []
+    column: list[int] = []
+    value: list[float] = []
+    for b, selection in enumerate(selections):
+        length = len(selection.ids)
+        pad = width - length
+        ids[b, pad:] = torch.tensor(list(selection.ids), dtype=torch.long)
+        mask[b, pad:] = 1
+        for k, group in enumerate(groups):
+            for sample in selection.samples.get(group, ()):
+                positions = sorted(set(sample))
+                if not positions:
+                    continue
+                if not 0 <= positions[0] <= positions[-1] < length:
+                    raise ValueError(f"sample {positions} outside a sequence of {length} tokens")
+                flat += [b * width + pad + p for p in positions]
+                column += [k] * len(positions)
+                value += [1.0 / len(positions)] * len(positions)
+    dense = torch.zeros(len(selections) * width, len(groups), dtype=torch.float64)
+    dense.index_put_(
+        (torch.tensor(flat, dtype=torch.long), torch.tensor(column, dtype=torch.long)),
+        torch.tensor(value, dtype=torch.float64),
+        accumulate=True,
+    )
+    rows = dense.ne(0).any(1).nonzero().squeeze(1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return _Batch(ids, mask, position_ids, rows, dense[rows].float())
+
+
+def _reduce_batch(lm: LoadedModel, batch: _Batch) -> torch.Tensor:
+    """``[n_layers, n_groups, d_model]``: ``weightsᵀ · h_l[rows]`` for every block output ``h_l``."""
+    layers = [lm.layers[i] for i in range(lm.arch.n_layers)]
+    rows, weights = batch.rows, batch.weights
+    with lm.nn.trace(
+        input_ids=batch.ids,
+        attention_mask=batch.mask,
+        position_ids=batch.position_ids,
+        remote=lm.remote,
+    ) as tracer:
+        sums = []
+        for layer in layers:
+            h = layer.output
+            rows = rows.to(h.device)
+            weights = weights.to(h.device)
+            picked = h.reshape(-1, h.shape[-1]).index_select(0, rows).float()
+            sums.append(weights.T @ picked)
+        reduced = torch.stack([s.to(h.device) for s in sums]).save()
+        tracer.stop()
+    return reduced
