@@ -1,0 +1,32 @@
+"""``nnsteer run``: every stage from a TOML config, skipping those that are up to date."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nnsteer.pipeline import STAGE_NAMES, load_config, run_pipeline
+
+
+@click.command(name="run")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The study's TOML config.")
+@click.option("--from", "from_stage", type=click.Choice(STAGE_NAMES), default=None,
+              help="Start at this stage (earlier stages are not checked).")
+@click.option("--only", multiple=True, type=click.Choice(STAGE_NAMES),
+              help="Run only this stage (repeatable).")
+@click.option("--force", is_flag=True, help="Rerun the chosen stages even if up to date.")
+@click.pass_context
+def command(ctx: click.Context, config_path: Path, from_stage: str | None,
+            only: tuple[str, ...], force: bool) -> None:
+    """Run tasks → generate → annotate → extract → attribute → select → steer → evaluate → report.
+
+    A stage is skipped when its outputs are up to date (same options, model and
+    inputs); after Ctrl-C or a crash, rerun the same command to continue.
+    """
+    config = load_config(config_path)
+    run = run_pipeline(config, run_dir=ctx.find_root().params.get("run_dir"),
+                       from_stage=from_stage, only=only, force=force)
+    if run.report.exists():
+        click.echo(run.report)

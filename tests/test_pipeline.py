@@ -1,0 +1,250 @@
+"""``nnsteer run``: config checks, up-to-date skipping, and resuming after a real SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from nnsteer.cli import cli
+from nnsteer.errors import BadInput
+from nnsteer.pipeline import (
+    STAGES,
+    Stage,
+    load_config,
+    run_pipeline,
+    select_stages,
+    stage_function,
+    stage_options,
+)
+from nnsteer.store import RunDir
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, key", [
+    ("colour = 1\n", "'colour'"),
+    ("[model]\nname = 'x'\nwidth = 3\n", "[model] 'width'"),
+    ("[generate]\nmax_tokens = 3\n", "[generate] 'max_tokens'"),
+])
+def test_unknown_keys_name_file_and_key(tmp_path, text, key):
+    config = write_config(tmp_path / "bad.toml", text)
+    with pytest.raises(BadInput, match=f"bad.toml: unknown key {key}".replace("[", r"\[").replace("]", r"\]")):
+        run_pipeline(load_config(config), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing done before the check
+
+
+@pytest.mark.parametrize("text", ["[generate]\nmax_new_tokens = 'many'\n", "[model]\nremote = 1\n",
+                                  "[tasks\n", "model = 3\n"])
+def test_bad_values_are_bad_input(tmp_path, text):
+    config = write_config(tmp_path / "bad.toml", text)
+    with pytest.raises(BadInput, match="bad.toml"):
+        run_pipeline(load_config(config), run_dir=tmp_path / "run")
+
+
+def test_shipped_configs_parse():
+    for path in sorted(CONFIGS.glob("*.toml")):
+        config = load_config(path)
+        assert config.run_dir is not None
+        for stage in STAGES:  # every key is an option of the stage's function
+            stage_options(config, stage, stage_function(stage))
+    paper = load_config(CONFIGS / "paper-qwen-14b.toml")
+    assert paper.options["select"]["layers"]["adding-knowledge"] == [24]
+    assert paper.options["tasks"]["per_category"] == 30
+    assert paper.options["generate"]["max_new_tokens"] == 500
+
+
+def test_stage_selection():
+    assert [s.name for s in select_stages("steer")] == ["steer", "evaluate", "report"]
+    assert [s.name for s in select_stages(only=["report", "tasks"])] == ["tasks", "report"]
+    with pytest.raises(BadInput, match="unknown stage 'train'"):
+        select_stages("train")
+
+
+def test_missing_stage_module_is_a_clear_error():
+    with pytest.raises(BadInput, match="stage 'probe' is not available: module nnsteer.probe is missing"):
+        stage_function(Stage("probe", "nnsteer.probe", "probe", (), ()))
+
+
+def _tasks_run(tmp_path: Path, per_category: int) -> tuple[RunDir, list[str]]:
+    config = write_config(tmp_path / "tasks.toml",
+                          f"[tasks]\nper_category = {per_category}\neval_per_category = 1\n")
+    lines: list[str] = []
+    run = run_pipeline(load_config(config), run_dir=tmp_path / "run", only=["tasks"], log=lines.append)
+    return run, lines
+
+
+def test_stage_skipped_only_while_up_to_date(tmp_path):
+    run, lines = _tasks_run(tmp_path, 2)
+    assert "running" in lines[0] and "done in" in lines[1]
+    first = pl.read_parquet(run.tasks)
+    _, lines = _tasks_run(tmp_path, 2)
+    assert lines == ["[1/1] tasks  skipped (up to date)"]
+    _, lines = _tasks_run(tmp_path, 1)  # changed option: runs again, from scratch
+    assert "running" in lines[0]
+    assert pl.read_parquet(run.tasks).height < first.height
+    first.write_parquet(run.tasks)  # an output changed outside the pipeline: redone
+    _, lines = _tasks_run(tmp_path, 1)
+    assert "running" in lines[0]
+    state = json.loads((run.root / "pipeline.json").read_text())
+    assert state["tasks"]["complete"] is True
+
+
+# A chain the tiny model below recites, with cues for several behaviours. Its tokens are
+# all different, so "next token = successor of the current one" is a well-defined rule.
+RECITED = ("Let me read this. Okay! By definition squares have four sides... Wait, actually that "
+           "seems off?! I am not sure it is wrong? For example with x=2 then y equals 3 so answer: five\n")
+
+
+def reciting_model(tokenizer):
+    """A tiny random Llama whose greedy output cycles through :data:`RECITED`.
+
+    The blocks' writes to the residual stream are scaled down, and the embedding and
+    unembedding map each token of the text to its successor: a bigram model with some
+    per-layer noise, so that annotation finds behaviours and every stage has work to do.
+    """
+    import torch
+
+    from conftest import build_tiny_hf
+
+    ids = tokenizer.encode(RECITED, add_special_tokens=False)
+    assert len(set(ids)) == len(ids)
+    model = build_tiny_hf("llama", len(tokenizer))
+    width = model.config.hidden_size
+    keys = torch.nn.functional.normalize(torch.randn(len(ids), width, generator=torch.Generator().manual_seed(1)), dim=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.1)
+            layer.mlp.down_proj.weight.mul_(0.1)
+        model.lm_head.weight.zero_()
+        for i, token in enumerate(ids):
+            model.model.embed_tokens.weight[token] = keys[i]
+            model.lm_head.weight[ids[(i + 1) % len(ids)]] = 10 * keys[i]
+    return model
+
+
+PIPELINE_CONFIG = """
+[model]
+name = "{model}"
+batch_size = 4
+
+[tasks]
+per_category = 1
+eval_per_category = 1
+
+[generate]
+max_new_tokens = 46
+limit = 6
+
+[annotate]
+annotator = "rules"
+
+[steer]
+behaviours = ["backtracking", "uncertainty-estimation"]
+max_new_tokens = 12
+limit = 2
+batch_size = 16
+
+[evaluate]
+n_boot = 200
+"""
+
+
+@pytest.fixture(scope="module")
+def pipeline_config(tmp_path_factory, tokenizer) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    model_dir = root / "reciting-llama"
+    reciting_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return write_config(root / "tiny.toml", PIPELINE_CONFIG.format(model=model_dir))
+
+
+def _nnsteer(run_dir: Path, config: Path) -> list[str]:
+    return [sys.executable, "-m", "nnsteer", "--run-dir", str(run_dir), "run", "--config", str(config)]
+
+
+#: One thread is plenty for the tiny model, and keeps the test fast on a busy machine.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run_to_end(run_dir: Path, config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_nnsteer(run_dir, config), capture_output=True, text=True, timeout=300,
+                          env=ONE_THREAD)
+
+
+def _stage_running(run_dir: Path, stage: str) -> bool:
+    try:
+        state = json.loads((run_dir / "pipeline.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return state.get(stage, {}).get("complete") is False
+
+
+def _data(path: Path):
+    """A run file's data without its provenance times: frames, tensors, JSON, text."""
+    if path.suffix == ".parquet":
+        df = pl.read_parquet(path)
+        return df.sort([c for c, t in df.schema.items() if not isinstance(t, pl.List)])
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return {k: v.tolist() for k, v in load_file(path).items()}
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    return path.read_text()
+
+
+def test_killed_run_resumes_to_the_same_outputs(pipeline_config, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = _run_to_end(whole, pipeline_config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == str(whole / "report.html")
+
+    process = subprocess.Popen(_nnsteer(killed, pipeline_config), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=ONE_THREAD)
+    deadline = time.monotonic() + 240
+    while not ((killed / "chains.parquet").exists() and _stage_running(killed, "generate")):
+        assert process.poll() is None and time.monotonic() < deadline, "never caught generate midway"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = pl.read_parquet(killed / "chains.parquet").height
+    assert 0 < partial < pl.read_parquet(whole / "chains.parquet").height  # killed mid-stage
+
+    resumed = _run_to_end(killed, pipeline_config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "tasks" in resumed.stderr and "skipped (up to date)" in resumed.stderr
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*")
+                   if p.is_file() and p.suffix in (".parquet", ".safetensors", ".json", ".txt")
+                   and p.name != "pipeline.json")
+    assert {"chains.parquet", "annotations.parquet", "vectors.safetensors", "attribution.parquet",
+            "layers.json", "steered.parquet", "evaluation.parquet"} <= {f.name for f in files}
+    for name in files:
+        ours, reference = _data(killed / name), _data(whole / name)
+        assert ours.equals(reference) if isinstance(ours, pl.DataFrame) else ours == reference, name
+    assert (killed / "report.html").stat().st_size > 500_000
+
+    again = _run_to_end(killed, pipeline_config)
+    assert again.returncode == 0 and again.stderr.count("skipped (up to date)") == 9, again.stderr
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path):
+    config = write_config(tmp_path / "bad.toml", "[steer]\ncoefficent = 2\n")
+    result = CliRunner().invoke(cli, ["--run-dir", str(tmp_path / "run"), "run", "--config", str(config)])
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"nnsteer: error: {config}: unknown key [steer] 'coefficent' (expected ")
+    assert "coefficients" in line
