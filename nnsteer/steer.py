@@ -23,7 +23,6 @@ import torch
 
 from nnsteer.errors import BadInput
 from nnsteer.generation import ChainJob, SteeringSpec, run_chain_jobs, split_tasks
-from nnsteer.labels import STEERED_LABELS
 from nnsteer.models import LoadedModel
 from nnsteer.store import RunDir, provenance, read_json
 from nnsteer.vectors import VectorSet, load_vectors
@@ -41,13 +40,18 @@ class LayerChoice:
 
 
 def read_layer_choices(
-    run: RunDir, behaviours: Sequence[str], lm: LoadedModel
+    run: RunDir, behaviours: Sequence[str] | None, lm: LoadedModel
 ) -> dict[str, LayerChoice]:
-    """The ``layers.json`` entries of ``behaviours``, checked against the model."""
+    """The ``layers.json`` entries of ``behaviours`` (default: every behaviour it has),
+    checked against the model."""
     path = run.layers
     raw = read_json(path)
     if not isinstance(raw, dict):
         raise BadInput(f"{path}: expected an object keyed by behaviour label")
+    if behaviours is None:
+        behaviours = list(raw)
+    if not behaviours or len(set(behaviours)) != len(behaviours):
+        raise BadInput(f"behaviours must be distinct and at least one, got {list(behaviours)}")
     choices = {}
     for behaviour in behaviours:
         if behaviour not in raw:
@@ -126,14 +130,12 @@ def steer_chains(
     ``coefficients`` (a sweep) replaces each behaviour's ``layers.json`` coefficient;
     ``random_control`` adds chains steered by a norm-matched random vector. Resumable.
     """
-    behaviours = list(STEERED_LABELS if behaviours is None else behaviours)
-    if not behaviours or len(set(behaviours)) != len(behaviours):
-        raise BadInput(f"behaviours must be distinct and at least one, got {behaviours}")
     for c in coefficients or []:
         if not math.isfinite(c) or c < 0:
             raise BadInput(f"--coefficients: {c} is not a number >= 0 (direction gives the sign)")
     tasks = split_tasks(run, "eval", limit)
     choices = read_layer_choices(run, behaviours, lm)
+    behaviours = list(choices)
     vectors = _behaviour_vectors(load_vectors(run.vectors), choices, lm, seed, random_control)
     jobs = []
     for task in tasks.iter_rows(named=True):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from nnsteer.cli.common import model_options, open_model, run_dir
-from nnsteer.labels import STEERED_LABELS
 
 
 def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -27,7 +26,7 @@ def _numbers(ctx: click.Context, param: click.Parameter, value: str | None) -> l
     "--behaviours",
     callback=_names,
     default=None,
-    help=f"Comma-separated labels. Default: {','.join(STEERED_LABELS)}.",
+    help="Comma-separated labels. Default: every behaviour in layers.json.",
 )
 @click.option(
     "--coefficients",
