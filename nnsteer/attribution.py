@@ -1,0 +1,415 @@
+"""Attribution patching: how much would adding ``u_l^c`` before a span of ``c`` change the model?
+
+For every span of label ``c``, the *probe* is the token just before the span's first
+token (the prediction point of that token). Adding ``u_l^c`` to the residual stream at
+layer ``l`` and the probe position changes a loss ``L`` of the next-token prediction
+there by ``ΔL ≈ u_l^c · ∂L/∂a_l`` (paper, Figure 3). Metrics (``metric=``):
+
+- ``released-code``: the authors' computation, reproduced as a baseline. Their loss is
+  ``F.kl_div(log_softmax(z), log_softmax(z).detach(), reduction="batchmean")`` on the
+  probe's logits ``z`` (a 1-D tensor, so "batchmean" divides by the vocabulary size);
+  without ``log_target=True`` its value is NaN and its gradient is ``-log_softmax(z)/V``
+  pushed through ``log_softmax``, which is not a KL gradient. The vector is scaled to unit
+  norm; ``ΔL = û · ∂L/∂a_l``. The released code also probes a label's vector before the
+  spans of every *other* label (reproduce with ``spans="others"``) and averages per chain
+  before averaging over chains; nnsteer averages over spans and keeps the per-span
+  effects in ``attribution_spans.parquet`` for any other aggregation.
+- ``nll``: negative log-likelihood of the span's actual first token; ``ΔL = u · ∂L/∂a_l``.
+- ``kl2``: the first non-zero term of the real KL: ``½ (J u)ᵀ (diag p − p pᵀ) (J u)``
+  with ``J u`` the Jacobian-vector product of the probe's logits with respect to ``a_l``.
+- ``exact``: the ground truth: really add ``u`` at layer ``l`` and the probe, and measure
+  ``KL(clean ‖ patched)`` of the next-token distributions.
+
+Exactness at low cost: the loss at position ``p`` depends on ``a_l(p)`` only through
+position ``p``'s own computation, given the keys and values of the earlier positions. So
+each chain gets one clean forward pass that fills a KV cache, then its probes run as a
+batch of one-token forward (and backward) passes on that cache, each row with the cache
+cut at its own position: every probe gets its own exact gradient, not that of a sum over
+spans. ``exact`` and ``kl2`` replicate each probe once per layer (patched at a different
+layer in each row). Everything runs in one nnsight session per chain, on NDIF too; only
+the per-probe, per-layer effects come back.
+
+Example:
+    >>> df = attribute(RunDir("runs/smollm2-135m"), load_model(), metric="nll", validate=16)
+    >>> attribution_chart(df).save("attribution.html")
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+import torch
+
+from nnsteer.errors import BadInput
+from nnsteer.labels import STEERED_LABELS
+from nnsteer.models import LoadedModel
+from nnsteer.positions import overlapping_tokens, token_offsets
+from nnsteer.store import RunDir, provenance, read_parquet, write_parquet
+from nnsteer.vectors import VectorSet, load_vectors
+
+#: First-order estimates ``ΔL = u · ∂L/∂a_l`` (one backward pass per batch of probes).
+FIRST_ORDER = ("released-code", "nll")
+#: Metrics computed on one row per (probe, layer).
+PER_LAYER = ("kl2", "exact")
+METRICS: tuple[str, ...] = FIRST_ORDER + PER_LAYER
+#: Which spans a label's vector is probed at: its own (paper), or every other label's
+#: (what the released code does: it skips the label's own spans).
+SPAN_SOURCES: tuple[str, ...] = ("own", "others")
+
+SPANS_FILE = "attribution_spans.parquet"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Where one span's vector is probed: the prediction point of the span's first token."""
+
+    chain_id: str
+    label: str  # the label whose vector is added
+    span_label: str  # the label of the span (differs from ``label`` with spans="others")
+    position: int  # full-sequence position of the token before the span
+    target: int  # id of the span's first token (the ``nll`` target)
+
+
+def check_option(option: str, value: str, choices: Sequence[str]) -> None:
+    """:class:`BadInput` naming ``--option`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise BadInput(f"--{option} {value!r}: expected one of {', '.join(choices)}")
+
+
+def check_vectors(vs: VectorSet, lm: LoadedModel, source: str = "vectors") -> None:
+    """:class:`BadInput` if the vectors were not made for ``lm`` (other model or width)."""
+    made_for = (vs.metadata.get("model") or {}).get("model")
+    if made_for is not None and made_for != lm.name:
+        raise BadInput(f"{source}: vectors were extracted from {made_for!r}, not {lm.name!r}; "
+                       "rerun `nnsteer extract` with this model")
+    if (vs.n_layers, vs.d_model) != (lm.arch.n_layers, lm.arch.d_model):
+        raise BadInput(f"{source}: vectors are [{vs.n_layers}, {vs.d_model}] but {lm.name} has "
+                       f"{lm.arch.n_layers} layers of width {lm.arch.d_model}")
+
+
+def find_probes(
+    chains: pl.DataFrame,
+    annotations: pl.DataFrame,
+    tokenizer: Any,
+    labels: Sequence[str],
+    spans: str = "own",
+) -> list[Probe]:
+    """The probes of every ``ok`` span, for each label's vector, ordered by chain and position.
+
+    ``chains`` needs ``chain_id``, ``prompt_ids``, ``output_ids``; ``annotations`` needs
+    ``chain_id``, ``label``, ``start``, ``end``, ``status``. Spans covering no token, or
+    whose probe would be position 0 (no context), are left out.
+    """
+    check_option("spans", spans, SPAN_SOURCES)
+    ok = annotations.filter(pl.col("status") == "ok")
+    by_chain: dict[str, list[dict]] = defaultdict(list)
+    for row in ok.select("chain_id", "label", "start", "end").iter_rows(named=True):
+        by_chain[row["chain_id"]].append(row)
+    probes = []
+    for chain in chains.select("chain_id", "prompt_ids", "output_ids").iter_rows(named=True):
+        chain_spans = by_chain.get(chain["chain_id"])
+        if not chain_spans:
+            continue
+        output_ids = list(chain["output_ids"])
+        offsets = token_offsets(tokenizer, output_ids)
+        prompt_len = len(chain["prompt_ids"])
+        for span in chain_spans:
+            tokens = overlapping_tokens(offsets, span["start"], span["end"])
+            if not tokens or prompt_len + tokens[0] < 1:
+                continue
+            for label in labels:
+                if (span["label"] == label) == (spans == "own"):
+                    probes.append(Probe(chain["chain_id"], label, span["label"],
+                                        prompt_len + tokens[0] - 1, output_ids[tokens[0]]))
+    return sorted(probes, key=lambda p: (p.chain_id, p.position, p.label))
+
+
+def probe_effects(
+    lm: LoadedModel,
+    sequences: dict[str, Sequence[int]],
+    probes: Sequence[Probe],
+    vectors: dict[str, torch.Tensor],
+    metric: str = "nll",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Effect of each label's vector at every layer, per probe: float32 ``[n_probes, n_layers]``.
+
+    First-order metrics give the signed ``ΔL``; ``kl2`` and ``exact`` give KL values.
+    ``sequences`` maps ``chain_id`` to the chain's full token ids (prompt + output);
+    ``vectors`` maps each probed label to its ``[n_layers, d_model]`` tensor.
+    """
+    from tqdm import tqdm
+
+    check_option("metric", metric, METRICS)
+    effects = torch.empty(len(probes), lm.arch.n_layers)
+    if not probes:
+        return effects
+    table_labels = sorted({p.label for p in probes})
+    table = torch.stack([vectors[label].float() for label in table_labels])
+    if metric == "released-code":
+        table = table / table.norm(dim=-1, keepdim=True)
+    table = table.to(lm.dtype)
+    index = {label: i for i, label in enumerate(table_labels)}
+    by_chain: dict[str, list[int]] = defaultdict(list)
+    for i, probe in enumerate(probes):
+        by_chain[probe.chain_id].append(i)
+    per_layer = metric in PER_LAYER
+    per_trace = max(1, batch_size // (lm.arch.n_layers + 1)) if per_layer else batch_size
+    for chain_id, members in tqdm(by_chain.items(), desc=f"attribute ({metric})", unit="chain",
+                                  disable=not progress, file=sys.stderr):
+        ids = torch.tensor([list(sequences[chain_id])])
+        batches = [_batch([probes[i] for i in members[s:s + per_trace]], ids, index,
+                          lm.arch.n_layers, per_layer) for s in range(0, len(members), per_trace)]
+        effects[members] = _chain_effects(lm, ids, batches, table, metric).float().cpu()
+    return effects
+
+
+def _batch(probes: list[Probe], ids: torch.Tensor, index: dict[str, int], n_layers: int,
+           per_layer: bool) -> dict:
+    """What one trace over ``probes`` needs, built outside the trace.
+
+    Row ``b`` sees the cache of positions ``< p_b``, left-padded to the batch's widest
+    prefix: ``cache_index`` picks the cached positions (pads point at position 0 and are
+    masked out). With ``per_layer`` each probe is ``n_layers + 1`` rows: row 0 clean,
+    row ``l + 1`` patched at layer ``l`` (``patch`` is the one-hot layer of each row).
+    """
+    reps = n_layers + 1 if per_layer else 1
+    positions = torch.tensor([p.position for p in probes])
+    width = int(positions.max())
+    offset = torch.arange(width)[None, :] - (width - positions[:, None])
+    mask = torch.cat([offset >= 0, torch.ones(len(probes), 1, dtype=torch.bool)], 1)
+    inputs = {"input_ids": ids[0, positions][:, None], "position_ids": positions[:, None],
+              "attention_mask": mask.long()}
+    patch = torch.cat([torch.zeros(1, n_layers), torch.eye(n_layers)]).repeat(len(probes), 1)
+    return {
+        "inputs": {key: value.repeat_interleave(reps, 0) for key, value in inputs.items()},
+        "cache_index": offset.clamp(min=0).repeat_interleave(reps, 0),
+        "targets": torch.tensor([p.target for p in probes]),
+        "labels": torch.tensor([index[p.label] for p in probes]).repeat_interleave(reps, 0),
+        "patch": patch if per_layer else None,
+        "patch_layer": patch.argmax(1) if per_layer else None,
+        "width": width,
+    }
+
+
+def _chain_effects(lm: LoadedModel, ids: torch.Tensor, batches: list[dict],
+                   table: torch.Tensor, metric: str) -> torch.Tensor:
+    """The effects of every probe of one chain: ``[n_probes, n_layers]``.
+
+    One session: a clean forward over the chain fills the KV cache, then one one-token
+    trace per batch (see :func:`_batch` for its rows).
+    """
+    import nnsight
+    from transformers import DynamicCache
+
+    m, layers, n_layers = lm.nn, lm.layers, lm.arch.n_layers
+    embed = m.model.embed_tokens
+    released, second_order = metric == "released-code", metric == "kl2"
+    first_order = metric in FIRST_ORDER
+    width = max(b["width"] for b in batches)
+    # The remote path re-reads this block's source: no comment lines or multi-line statements
+    # before a nested `with`. kl2's JVP needs a second derivative that fused attention lacks.
+    with m.session(remote=lm.remote):
+        with m.trace(input_ids=ids[:, :width]):
+            cache = m.output.past_key_values
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        attention = torch.nn.attention
+        results = nnsight.save([])
+        for batch in batches:
+            index = batch["cache_index"]
+            past = DynamicCache(ddp_cache_data=[(k[0][:, index.to(k.device)].transpose(0, 1), v[0][:, index.to(v.device)].transpose(0, 1)) for k, v in kv])
+            kernels = attention.sdpa_kernel(attention.SDPBackend.MATH) if second_order else nullcontext()
+            with kernels:
+                with m.trace(**batch["inputs"], past_key_values=past):
+                    if first_order:
+                        embed.output.requires_grad_(True)
+                        hs = [layers[i].output for i in range(n_layers)]
+                    else:
+                        rows = batch["labels"].shape[0]
+                        scale = torch.full((rows,), 0.0 if second_order else 1.0, requires_grad=second_order)
+                        where = batch["patch"] * scale[:, None]
+                        delta = table[batch["labels"], batch["patch_layer"]]
+                        for i in range(n_layers):
+                            h = layers[i].output
+                            step = where[:, i, None].to(h.device) * delta.to(h.device)
+                            layers[i].output = h + step.to(h.dtype)[:, None]
+                    logits = m.output.logits[:, -1]
+                    if released:
+                        logp = torch.log_softmax(logits, -1)
+                        # "batchmean" on one [V] logit vector divides by V: so, row by row.
+                        loss = torch.nn.functional.kl_div(logp, logp.detach(), reduction="sum")
+                        loss = loss / logits.shape[-1]
+                    elif first_order:
+                        logp = torch.log_softmax(logits.float(), -1)
+                        loss = -logp.gather(1, batch["targets"].to(logp.device)[:, None]).sum()
+                    if first_order:
+                        grads = torch.autograd.grad(loss, hs)
+                        u = table[batch["labels"]]
+                        value = torch.stack([(g[:, -1].float() * u[:, i].to(g.device).float()).sum(-1).cpu() for i, g in enumerate(grads)], 1)
+                    elif second_order:
+                        z = logits.float()
+                        weights = torch.zeros_like(z, requires_grad=True)
+                        (wju,) = torch.autograd.grad((weights * z).sum(), scale, create_graph=True)
+                        (ju,) = torch.autograd.grad(wju.sum(), weights)
+                        p = torch.softmax(z, -1).detach()
+                        value = 0.5 * ((p * ju * ju).sum(-1) - (p * ju).sum(-1) ** 2)
+                        value = value.view(-1, n_layers + 1)[:, 1:]
+                    else:
+                        logq = torch.log_softmax(logits.float(), -1).view(-1, n_layers + 1, logits.shape[-1])
+                        clean = logq[:, :1]
+                        value = (clean.exp() * (clean - logq[:, 1:])).sum(-1)
+                    results.append(value.detach().cpu())
+    return torch.cat(list(results))
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (ties get their mean rank); NaN if either side is constant."""
+    rx, ry = _ranks(torch.as_tensor(x, dtype=torch.float64)), _ranks(torch.as_tensor(y, dtype=torch.float64))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = (rx.norm() * ry.norm()).item()
+    return float((rx @ ry).item() / denominator) if denominator > 0 else float("nan")
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    order = values.argsort()
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(len(values), dtype=values.dtype)
+    for value in values.unique():
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def summarize(probes: Sequence[Probe], effects: torch.Tensor, metric: str) -> pl.DataFrame:
+    """Per (label, layer): mean and std of ``|effect|`` over the label's probes."""
+    labels = [p.label for p in probes]
+    rows = []
+    for label in dict.fromkeys(labels):
+        values = effects[[i for i, name in enumerate(labels) if name == label]].abs().double()
+        std = values.std(0) if len(values) > 1 else torch.zeros(values.shape[1], dtype=torch.float64)
+        for layer in range(values.shape[1]):
+            rows.append({"label": label, "layer": layer, "effect": values[:, layer].mean().item(),
+                         "std": std[layer].item(), "n_spans": len(values), "metric": metric})
+    return pl.DataFrame(rows, schema={"label": pl.String, "layer": pl.Int64, "effect": pl.Float64,
+                                      "std": pl.Float64, "n_spans": pl.Int64, "metric": pl.String})
+
+
+def validation_sample(probes: Sequence[Probe], n: int) -> list[int]:
+    """Indices of up to ``n`` probes per label, evenly spread over the label's probes."""
+    chosen = []
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, probe in enumerate(probes):
+        by_label[probe.label].append(i)
+    for members in by_label.values():
+        step = len(members) / min(n, len(members))
+        chosen += [members[int(k * step)] for k in range(min(n, len(members)))]
+    return sorted(chosen)
+
+
+def validate_against_exact(
+    lm: LoadedModel, sequences: dict[str, Sequence[int]], probes: Sequence[Probe],
+    effects: torch.Tensor, vectors: dict[str, torch.Tensor], n: int, metric: str,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Spearman correlation per label, over layers, of ``metric``'s mean ``|ΔL|`` and exact KL.
+
+    Both profiles are averaged over the same ``n`` probes per label.
+    """
+    chosen = validation_sample(probes, n)
+    sample = [probes[i] for i in chosen]
+    exact = probe_effects(lm, sequences, sample, vectors, "exact", batch_size)
+    estimate = summarize(sample, effects[chosen], metric)
+    truth = summarize(sample, exact, "exact")
+    return {label: spearman(estimate.filter(pl.col("label") == label)["effect"].to_list(),
+                            truth.filter(pl.col("label") == label)["effect"].to_list())
+            for label in dict.fromkeys(p.label for p in sample)}
+
+
+def attribute(
+    run: RunDir,
+    lm: LoadedModel,
+    *,
+    metric: str = "nll",
+    batch_size: int = 8,
+    validate: int = 0,
+    spans: str = "own",
+    labels: Sequence[str] | None = None,
+) -> pl.DataFrame:
+    """Write ``attribution.parquet`` (per label and layer) and ``attribution_spans.parquet``.
+
+    ``labels`` defaults to the steered labels that have a vector; a default label with
+    no span is skipped with a warning, a label asked for by name must have spans.
+    ``validate=N`` also runs ``exact`` on N probes per label and records the Spearman
+    correlation of the two per-layer profiles in the metadata (``validation``).
+    """
+    check_option("metric", metric, METRICS)
+    check_option("spans", spans, SPAN_SOURCES)
+    vs = load_vectors(run.vectors)
+    check_vectors(vs, lm, str(run.vectors))
+    asked = list(labels) if labels else [label for label in STEERED_LABELS if label in vs.vectors]
+    for label in asked:
+        vs[label]  # BadInput naming the labels the vector set has
+    chains = read_parquet(run.chains, ["chain_id", "prompt_ids", "output_ids", "direction"])
+    chains = chains.filter(pl.col("direction") == "none")
+    annotations = read_parquet(run.annotations, ["chain_id", "label", "start", "end", "status"])
+    probes = find_probes(chains, annotations, lm.tokenizer, asked, spans)
+    found = {p.label for p in probes}
+    missing = [label for label in asked if label not in found]
+    if missing and (labels or not found):
+        raise BadInput(f"{run.annotations}: no usable {spans!r} span for label(s) "
+                       f"{', '.join(missing)}")
+    for label in missing:
+        print(f"nnsteer: warning: no span for {label!r} in {run.annotations}; skipped",
+              file=sys.stderr)
+    sequences = {row["chain_id"]: list(row["prompt_ids"]) + list(row["output_ids"])
+                 for row in chains.iter_rows(named=True)}
+    effects = probe_effects(lm, sequences, probes, vs.vectors, metric, batch_size)
+    options = {"metric": metric, "batch_size": batch_size, "validate": validate, "spans": spans,
+               "labels": asked}
+    meta = provenance("attribute", options, lm.provenance())
+    if validate:
+        meta["validation"] = validate_against_exact(lm, sequences, probes, effects, vs.vectors,
+                                                    validate, metric, batch_size)
+    df = summarize(probes, effects, metric)
+    write_parquet(_span_table(probes, effects, metric), run.path(SPANS_FILE), meta)
+    write_parquet(df, run.attribution, meta)
+    return df
+
+
+def _span_table(probes: Sequence[Probe], effects: torch.Tensor, metric: str) -> pl.DataFrame:
+    """One row per probe: where it is and its effect at every layer."""
+    return pl.DataFrame({
+        "chain_id": [p.chain_id for p in probes],
+        "label": [p.label for p in probes],
+        "span_label": [p.span_label for p in probes],
+        "position": [p.position for p in probes],
+        "target": [p.target for p in probes],
+        "metric": [metric] * len(probes),
+        "effects": effects.tolist(),
+    }, schema_overrides={"effects": pl.List(pl.Float64)})
+
+
+def attribution_chart(df: pl.DataFrame) -> Any:
+    """Mean ``|ΔL|`` per layer with a ±1 std band, one panel per label (paper Figure 3)."""
+    import altair as alt
+
+    metric = df["metric"][0] if len(df) else ""
+    data = df.with_columns(low=(pl.col("effect") - pl.col("std")).clip(lower_bound=0),
+                           high=pl.col("effect") + pl.col("std"))
+    base = alt.Chart(data).encode(
+        x=alt.X("layer:Q", title="Layer", axis=alt.Axis(tickMinStep=1, format="d")))
+    band = base.mark_area(opacity=0.2).encode(y="low:Q", y2="high:Q", color="label:N")
+    line = base.mark_line(point=True).encode(
+        y=alt.Y("effect:Q", title=f"mean |ΔL| ({metric})"), color=alt.Color("label:N", legend=None),
+        tooltip=["label", "layer", alt.Tooltip("effect:Q", format=".4g"),
+                 alt.Tooltip("std:Q", format=".4g"), "n_spans"])
+    return (band + line).properties(width=220, height=180).facet(
+        facet=alt.Facet("label:N", title=None), columns=2
+    ).resolve_scale(y="independent").properties(title=f"Attribution per layer ({metric})")

@@ -1,0 +1,126 @@
+"""Choosing the steering layer(s) of each label from the attribution table.
+
+By default the layer with the largest mean ``|ΔL|`` outside the earliest layers (which
+mostly encode token identity; the authors excluded them too), or the ``top_k`` best
+there, or layers given by hand. Writes ``layers.json`` (CONTRACTS.md):
+``{"<label>": {"vector_layer": int, "layers": [int], "coefficient": float}}``.
+
+Example:
+    >>> choice = select_layers(RunDir("runs/smollm2-135m"), skip_fraction=0.25)
+    >>> choice["backtracking"]
+    {'vector_layer': 17, 'layers': [17], 'coefficient': 1.0}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import polars as pl
+
+from nnsteer.errors import BadInput
+from nnsteer.labels import STEERED_LABELS
+from nnsteer.store import RunDir, read_parquet, write_json
+from nnsteer.vectors import load_vectors
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The layers chosen for one label, and how clearly they won."""
+
+    label: str
+    layers: list[int]  # best first
+    effects: list[float]  # their mean |ΔL|, same order
+    runner_up: int | None = None  # best layer not chosen
+    runner_up_effect: float | None = None
+
+    @property
+    def margin(self) -> float | None:
+        """Effect of the weakest chosen layer minus the runner-up's."""
+        if self.runner_up_effect is None or not self.effects:
+            return None
+        return self.effects[-1] - self.runner_up_effect
+
+    def describe(self) -> str:
+        """One line: the choice, the runner-up and the margin."""
+        if not self.effects:
+            return f"{self.label}: layer(s) {_join(self.layers)} (given by hand)"
+        chosen = ", ".join(f"{layer} ({effect:.4g})" for layer, effect in zip(self.layers, self.effects))
+        if self.runner_up is None:
+            return f"{self.label}: layer {chosen}; no runner-up"
+        relative = self.margin / self.effects[-1] if self.effects[-1] else float("nan")
+        return (f"{self.label}: layer {chosen}; runner-up {self.runner_up} "
+                f"({self.runner_up_effect:.4g}), margin {self.margin:.4g} ({relative:.1%})")
+
+
+def _join(values: Sequence[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def first_allowed_layer(n_layers: int, skip_fraction: float) -> int:
+    """Index of the first layer not skipped: layers ``< ceil(skip_fraction × n_layers)`` are."""
+    if not 0 <= skip_fraction < 1:
+        raise BadInput(f"--skip-fraction {skip_fraction}: expected a fraction in [0, 1)")
+    return math.ceil(skip_fraction * n_layers)
+
+
+def rank_layers(table: pl.DataFrame, label: str, first: int, top_k: int = 1) -> Choice:
+    """The ``top_k`` layers ``>= first`` with the largest effect for ``label``, and the runner-up."""
+    rows = (table.filter((pl.col("label") == label) & (pl.col("layer") >= first))
+            .sort(["effect", "layer"], descending=[True, False]))
+    if len(rows) < top_k:
+        raise BadInput(f"{label}: only {len(rows)} layer(s) from layer {first} on to choose "
+                       f"{top_k} from; lower --skip-fraction or --top-k")
+    layers, effects = rows["layer"].to_list(), rows["effect"].to_list()
+    runner = (layers[top_k], effects[top_k]) if len(layers) > top_k else (None, None)
+    return Choice(label, layers[:top_k], effects[:top_k], *runner)
+
+
+def select_layers(
+    run: RunDir,
+    *,
+    skip_fraction: float = 0.2,
+    top_k: int = 1,
+    layers: dict[str, list[int]] | None = None,
+    coefficient: float = 1.0,
+    labels: Sequence[str] | None = None,
+) -> dict:
+    """Write ``layers.json`` and return it; print each label's choice with runner-up and margin.
+
+    ``labels`` defaults to the steered labels that have a vector. ``layers`` gives some or
+    all labels' layers by hand (the first one is the vector layer); the others come from
+    ``attribution.parquet``.
+    """
+    if top_k < 1:
+        raise BadInput(f"--top-k {top_k}: expected at least 1")
+    vs = load_vectors(run.vectors)
+    first = first_allowed_layer(vs.n_layers, skip_fraction)
+    by_hand = dict(layers or {})
+    wanted = list(labels) if labels else [label for label in STEERED_LABELS if label in vs.vectors]
+    for label in list(wanted) + list(by_hand):
+        vs[label]  # BadInput naming the labels that have vectors
+    for label, given in by_hand.items():
+        if not given:
+            raise BadInput(f"layers for {label!r}: give at least one layer")
+        bad = [layer for layer in given if not 0 <= layer < vs.n_layers]
+        if bad:
+            raise BadInput(f"layers for {label!r}: {_join(bad)} out of range 0..{vs.n_layers - 1}")
+    wanted += [label for label in by_hand if label not in wanted]
+    ranked = [label for label in wanted if label not in by_hand]
+    table = read_parquet(run.attribution, ["label", "layer", "effect"]) if ranked else None
+    choices = []
+    for label in wanted:
+        if label in by_hand:
+            choices.append(Choice(label, [int(layer) for layer in by_hand[label]], []))
+            continue
+        if table.filter(pl.col("label") == label).is_empty():
+            raise BadInput(f"{run.attribution}: no attribution for {label!r}; "
+                           "rerun `nnsteer attribute` or give its layers by hand")
+        choices.append(rank_layers(table, label, first, top_k))
+    result = {c.label: {"vector_layer": c.layers[0], "layers": c.layers, "coefficient": coefficient}
+              for c in choices}
+    write_json(run.layers, result)
+    for choice in choices:
+        print(choice.describe())
+    return result
