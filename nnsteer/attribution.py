@@ -50,6 +50,7 @@ from nnsteer.errors import BadInput
 from nnsteer.labels import STEERED_LABELS
 from nnsteer.models import LoadedModel
 from nnsteer.positions import overlapping_tokens, token_offsets
+from nnsteer.remote import with_retries
 from nnsteer.store import RunDir, provenance, read_parquet, write_parquet
 from nnsteer.vectors import VectorSet, load_vectors
 
@@ -167,7 +168,9 @@ def probe_effects(
         ids = torch.tensor([list(sequences[chain_id])])
         batches = [_batch([probes[i] for i in members[s:s + per_trace]], ids, index,
                           lm.arch.n_layers, per_layer) for s in range(0, len(members), per_trace)]
-        effects[members] = _chain_effects(lm, ids, batches, table, metric).float().cpu()
+        chain_effects = with_retries(lambda: _chain_effects(lm, ids, batches, table, metric),
+                                     what=f"attribute chain {chain_id}")
+        effects[members] = chain_effects.float().cpu()
     return effects
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from nnsteer.errors import BadInput
 from nnsteer.models import LoadedModel
 from nnsteer.positions import decode_response
+from nnsteer.remote import with_retries
 from nnsteer.store import (
     RunDir,
     fingerprint,
@@ -235,10 +236,15 @@ def generate_batches(
     bar = tqdm(total=len(prompts), unit="chain", desc="generate", disable=not progress)
     started, n_tokens = time.perf_counter(), 0
     try:
-        for first in range(0, len(order), batch_size):
+        n_batches = -(-len(order) // batch_size)
+        for k, first in enumerate(range(0, len(order), batch_size), start=1):
             indices = order[first : first + batch_size]
-            new_ids = _generate_batch(
-                lm, [prompt_ids[i] for i in indices], [specs[i] for i in indices], max_new_tokens
+            new_ids = with_retries(
+                lambda: _generate_batch(
+                    lm, [prompt_ids[i] for i in indices], [specs[i] for i in indices],
+                    max_new_tokens,
+                ),
+                what=f"generate batch {k}/{n_batches}",
             )
             generations = [
                 _finish(tokenizer, prompt_ids[i], row, stop) for i, row in zip(indices, new_ids)

@@ -116,18 +116,23 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+#: Seconds before the first retry of a failed NDIF request; each later wait doubles.
+RETRY_BASE_DELAY = 2.0
+
+
 def with_retries(
     request: Callable[[], T],
     *,
     what: str,
     attempts: int = 5,
-    base_delay: float = 2.0,
+    base_delay: float | None = None,
     max_delay: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
     """``request()``, sent again after a transient failure (see :func:`is_transient`).
 
-    Waits ``base_delay * 2**k`` seconds (at most ``max_delay``) before retry ``k + 1``.
+    Waits ``base_delay * 2**k`` seconds (at most ``max_delay``; ``base_delay`` defaults
+    to :data:`RETRY_BASE_DELAY`) before retry ``k + 1``.
     Other errors propagate at once. After ``attempts`` transient failures raises
     :class:`NnsteerError` naming ``what`` (e.g. ``"batch 3/12"``), so the user knows
     where a rerun resumes. Locally nothing is transient, so stages call it either way.
@@ -145,7 +150,8 @@ def with_retries(
                     f"{what} failed {attempt} times on NDIF ({reason}); finished batches "
                     "are saved, rerun the same command to resume"
                 ) from exc
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1))
+            base = RETRY_BASE_DELAY if base_delay is None else base_delay
+            delay = min(max_delay, base * 2 ** (attempt - 1))
             _warn(f"{what}: {reason}; retry {attempt}/{attempts - 1} in {delay:g} s")
             sleep(delay)
             attempt += 1

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nnsteer.models import LoadedModel
+from nnsteer.remote import with_retries
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,14 @@ def sum_sample_means(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     tokens = sum(len(s.ids) for s in selections)
     with tqdm(total=tokens, desc="residuals", unit="tok", disable=not progress) as bar:
-        for batch in batches:
+        for k, batch in enumerate(batches, start=1):
             chosen = [selections[i] for i in batch]
             batch_inputs = _batch_inputs(chosen, groups)
             if len(batch_inputs.rows):  # else no sample reads this batch
-                layer_sums = _reduce_batch(lm, batch_inputs)
+                layer_sums = with_retries(
+                    lambda: _reduce_batch(lm, batch_inputs),
+                    what=f"extract batch {k}/{len(batches)}",
+                )
                 totals += layer_sums.to("cpu", torch.float64).transpose(0, 1)
             bar.update(sum(len(s.ids) for s in chosen))
     return MeanSums(dict(zip(groups, totals)), counts)

@@ -18,7 +18,8 @@ from polars.testing import assert_frame_equal
 
 from conftest import make_tiny
 from nnsteer.labels import LABELS
-from nnsteer.remote import with_retries
+from nnsteer import remote
+from nnsteer.errors import NnsteerError
 from nnsteer.store import RunDir, provenance, write_json, write_parquet
 from strict_remote import strict_remote
 
@@ -169,29 +170,25 @@ def test_steer_strict_equals_local(study, lm, tmp_path):
     _assert_token_ids_only(server, remote)
 
 
-def test_generate_resumes_at_the_batch_ndif_dropped(study, lm, tmp_path):
+def test_generate_retries_a_dropped_batch(study, lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "RETRY_BASE_DELAY", 0.0)
     run = _inputs(study, tmp_path, "tasks.parquet")
     with strict_remote(lm) as server:
-        server.fail_next(None, httpx.ConnectError("connection reset"))  # batch 2 of 2
-        with pytest.raises(httpx.ConnectError):
+        server.fail_next(None, httpx.ConnectError("connection reset"))  # batch 2, first try
+        chains = generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS, batch_size=1)
+    assert len(server.requests) == 2 and not server.failures  # the dropped try was re-sent
+    _same_chains(pl.read_parquet(study.chains), chains)
+
+
+def test_generate_resumes_at_the_batch_ndif_kept_dropping(study, lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "RETRY_BASE_DELAY", 0.0)
+    run = _inputs(study, tmp_path, "tasks.parquet")
+    with strict_remote(lm) as server:
+        server.fail_next(None, *[httpx.ConnectError("connection reset")] * 5)  # batch 2 of 2
+        with pytest.raises(NnsteerError, match="generate batch 2/2 failed 5 times"):
             generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS, batch_size=1)
     assert pl.read_parquet(run.chains).height == 1
     with strict_remote(lm) as server:
         chains = generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS, batch_size=1)
     assert len(server.requests) == 1
     _same_chains(pl.read_parquet(study.chains), chains)
-
-
-def test_with_retries_resends_a_dropped_batch(study, lm):
-    chains = pl.read_parquet(study.chains)
-    prompts = pl.read_parquet(study.tasks).filter(pl.col("split") == "train")["prompt"].to_list()
-    delays = []
-    with strict_remote(lm) as server:
-        server.fail_next(httpx.ReadTimeout("timed out"), httpx.ConnectError("refused"))
-        generations = with_retries(
-            lambda: generation.generate(lm, prompts, max_new_tokens=MAX_NEW_TOKENS,
-                                        batch_size=BATCH, progress=False),
-            what="batch 1/1", sleep=delays.append,
-        )
-    assert delays == [2.0, 4.0] and len(server.requests) == 1
-    assert [g.output_ids for g in generations] == chains["output_ids"].to_list()
