@@ -213,7 +213,7 @@ def _chain_effects(lm: LoadedModel, ids: torch.Tensor, batches: list[dict],
     from transformers import DynamicCache
 
     m, layers, n_layers = lm.nn, lm.layers, lm.arch.n_layers
-    embed = m.model.embed_tokens
+    embed = lm.arch.embed(m)
     released, second_order = metric == "released-code", metric == "kl2"
     first_order = metric in FIRST_ORDER
     width = max(b["width"] for b in batches)

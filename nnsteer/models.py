@@ -47,9 +47,10 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     ),
 }
 
-#: ``config.model_type`` of the supported decoder families. All of them keep the decoder
-#: blocks at ``model.layers``, the final norm at ``model.norm`` and the unembedding at
-#: ``lm_head``; a family with other paths gets its own entry.
+#: ``config.model_type`` of the supported decoder families. All of them keep the embedding
+#: at ``model.embed_tokens``, the decoder blocks at ``model.layers``, the final norm at
+#: ``model.norm`` and the unembedding at ``lm_head``; a family with other paths gets its
+#: own entry.
 SUPPORTED_FAMILIES: dict[str, dict[str, str]] = {
     "llama": {},
     "qwen2": {},
@@ -65,6 +66,7 @@ class Architecture:
     n_layers: int
     d_model: int
     vocab_size: int
+    embed_path: str = "model.embed_tokens"
     layers_path: str = "model.layers"
     norm_path: str = "model.norm"
     unembed_path: str = "lm_head"
@@ -86,6 +88,10 @@ class Architecture:
             vocab_size=int(config.vocab_size),
             **SUPPORTED_FAMILIES[family],
         )
+
+    def embed(self, model: Any) -> Any:
+        """The token embedding."""
+        return _resolve(model, self.embed_path)
 
     def layers(self, model: Any) -> Any:
         """The decoder blocks of ``model`` (an nnsight model or a plain HF model)."""

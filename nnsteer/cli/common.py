@@ -29,6 +29,18 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def generation_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--limit --max-new-tokens``, as the stages that generate take; ``what`` names the tasks."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option("--max-new-tokens", type=click.IntRange(min=1), default=500,
+                            show_default=True, help="Greedy tokens per chain at most.")(func)
+        return click.option("--limit", type=click.IntRange(min=1), default=None,
+                            help=f"Only the first N {what}.")(func)
+
+    return decorate
+
+
 def open_model(model: str, remote: bool, device: str | None, dtype: str) -> LoadedModel:
     """Load the model named by the common options."""
     return load_model(model, device=device, dtype=dtype, remote=remote)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from nnsteer.cli.common import model_options, open_model, run_dir
+from nnsteer.cli.common import generation_options, model_options, open_model, run_dir
 
 
 @click.command(name="generate")
@@ -16,8 +16,7 @@ from nnsteer.cli.common import model_options, open_model, run_dir
     show_default=True,
     help="Which tasks to generate chains for.",
 )
-@click.option("--limit", type=int, default=None, help="Only the first N tasks of the split.")
-@click.option("--max-new-tokens", type=int, default=500, show_default=True)
+@generation_options("tasks of the split")
 @click.pass_context
 def command(
     ctx: click.Context,

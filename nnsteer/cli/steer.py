@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from nnsteer.cli.common import model_options, open_model, run_dir
+from nnsteer.cli.common import generation_options, model_options, open_model, run_dir
 
 
 def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -41,8 +41,7 @@ def _numbers(ctx: click.Context, param: click.Parameter, value: str | None) -> l
     help="Also steer with a random vector of the same norm at the same layers.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control.")
-@click.option("--limit", type=int, default=None, help="Only the first N eval tasks.")
-@click.option("--max-new-tokens", type=int, default=500, show_default=True)
+@generation_options("eval tasks")
 @click.pass_context
 def command(
     ctx: click.Context,
