@@ -70,8 +70,8 @@ def test_agreement_against_hand_computed_values():
 
 @requires_shared()
 def test_rules_agreement_on_thinking_models_is_measured():
-    # Recorded in bench/results/agreement.txt: 0.559 and 0.513.
-    for name, floor in [("deepseek-r1-distill-llama-8b", 0.55), ("deepseek-r1-distill-qwen-14b", 0.50)]:
+    # Recorded in bench/results/agreement.txt: 0.588 and 0.534.
+    for name, floor in [("deepseek-r1-distill-llama-8b", 0.58), ("deepseek-r1-distill-qwen-14b", 0.52)]:
         result = file_agreement(ANNOTATED_CHAINS / f"{name}.json", rules_annotate)
         assert result.macro_f1 >= floor
         assert result.kappa > 0.3
