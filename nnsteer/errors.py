@@ -11,3 +11,11 @@ class BadInput(NnsteerError):
     """Bad usage or input: a file, row, option or model that cannot be used; exit 2."""
 
     exit_code = 2
+
+
+def first_line(exc: BaseException, empty: str | None = None) -> str:
+    """The first line of an exception's message; ``empty`` (default: its type name) if none."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if empty is None else empty

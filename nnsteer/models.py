@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from nnsteer.errors import BadInput, NnsteerError
+from nnsteer.errors import BadInput, NnsteerError, first_line
 
 Remote = bool | Literal["local"]
 
@@ -307,14 +307,9 @@ def load_config(source: ModelSource) -> Any:
     try:
         return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
     except OSError as exc:
-        raise BadInput(f"cannot load the config of {source.name!r}: {_first_line(exc)}") from None
+        raise BadInput(f"cannot load the config of {source.name!r}: {first_line(exc)}") from None
     except ValueError as exc:
-        raise BadInput(f"{source.name}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise BadInput(f"{source.name}: {first_line(exc)}") from None
 
 
 def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
@@ -379,7 +374,7 @@ def load_tokenizer(model: str = DEFAULT_MODEL) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     except OSError as exc:
-        raise BadInput(f"cannot load the tokenizer of {model!r}: {_first_line(exc)}") from None
+        raise BadInput(f"cannot load the tokenizer of {model!r}: {first_line(exc)}") from None
 
 
 def _load_weights(source: ModelSource, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -392,7 +387,7 @@ def _load_weights(source: ModelSource, device: str, dtype: torch.dtype) -> tuple
             source.path, gguf_file=source.gguf_file, dtype=dtype, **placement
         )
     except OSError as exc:
-        raise BadInput(f"cannot load {source.name!r}: {_first_line(exc)}") from None
+        raise BadInput(f"cannot load {source.name!r}: {first_line(exc)}") from None
     if device != "auto":
         hf_model = hf_model.to(device)
     hf_model.eval()
@@ -433,7 +428,7 @@ def describe_model(
         try:
             config = AutoConfig.from_pretrained(model)
         except OSError as exc:
-            raise NnsteerError(f"cannot read the config of {model!r}: {_first_line(exc)}") from None
+            raise NnsteerError(f"cannot read the config of {model!r}: {first_line(exc)}") from None
         where = f"NDIF ({status})"
         dtype_name = str(getattr(config, "dtype", None) or "served dtype")
     else:

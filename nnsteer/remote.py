@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nnsteer.errors import BadInput, NnsteerError
+from nnsteer.errors import BadInput, NnsteerError, first_line
 
 T = TypeVar("T")
 
@@ -144,7 +144,7 @@ def with_retries(
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+            reason = f"{type(exc).__name__}: {first_line(exc, empty='no message')}"
             if attempt >= attempts:
                 raise NnsteerError(
                     f"{what} failed {attempt} times on NDIF ({reason}); finished batches "
@@ -155,11 +155,6 @@ def with_retries(
             _warn(f"{what}: {reason}; retry {attempt}/{attempts - 1} in {delay:g} s")
             sleep(delay)
             attempt += 1
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no message"
 
 
 def _warn(message: str) -> None:
