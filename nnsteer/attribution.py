@@ -51,8 +51,8 @@ from nnsteer.labels import STEERED_LABELS
 from nnsteer.models import LoadedModel
 from nnsteer.positions import overlapping_tokens, token_offsets
 from nnsteer.remote import with_retries
-from nnsteer.store import RunDir, provenance, read_parquet, write_parquet
-from nnsteer.vectors import VectorSet, load_vectors
+from nnsteer.store import RunDir, provenance, write_parquet
+from nnsteer.vectors import VectorSet, load_vectors, read_inputs
 
 #: First-order estimates ``ΔL = u · ∂L/∂a_l`` (one backward pass per batch of probes).
 FIRST_ORDER = ("released-code", "nll")
@@ -359,9 +359,7 @@ def attribute(
     asked = list(labels) if labels else [label for label in STEERED_LABELS if label in vs.vectors]
     for label in asked:
         vs[label]  # BadInput naming the labels the vector set has
-    chains = read_parquet(run.chains, ["chain_id", "prompt_ids", "output_ids", "direction"])
-    chains = chains.filter(pl.col("direction") == "none")
-    annotations = read_parquet(run.annotations, ["chain_id", "label", "start", "end", "status"])
+    chains, annotations = read_inputs(run, lm.name)
     probes = find_probes(chains, annotations, lm.tokenizer, asked, spans)
     found = {p.label for p in probes}
     missing = [label for label in asked if label not in found]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from nnsteer.attribution import (
-    METRICS, Probe, attribute, attribution_chart, check_vectors, find_probes, probe_effects,
+    METRICS, attribute, attribution_chart, check_vectors, find_probes, probe_effects,
     spearman,
 )
 from nnsteer.cli import cli
@@ -272,9 +272,13 @@ def test_spearman_hand_computed():
 
 # ------------------------------------------------------------------- the stage and CLI
 
-def _write_run(root, lm, chains, vector_meta=None, labels=tuple(SENTENCES)) -> RunDir:
+def _write_run(root, lm, chains, vector_meta=None, labels=tuple(SENTENCES), model=None) -> RunDir:
     run = RunDir(root)
-    write_parquet(pl.DataFrame(chains), run.chains, {})
+    rows = pl.DataFrame(chains).with_columns(
+        model=pl.lit(model or lm.name), thinking_start=pl.lit(0),
+        thinking_end=pl.col("response").str.len_chars(),
+    )
+    write_parquet(rows, run.chains, {})
     write_parquet(_annotations(chains), run.annotations, {})
     vectors = _vectors(lm, labels)
     vectors["overall"] = torch.zeros(lm.arch.n_layers, lm.arch.d_model)
@@ -326,7 +330,7 @@ def test_cli_attribute_and_select(llama, tokenizer, tmp_path):
     llama.hf_model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     run = _write_run(tmp_path / "run", llama, [_chain(tokenizer)],
-                     vector_meta={"model": {"model": str(model_dir)}})
+                     vector_meta={"model": {"model": str(model_dir)}}, model=str(model_dir))
     runner = CliRunner()
     base = ["--run-dir", str(run.root)]
     result = runner.invoke(cli, base + ["attribute", "--model", str(model_dir), "--device", "cpu",
