@@ -2,10 +2,11 @@
 
 Used when no LLM is available. Each sentence is matched against cue patterns in a fixed
 order (backtracking, uncertainty-estimation, example-testing, adding-knowledge); the
-opening sentences of a chain are ``initializing``; a general, unhedged statement with no
-first person and no calculation is ``adding-knowledge``; a sentence without cues that follows
-an example in the same paragraph continues it, as does a short fragment ("Not 20.") any
-label; everything else is ``deduction``.
+opening sentences of a chain, and an early sentence that plans the approach, are
+``initializing``; worked arithmetic ("2 + 3 = 5") is ``example-testing``; a general,
+unhedged statement with no first person and no calculation is ``adding-knowledge``; a
+sentence without cues that follows an example in the same paragraph continues it, as does
+a short fragment ("Not 20.") any label; everything else is ``deduction``.
 Its word-level agreement with GPT-4-class annotations is measured by
 :mod:`nnsteer.agreement` (figures in the README).
 """
@@ -18,6 +19,10 @@ from nnsteer.annotate import OK, Span
 
 #: Sentences of the first paragraph, up to this many, are ``initializing``.
 OPENING_SENTENCES = 2
+#: A sentence that plans the approach ("Let me break it down step by step") among this
+#: many opening sentences is ``initializing`` too.
+PLANNING_SENTENCES = 10
+_PLANNING = re.compile(r"step by step|^let me (start|begin|break)\b|how to approach", re.I)
 
 _SENTENCE = re.compile(r"[^\n]*?(?:[.!?](?=\s)|[.!?]$|\n|$)")
 _CUES: list[tuple[str, re.Pattern]] = [
@@ -43,7 +48,7 @@ _CUES: list[tuple[str, re.Pattern]] = [
         r"^(but|wait|hmm+)\b[,.]?\s*(wait\b|but\b|that|is|does|how|what|why|i'm|i don't|"
         r"maybe|would|could|isn't|doesn't|am i|then|no\b)", re.I)),
     ("example-testing", re.compile(
-        r"for (example|instance)|e\.g\.|let('s| me| us) (test|try|check|plug|take|pick|say|"
+        r"for (example|instance)|e\.g\.|let('s| me| us) (test|try|plug|take|pick|say|"
         r"use|consider (an? )?(example|case|specific))|"
         r"^(suppose|say|imagine|if i (take|try|pick|use)|like,? (if|a|an|the|when|maybe)|"
         r"take|testing|test|checking|check|trying|starting with)\b|"
@@ -54,7 +59,9 @@ _CUES: list[tuple[str, re.Pattern]] = [
         r"let me (take|try|pick))\b|"
         # Substituting a number: "If the first number is 2, ...", "n = 3: ...".
         r"^if (the|a|an|we|i|he|she|it|[a-z])\b.*\b(is|are|=)\s*-?\d|"
-        r"^[-*]?\s*\(?[a-z]\w{0,3} ?= ?-?\d+\)?[:,]", re.I)),
+        r"^[-*]?\s*\(?[a-z]\w{0,3} ?= ?-?\d+\)?[:,]|"
+        # Worked arithmetic: "2 + 3 = 5", a LaTeX line "\( 1 \times 2 = 2 \)".
+        r"\d\s*[×*/+−-]\s*\(?-?\d[^=]*=\s*-?\d|^\\[(\[]", re.I)),
     ("adding-knowledge", re.compile(
         r"\bi (remember|recall|know|learned|read)|"
         r"\bi('ve| have) (also )?(heard|read|learned|seen)|"
@@ -100,7 +107,8 @@ def label_sentence(sentence: str, index: int, in_first_paragraph: bool,
                    previous: str | None = None) -> str:
     """The label of one sentence from its cues, its place in the chain, and the label of
     the sentence before it in the same paragraph (``previous``, None at a paragraph start)."""
-    if in_first_paragraph and index < OPENING_SENTENCES:
+    if (in_first_paragraph and index < OPENING_SENTENCES
+            or index < PLANNING_SENTENCES and _PLANNING.search(sentence)):
         return "initializing"
     for label, cue in _CUES:
         if cue.search(sentence):
@@ -119,7 +127,7 @@ def rules_annotate(text: str) -> list[Span]:
         paragraph_end = len(text)
     spans: list[Span] = []
     for index, (start, end) in enumerate(sentences(text)):
-        previous = spans[-1] if spans and "\n" not in text[spans[-1].end:start] else None
+        previous = spans[-1] if spans and "\n\n" not in text[spans[-1].end:start] else None
         sentence = text[start:end]
         label = label_sentence(sentence, index, start < paragraph_end,
                                previous.label if previous else None)

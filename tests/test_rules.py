@@ -14,7 +14,8 @@ from nnsteer.rules import rules_annotate, sentences
 
 CHAIN = (
     "Okay, so I need to find the area of the triangle. The sides are 3, 4 and 5.\n\n"
-    "I remember that a 3-4-5 triangle is a right triangle. So the area is 3 * 4 / 2 = 6. "
+    "Let me break it down step by step. I remember that a 3-4-5 triangle is a right triangle. "
+    "So the area is half of 3 times 4. That gives 3 * 4 / 2 = 6. "
     "Wait, maybe I should use Heron's formula instead. Hmm, I'm not sure that is needed. "
     "Let me test it with s = 6: sqrt(6 * 3 * 2 * 1) = 6. It matches. "
     "A triangle's area is half its base times its height."
@@ -26,8 +27,10 @@ def test_sentences_and_labels_on_a_written_chain():
     assert [(s.label, CHAIN[s.start:s.end]) for s in spans] == [
         ("initializing", "Okay, so I need to find the area of the triangle."),
         ("initializing", "The sides are 3, 4 and 5."),
+        ("initializing", "Let me break it down step by step."),
         ("adding-knowledge", "I remember that a 3-4-5 triangle is a right triangle."),
-        ("deduction", "So the area is 3 * 4 / 2 = 6."),
+        ("deduction", "So the area is half of 3 times 4."),
+        ("example-testing", "That gives 3 * 4 / 2 = 6."),
         ("backtracking", "Wait, maybe I should use Heron's formula instead."),
         ("uncertainty-estimation", "Hmm, I'm not sure that is needed."),
         ("example-testing", "Let me test it with s = 6: sqrt(6 * 3 * 2 * 1) = 6."),
@@ -70,8 +73,8 @@ def test_agreement_against_hand_computed_values():
 
 @requires_shared()
 def test_rules_agreement_on_thinking_models_is_measured():
-    # Recorded in bench/results/agreement.txt: 0.588 and 0.534.
-    for name, floor in [("deepseek-r1-distill-llama-8b", 0.58), ("deepseek-r1-distill-qwen-14b", 0.52)]:
+    # Recorded in bench/results/agreement.txt: 0.603 and 0.554.
+    for name, floor in [("deepseek-r1-distill-llama-8b", 0.60), ("deepseek-r1-distill-qwen-14b", 0.55)]:
         result = file_agreement(ANNOTATED_CHAINS / f"{name}.json", rules_annotate)
         assert result.macro_f1 >= floor
         assert result.kappa > 0.3
