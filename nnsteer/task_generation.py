@@ -1,4 +1,7 @@
-"""Reasoning tasks written by Claude (the paper used Claude 3.5 Sonnet), resumably.
+"""Reasoning tasks written by Claude, resumably.
+
+The paper used Claude 3.5 Sonnet, which Anthropic has retired; the default is a current
+Sonnet (``--model`` picks another).
 
 One Messages API request per category and batch asks for a JSON list of tasks. Each
 accepted task is kept in ``tasks.generated.jsonl`` in the run directory as soon as its
@@ -32,7 +35,7 @@ from nnsteer.tasks import (
     tasks_frame,
 )
 
-DEFAULT_CLAUDE = "claude-3-5-sonnet-latest"
+DEFAULT_CLAUDE = "claude-sonnet-5-5"
 API_KEY_VARIABLE = "ANTHROPIC_API_KEY"
 PROGRESS_FILE = "tasks.generated.jsonl"
 

@@ -9,6 +9,7 @@ import polars as pl
 
 from nnsteer.cli.common import run_dir
 from nnsteer.errors import BadInput
+from nnsteer.task_generation import DEFAULT_CLAUDE
 
 _PER_CATEGORY = click.IntRange(min=0)
 
@@ -42,7 +43,7 @@ def command(ctx: click.Context, from_file: Path | None, per_category: int | None
               help="Train tasks per category.")
 @click.option("--eval-per-category", type=_PER_CATEGORY, default=3, show_default=True,
               help="Held-out eval tasks per category.")
-@click.option("--model", default="claude-3-5-sonnet-latest", show_default=True, help="Claude model.")
+@click.option("--model", default=DEFAULT_CLAUDE, show_default=True, help="Claude model.")
 @click.option("--base-url", default=None, help="A Messages-API compatible server.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
               help="Tasks asked for per request.")
