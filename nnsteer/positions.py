@@ -7,6 +7,7 @@ is generated token ``i``. ``response`` is ``decode_response(tokenizer, output_id
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,16 +24,76 @@ def token_offsets(tokenizer: Any, output_ids: Sequence[int]) -> list[tuple[int, 
     empty range. Ranges are contiguous, ordered and end at ``len(response)``.
     """
     ids = list(output_ids)
-    prefix_lengths = [
-        len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))
-    ]
+    lengths = _windowed_prefix_lengths(tokenizer, ids)
+    if lengths is None:
+        lengths = [len(decode_response(tokenizer, ids[: i + 1])) for i in range(len(ids))]
     # A prefix that ends inside a multi-byte character decodes to a replacement char
     # that a later token removes: take the running minimum from the end.
-    ends = prefix_lengths[:]
+    ends = lengths[:]
     for i in range(len(ends) - 2, -1, -1):
         ends[i] = min(ends[i], ends[i + 1])
     starts = [0] + ends[:-1]
     return list(zip(starts, ends))
+
+
+_REPLACEMENT = "\ufffd"
+_CONTEXT = 4  # tokens of look-back kept in front of a decoding window
+_MAX_WINDOW = 256  # tokens; a window that does not settle by then is given up on
+
+
+def _windowed_prefix_lengths(tokenizer: Any, ids: list[int]) -> list[int] | None:
+    """``len(decode_response(tokenizer, ids[: i + 1]))`` for each ``i``; None where the
+    lengths cannot be checked against the whole decoded response."""
+    # A prefix's text is taken as ``committed + decode(kept[start:])``. The window starts
+    # a few tokens back at a boundary where the text had settled (a trailing replacement
+    # char may be an unfinished multi-byte character), so how a decoder treats a first
+    # token (a stripped leading space, a kept "##") and clean-ups across tokens stay
+    # inside it. A boundary becomes the start only where its own decoding ends the
+    # window's; the text left behind must continue the response, the last window end it.
+    text = decode_response(tokenizer, ids)
+    skipped = _skipped_ids(tokenizer, ids)
+    kept: list[int] = []
+    lengths: list[int] = []
+    boundaries = deque([0])  # where in ``kept`` a window may start
+    start = committed = 0  # the window's start; the length of the text before it
+    for token in ids:
+        if token in skipped:
+            lengths.append(lengths[-1] if lengths else 0)
+            continue
+        kept.append(token)
+        end = len(kept)
+        if end - start > _MAX_WINDOW:
+            return None
+        window = decode_response(tokenizer, kept[start:])
+        lengths.append(committed + len(window))
+        if window.endswith(_REPLACEMENT):
+            continue
+        boundaries.append(end)
+        while len(boundaries) > 1 and boundaries[1] <= end - _CONTEXT:
+            boundaries.popleft()
+        if boundaries[0] <= start:
+            continue
+        context = decode_response(tokenizer, kept[boundaries[0]:])
+        if not window.endswith(context):
+            continue
+        piece = window[: len(window) - len(context)]
+        if not text.startswith(piece, committed):
+            return None
+        committed += len(piece)
+        start = boundaries[0]
+    if text[committed:] != decode_response(tokenizer, kept[start:]):
+        return None
+    return lengths
+
+
+def _skipped_ids(tokenizer: Any, ids: list[int]) -> set[int]:
+    """The special ids among ``ids`` that ``decode_response`` leaves out wherever they stand.
+
+    Skipping special tokens filters them out before decoding, so a special token that
+    decodes to nothing with skipping and to something without it adds nothing to any prefix.
+    """
+    special = set(getattr(tokenizer, "all_special_ids", ())) & set(ids)
+    return {t for t in special if decode_response(tokenizer, [t]) == "" != tokenizer.decode([t])}
 
 
 def overlapping_tokens(offsets: Sequence[tuple[int, int]], start: int, end: int) -> list[int]:
