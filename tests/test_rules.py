@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -88,6 +93,24 @@ def test_cli_prints_agreement():
     assert result.exit_code == 0, result.output
     assert "rules vs deepseek-r1-distill-llama-8b.json" in result.output
     assert "macro-F1" in result.output and "Cohen's kappa" in result.output
+
+
+@requires_shared()
+def test_rules_ceiling_script_reproduces_the_readme_figures():
+    """analysis/rules_ceiling.py: its rules figure is the agreement module's, and a classifier
+    learnt from the Llama-8B file stays below 0.6 on the Qwen-14B file (README)."""
+    train, test = (ANNOTATED_CHAINS / f"{name}.json" for name in
+                   ("deepseek-r1-distill-llama-8b", "deepseek-r1-distill-qwen-14b"))
+    script = Path(__file__).resolve().parents[1] / "analysis" / "rules_ceiling.py"
+    result = subprocess.run([sys.executable, str(script), str(train), str(test), "--l2", "0.003"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = dict(re.findall(r"^(rules annotator|its sentences|classifier).*?macro-F1\D*([01]\.\d{3})",
+                              result.stdout, re.M))
+    assert float(figures["rules annotator"]) == pytest.approx(
+        file_agreement(test, rules_annotate).macro_f1, abs=5e-4)
+    assert float(figures["its sentences"]) > 0.98
+    assert 0.5 < float(figures["classifier"]) < 0.6
 
 
 def test_agreement_file_errors(tmp_path):
