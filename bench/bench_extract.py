@@ -38,6 +38,7 @@ from nnsteer.models import LoadedModel, load_model
 from nnsteer.residuals import Selection, sum_sample_means
 from nnsteer.store import RunDir, provenance, write_parquet
 from nnsteer.vectors import annotated_chains, extract_vectors, paper_samples, read_inputs
+from _output import emit  # bench/_output.py
 
 SENTENCES = [
     "Okay, so I need to figure out how many apples are left in the basket.",
@@ -215,11 +216,7 @@ def main() -> None:
               f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads available, "
               f"torch {torch.__version__}, CPU float32, model smollm2-135m"]
     lines = header + throughput(args) + memory(args)
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

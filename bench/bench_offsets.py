@@ -21,6 +21,7 @@ from pathlib import Path
 
 from nnsteer.models import load_tokenizer
 from nnsteer.positions import _windowed_prefix_lengths, decode_response, token_offsets
+from _output import emit  # bench/_output.py
 
 TEXT = (
     "Okay, so I need to figure out how many apples are left in the basket. The problem says "
@@ -86,11 +87,7 @@ def main() -> None:
             lines.append(f"  {label:<28} {pw:11.4f} {nw:9.4f} {pc:10.4f} {nc:8.4f}"
                          f" {pc / nc:12.1f}x {pw / nw:13.1f}x  {'yes' if same else 'NO':>4}  "
                          f"{'yes' if fallback else 'no':>8}")
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

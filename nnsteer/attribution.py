@@ -40,12 +40,14 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 import torch
 
+from nnsteer.checkpoint import Checkpoint, announce_resume
 from nnsteer.errors import BadInput
 from nnsteer.labels import STEERED_LABELS
 from nnsteer.models import LoadedModel
@@ -139,12 +141,16 @@ def probe_effects(
     metric: str = "nll",
     batch_size: int = 8,
     progress: bool = True,
+    checkpoint: Path | None = None,
 ) -> torch.Tensor:
     """Effect of each label's vector at every layer, per probe: float32 ``[n_probes, n_layers]``.
 
     First-order metrics give the signed ``ΔL``; ``kl2`` and ``exact`` give KL values.
     ``sequences`` maps ``chain_id`` to the chain's full token ids (prompt + output);
-    ``vectors`` maps each probed label to its ``[n_layers, d_model]`` tensor.
+    ``vectors`` maps each probed label to its ``[n_layers, d_model]`` tensor. With
+    ``checkpoint``, the effects of the finished chains are saved there after each chain,
+    and a rerun with the same model, probes, chains, vectors, metric and batch size
+    skips those chains, with the same result as an uninterrupted run.
     """
     from tqdm import tqdm
 
@@ -161,16 +167,25 @@ def probe_effects(
     by_chain: dict[str, list[int]] = defaultdict(list)
     for i, probe in enumerate(probes):
         by_chain[probe.chain_id].append(i)
+    chains = list(by_chain.items())
+    partial = Checkpoint.of(checkpoint, lm.identity(), metric, batch_size, table,
+                            [astuple(p) for p in probes],
+                            {chain_id: list(sequences[chain_id]) for chain_id in by_chain})
+    state = partial.resume({"effects": effects, "chains": 0})
+    effects, done = state["effects"], state["chains"]
+    announce_resume("attribute", "chain", done, len(chains))
     per_layer = metric in PER_LAYER
     per_trace = max(1, batch_size // (lm.arch.n_layers + 1)) if per_layer else batch_size
-    for chain_id, members in tqdm(by_chain.items(), desc=f"attribute ({metric})", unit="chain",
-                                  disable=not progress, file=sys.stderr):
+    for k, (chain_id, members) in enumerate(
+            tqdm(chains[done:], initial=done, total=len(chains), desc=f"attribute ({metric})",
+                 unit="chain", disable=not progress, file=sys.stderr), start=done + 1):
         ids = torch.tensor([list(sequences[chain_id])])
         batches = [_batch([probes[i] for i in members[s:s + per_trace]], ids, index,
                           lm.arch.n_layers, per_layer) for s in range(0, len(members), per_trace)]
         chain_effects = with_retries(lambda: _chain_effects(lm, ids, batches, table, metric),
                                      what=f"attribute chain {chain_id}")
         effects[members] = chain_effects.float().cpu()
+        partial.save({"effects": effects, "chains": k})
     return effects
 
 
@@ -351,6 +366,8 @@ def attribute(
     no span is skipped with a warning, a label asked for by name must have spans.
     ``validate=N`` also runs ``exact`` on N probes per label and records the Spearman
     correlation of the two per-layer profiles in the metadata (``validation``).
+    Resumable: the finished chains are kept in ``run.partial("attribute")`` until both
+    files are written.
     """
     check_option("metric", metric, METRICS)
     check_option("spans", spans, SPAN_SOURCES)
@@ -371,7 +388,9 @@ def attribute(
               file=sys.stderr)
     sequences = {row["chain_id"]: list(row["prompt_ids"]) + list(row["output_ids"])
                  for row in chains.iter_rows(named=True)}
-    effects = probe_effects(lm, sequences, probes, vs.vectors, metric, batch_size)
+    partial = run.partial("attribute")
+    effects = probe_effects(lm, sequences, probes, vs.vectors, metric, batch_size,
+                            checkpoint=partial)
     options = {"metric": metric, "batch_size": batch_size, "validate": validate, "spans": spans,
                "labels": asked}
     meta = provenance("attribute", options, lm.provenance())
@@ -381,6 +400,7 @@ def attribute(
     df = summarize(probes, effects, metric)
     write_parquet(_span_table(probes, effects, metric), run.path(SPANS_FILE), meta)
     write_parquet(df, run.attribution, meta)
+    partial.unlink(missing_ok=True)
     return df
 
 

@@ -438,8 +438,7 @@ def run_chain_jobs(
     ``max_new_tokens`` and ``resume_inputs`` (e.g. the steering vectors); otherwise the
     stage starts over. Returns the table in job order.
     """
-    model = {k: v for k, v in lm.provenance().items() if k != "remote"}
-    resume_key = fingerprint(model, max_new_tokens, resume_inputs)
+    resume_key = fingerprint(lm.identity(), max_new_tokens, resume_inputs)
     metadata = {**metadata, "resume_key": resume_key}
     done = _reusable_rows(lm, path, resume_key, jobs)
     finished = set(done["chain_id"])

@@ -173,6 +173,10 @@ class LoadedModel:
             **self.extra,
         }
 
+    def identity(self) -> dict[str, Any]:
+        """What makes results differ: the provenance without where the model runs."""
+        return {k: v for k, v in self.provenance().items() if k != "remote"}
+
 
 def model_slug(name: str) -> str:
     """``org/Model-Name`` or ``/path/to/model.gguf`` as a directory name."""

@@ -315,9 +315,10 @@ def _digests(run: RunDir, names: Iterable[str]) -> dict[str, str | None]:
 
 
 def _remove_outputs(run: RunDir, stage: Stage) -> None:
-    """Delete a stage's outputs so that it starts afresh rather than resuming stale work."""
+    """Delete a stage's outputs and partial state so that it starts afresh."""
     for name in stage.outputs:
         getattr(run, name).unlink(missing_ok=True)
+    run.partial(stage.name).unlink(missing_ok=True)
 
 
 def _elapsed(seconds: float) -> str:

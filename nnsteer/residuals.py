@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from nnsteer.checkpoint import Checkpoint, announce_resume
 from nnsteer.models import LoadedModel
 from nnsteer.remote import with_retries
 
@@ -63,34 +65,50 @@ def sum_sample_means(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    checkpoint: Path | None = None,
 ) -> MeanSums:
     """Sum of per-sample mean activations at every layer, per group, over all selections.
 
     Sequences run longest first in batches of ``batch_size`` (less padding); the
     accumulators are float64 ``[n_layers, d_model]`` per group, whatever the number
-    of sequences.
+    of sequences. With ``checkpoint``, the sums of the finished batches are saved
+    there after each batch, and a rerun with the same model, selections, groups and
+    batch size continues from them, with the same result as an uninterrupted run.
     """
     n_layers, d_model = lm.arch.n_layers, lm.arch.d_model
-    totals = torch.zeros(len(groups), n_layers, d_model, dtype=torch.float64)
     counts = dict.fromkeys(groups, 0)
     for selection in selections:
         for group in groups:
             counts[group] += sum(1 for sample in selection.samples.get(group, ()) if sample)
     order = sorted(range(len(selections)), key=lambda i: -len(selections[i].ids))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    tokens = sum(len(s.ids) for s in selections)
-    with tqdm(total=tokens, desc="residuals", unit="tok", disable=not progress) as bar:
-        for k, batch in enumerate(batches, start=1):
-            chosen = [selections[i] for i in batch]
-            batch_inputs = _batch_inputs(chosen, groups)
+    partial = Checkpoint.of(checkpoint, lm.identity(), list(groups), batch_size,
+                          [(list(s.ids), _plain(s.samples)) for s in selections])
+    state = partial.resume({
+        "totals": torch.zeros(len(groups), n_layers, d_model, dtype=torch.float64),
+        "batches": 0,
+    })
+    totals, done = state["totals"], state["batches"]
+    announce_resume("extract", "batch", done, len(batches))
+    tokens = [sum(len(selections[i].ids) for i in batch) for batch in batches]
+    with tqdm(total=sum(tokens), initial=sum(tokens[:done]), desc="residuals", unit="tok",
+              disable=not progress) as bar:
+        for k, batch in enumerate(batches[done:], start=done + 1):
+            batch_inputs = _batch_inputs([selections[i] for i in batch], groups)
             if len(batch_inputs.rows):  # else no sample reads this batch
                 layer_sums = with_retries(
                     lambda: _reduce_batch(lm, batch_inputs),
                     what=f"extract batch {k}/{len(batches)}",
                 )
                 totals += layer_sums.to("cpu", torch.float64).transpose(0, 1)
-            bar.update(sum(len(s.ids) for s in chosen))
+            partial.save({"totals": totals, "batches": k})
+            bar.update(tokens[k - 1])
     return MeanSums(dict(zip(groups, totals)), counts)
+
+
+def _plain(samples: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, list[list[int]]]:
+    """``samples`` as JSON-serialisable lists."""
+    return {group: [list(sample) for sample in lists] for group, lists in samples.items()}
 
 
 @dataclass(frozen=True)

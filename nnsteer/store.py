@@ -96,6 +96,10 @@ class RunDir:
         """Folder of chart files (HTML, PNG, SVG)."""
         return self.root / "charts"
 
+    def partial(self, stage: str) -> Path:
+        """The hidden file where ``stage`` keeps its finished batches until its output is written."""
+        return self.root / f".{stage}.partial.pt"
+
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

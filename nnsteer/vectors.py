@@ -281,7 +281,8 @@ def extract_vectors(
     """Difference-of-means vectors at every layer from ``run``'s chains and spans; writes ``run.vectors``.
 
     Labels with no usable span are skipped and listed under ``skipped_labels``; the file
-    is written only when the whole extraction succeeded.
+    is written only when the whole extraction succeeded. Resumable: the finished batches
+    are kept in ``run.partial("extract")`` until the file is written.
     """
     if variant not in SAMPLERS:
         raise BadInput(f"--variant {variant!r}: expected one of {', '.join(VARIANTS)}")
@@ -293,7 +294,9 @@ def extract_vectors(
     if not counts[OVERALL]["samples"]:
         raise BadInput(f"{run.chains}: no chain has reasoning tokens to average (variant {variant})")
     labels = [label for label in LABELS if counts[label]["samples"]]
-    sums = sum_sample_means(lm, selections, [*labels, OVERALL], batch_size=batch_size)
+    partial = run.partial("extract")
+    sums = sum_sample_means(lm, selections, [*labels, OVERALL], batch_size=batch_size,
+                            checkpoint=partial)
     metadata = {
         **provenance("extract", {"variant": variant}, lm.provenance()),
         "labels": labels,
@@ -304,6 +307,7 @@ def extract_vectors(
     }
     vs = VectorSet(difference_of_means(sums.means(), variant), metadata)
     save_vectors(vs, run.vectors)
+    partial.unlink(missing_ok=True)
     return vs
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight Llama and Qwen2 models with a real tokenizer.
+"""Shared fixtures: tiny random-weight Llama and Qwen2 models with a real tokenizer, and
+:class:`FaultAfter`, which interrupts a stage after a given number of batches.
 
 The tokenizer is SmolLM2's (from the embedded model's cache). ``tiny_qwen2`` carries an
 R1-distill style chat template whose prompt already opens ``<think>``.
@@ -88,3 +89,21 @@ def tiny_qwen2(thinking_tokenizer) -> LoadedModel:
 def tiny_model(request, tiny_llama, tiny_qwen2) -> LoadedModel:
     """Each tiny model in turn."""
     return {"llama": tiny_llama, "qwen2": tiny_qwen2}[request.param]
+
+
+class FaultAfter:
+    """Replaces ``module.name`` (a per-batch function) for one test: counts the calls and
+    raises KeyboardInterrupt on call ``after + 1``, if ``after`` is given. Fault injection:
+    the real function still computes every value. A second one replaces the first."""
+
+    def __init__(self, monkeypatch, module, name: str, after: int | None = None):
+        current = getattr(module, name)
+        self.real = current.real if isinstance(current, FaultAfter) else current
+        self.after, self.calls = after, 0
+        monkeypatch.setattr(module, name, self)
+
+    def __call__(self, *args, **kwargs):
+        if self.calls == self.after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return self.real(*args, **kwargs)

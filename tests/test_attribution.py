@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from nnsteer import attribution
 from nnsteer.attribution import (
-    METRICS, attribute, attribution_chart, check_vectors, find_probes, probe_effects,
+    METRICS, SPANS_FILE, attribute, attribution_chart, check_vectors, find_probes, probe_effects,
     spearman,
 )
 from nnsteer.cli import cli
@@ -24,7 +25,7 @@ from nnsteer.errors import BadInput
 from nnsteer.positions import decode_response
 from nnsteer.store import RunDir, read_metadata, write_parquet
 from nnsteer.vectors import VectorSet, save_vectors
-from conftest import make_tiny
+from conftest import FaultAfter, make_tiny
 
 REASONING = (
     "Okay, so I need to find the number. Let me think. Wait, maybe it is seven. "
@@ -343,3 +344,68 @@ def test_cli_attribute_and_select(llama, tokenizer, tmp_path):
     result = runner.invoke(cli, base + ["select", "--skip-fraction", "0.25"])
     assert result.exit_code == 0, result.output
     assert "runner-up" in result.output
+
+
+# ------------------------------------------------------------------------ resuming
+
+def _interrupted(root, llama, chains, monkeypatch, after: int, **options) -> RunDir:
+    """A run directory whose attribution stopped after ``after`` chains."""
+    run = _write_run(root, llama, chains)
+    FaultAfter(monkeypatch, attribution, "_chain_effects", after)
+    with pytest.raises(KeyboardInterrupt):
+        attribute(run, llama, **options)
+    assert run.partial("attribute").is_file()
+    assert not run.attribution.exists() and not run.path(SPANS_FILE).exists()
+    return run
+
+
+def _results(run: RunDir) -> tuple[pl.DataFrame, pl.DataFrame]:
+    return pl.read_parquet(run.attribution), pl.read_parquet(run.path(SPANS_FILE))
+
+
+@pytest.fixture(scope="module")
+def three_chains(tokenizer) -> list[dict]:
+    return [_chain(tokenizer, name) for name in "abc"]
+
+
+def test_interrupted_attribute_resumes_identically(llama, three_chains, tmp_path, monkeypatch,
+                                                   capsys):
+    reference = _write_run(tmp_path / "ref", llama, three_chains)
+    attribute(reference, llama, metric="nll")
+    run = _interrupted(tmp_path / "run", llama, three_chains, monkeypatch, 2, metric="nll")
+    capsys.readouterr()
+    resumed = FaultAfter(monkeypatch, attribution, "_chain_effects")
+    df = attribute(run, llama, metric="nll")
+    assert resumed.calls == 1  # chain c only
+    assert "attribute: resuming at chain 3/3" in capsys.readouterr().err
+    assert df.equals(_results(reference)[0])
+    for got, want in zip(_results(run), _results(reference)):
+        assert got.equals(want)
+    assert not run.partial("attribute").exists()
+
+
+@pytest.mark.parametrize("change", [{"metric": "released-code"}, {"labels": ["backtracking"]}])
+def test_attribute_with_other_options_starts_over(llama, three_chains, tmp_path, monkeypatch,
+                                                   capsys, change):
+    run = _interrupted(tmp_path, llama, three_chains, monkeypatch, 1, metric="nll")
+    capsys.readouterr()
+    calls = FaultAfter(monkeypatch, attribution, "_chain_effects")
+    attribute(run, llama, **{"metric": "nll", **change})
+    assert calls.calls == 3
+    err = capsys.readouterr().err
+    assert "other inputs or options; starting over" in err and "resuming" not in err
+    assert not run.partial("attribute").exists()
+
+
+def test_damaged_attribute_partial_file_is_ignored(llama, three_chains, tmp_path, monkeypatch,
+                                                   capsys):
+    run = _interrupted(tmp_path, llama, three_chains, monkeypatch, 2)
+    partial = run.partial("attribute")
+    partial.write_bytes(partial.read_bytes()[:-100])
+    capsys.readouterr()
+    calls = FaultAfter(monkeypatch, attribution, "_chain_effects")
+    attribute(run, llama)
+    assert calls.calls == 3
+    warning = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+    assert len(warning) == 1 and str(partial) in warning[0]
+    assert run.attribution.is_file() and not partial.exists()

@@ -93,8 +93,10 @@ def test_stage_skipped_only_while_up_to_date(tmp_path):
     first = pl.read_parquet(run.tasks)
     _, lines = _tasks_run(tmp_path, 2)
     assert lines == ["[1/1] tasks  skipped (up to date)"]
+    run.partial("tasks").write_bytes(b"stale")
     _, lines = _tasks_run(tmp_path, 1)  # changed option: runs again, from scratch
     assert "running" in lines[0]
+    assert not run.partial("tasks").exists()  # no resuming from another run's partial state
     assert pl.read_parquet(run.tasks).height < first.height
     first.write_parquet(run.tasks)  # an output changed outside the pipeline: redone
     _, lines = _tasks_run(tmp_path, 1)

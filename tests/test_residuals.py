@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import FaultAfter, make_tiny
+from nnsteer import residuals
 from nnsteer.residuals import Selection, sum_sample_means
 
 GROUPS = ["backtracking", "deduction", "overall"]
@@ -120,3 +122,28 @@ def test_position_outside_the_sequence_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="outside a sequence of 3 tokens"):
         sum_sample_means(tiny_llama, [Selection([5, 6, 7], {"deduction": [[3]]})], ["deduction"],
                          progress=False)
+
+
+def test_interrupted_save_keeps_the_previous_state(tiny_llama, selections, tmp_path, monkeypatch):
+    """Ctrl-C while the second batch's state is being written: the first batch's state stays."""
+    path = tmp_path / ".extract.partial.pt"
+    real_save = torch.save
+
+    def save_half_then_interrupt(state, f):
+        if state["batches"] == 2:
+            Path(f).write_bytes(b"half a file")
+            raise KeyboardInterrupt
+        real_save(state, f)
+
+    monkeypatch.setattr(torch, "save", save_half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):  # 9 selections, 3 batches
+        sum_sample_means(tiny_llama, selections, GROUPS, batch_size=4, progress=False,
+                         checkpoint=path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    calls = FaultAfter(monkeypatch, residuals, "_reduce_batch")
+    got = sum_sample_means(tiny_llama, selections, GROUPS, batch_size=4, progress=False,
+                           checkpoint=path)
+    assert calls.calls == 2
+    want = sum_sample_means(tiny_llama, selections, GROUPS, batch_size=4, progress=False)
+    assert all(torch.equal(got.sums[group], want.sums[group]) for group in GROUPS)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_tiny
+from conftest import FaultAfter, make_tiny
+from nnsteer import residuals
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.labels import LABELS
@@ -312,3 +313,67 @@ def test_embedded_model_matches_reference(tmp_path, tokenizer):
     want = reference_vectors(lm, chains, "paper")
     scale = max(v.abs().max().item() for v in want.values())
     assert_same_vectors(vs, want, atol=1e-5 * scale)
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def interrupted_extract(root: Path, lm, chains, monkeypatch, after: int, **options) -> RunDir:
+    """A run directory whose extraction stopped after ``after`` batches."""
+    run = write_run(root, lm.name, chains)
+    FaultAfter(monkeypatch, residuals, "_reduce_batch", after)
+    with pytest.raises(KeyboardInterrupt):
+        extract_vectors(run, lm, **options)
+    assert run.partial("extract").is_file() and not run.vectors.exists()
+    return run
+
+
+def test_interrupted_extract_resumes_bit_identically(tmp_path, tiny_llama, llama_chains,
+                                                     monkeypatch, capsys):
+    reference = extract_vectors(write_run(tmp_path / "ref", tiny_llama.name, llama_chains),
+                                tiny_llama, batch_size=2)  # 9 chains: 5 batches
+    run = interrupted_extract(tmp_path / "run", tiny_llama, llama_chains, monkeypatch, 3,
+                              batch_size=2)
+    capsys.readouterr()
+    resumed = FaultAfter(monkeypatch, residuals, "_reduce_batch")
+    vs = extract_vectors(run, tiny_llama, batch_size=2)
+    assert resumed.calls == 2  # batches 4 and 5 only
+    assert "extract: resuming at batch 4/5" in capsys.readouterr().err
+    assert list(vs.vectors) == list(reference.vectors)
+    assert all(torch.equal(vs.vectors[label], v) for label, v in reference.vectors.items())
+    assert all(torch.equal(load_vectors(run.vectors).vectors[label], v)
+               for label, v in reference.vectors.items())
+    assert not run.partial("extract").exists()
+
+
+@pytest.mark.parametrize("change", [{"variant": "released-code"}, {"batch_size": 3}])
+def test_extract_with_other_options_starts_over(tmp_path, tiny_llama, llama_chains, monkeypatch,
+                                                 capsys, change):
+    run = interrupted_extract(tmp_path, tiny_llama, llama_chains, monkeypatch, 2, batch_size=2)
+    capsys.readouterr()
+    options = {"batch_size": 2, **change}
+    calls = FaultAfter(monkeypatch, residuals, "_reduce_batch")
+    vs = extract_vectors(run, tiny_llama, **options)
+    assert calls.calls == -(-len(llama_chains) // options["batch_size"])  # every batch
+    err = capsys.readouterr().err
+    assert "other inputs or options; starting over" in err and "resuming" not in err
+    fresh = extract_vectors(write_run(tmp_path / "fresh", tiny_llama.name, llama_chains),
+                            tiny_llama, **options)
+    assert all(torch.equal(vs.vectors[label], v) for label, v in fresh.vectors.items())
+    assert not run.partial("extract").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_extract_partial_file_is_ignored(tmp_path, tiny_llama, llama_chains, monkeypatch,
+                                                 capsys, damage):
+    run = interrupted_extract(tmp_path, tiny_llama, llama_chains, monkeypatch, 2, batch_size=4)
+    partial = run.partial("extract")
+    data = partial.read_bytes()
+    partial.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x80garbage" * 50)
+    capsys.readouterr()
+    calls = FaultAfter(monkeypatch, residuals, "_reduce_batch")
+    extract_vectors(run, tiny_llama, batch_size=4)
+    assert calls.calls == 3
+    warning = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+    assert len(warning) == 1 and str(partial) in warning[0] and "starting over" in warning[0]
+    assert run.vectors.is_file() and not partial.exists()
