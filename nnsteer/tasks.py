@@ -157,15 +157,32 @@ def write_tasks(
     path: Path | None = None,
     per_category: int | None = None,
     eval_per_category: int | None = None,
+    claude_model: str | None = None,
+    base_url: str | None = None,
 ) -> pl.DataFrame:
-    """Write ``tasks.parquet`` from the built-in set (``source="builtin"``) or a file (``"file"``).
+    """Write ``tasks.parquet`` from the built-in set (``source="builtin"``), a file
+    (``"file"``), or new tasks written by Claude (``"claude"``).
 
     ``per_category`` / ``eval_per_category`` keep only the first N train / M eval tasks of
-    each category (a quick demo). Example: ``write_tasks(RunDir("runs/demo"), per_category=5)``.
+    each category (a quick demo); with ``"claude"`` they are how many to ask for (default
+    30 and 3, the paper's), with ``claude_model`` and ``base_url`` as in
+    :func:`nnsteer.task_generation.generate_tasks`.
+    Example: ``write_tasks(RunDir("runs/demo"), per_category=5)``.
     """
     for option, value in (("per_category", per_category), ("eval_per_category", eval_per_category)):
         if value is not None and value < 0:
             raise BadInput(f"{option} must be 0 or more, not {value}")
+    if source != "claude" and (claude_model is not None or base_url is not None):
+        raise BadInput("claude_model and base_url are only for source='claude'")
+    if source == "claude":
+        if path is not None:
+            raise BadInput("path is only for source='file'")
+        from nnsteer.task_generation import DEFAULT_CLAUDE, generate_tasks
+
+        return generate_tasks(
+            run, per_category=30 if per_category is None else per_category,
+            eval_per_category=3 if eval_per_category is None else eval_per_category,
+            model=claude_model or DEFAULT_CLAUDE, base_url=base_url)
     if source == "builtin":
         if path is not None:
             raise BadInput("path is only for source='file'")
@@ -176,7 +193,7 @@ def write_tasks(
             raise BadInput("source='file' needs a path")
         tasks = read_task_file(path)
     else:
-        raise BadInput(f"source must be 'builtin' or 'file', not {source!r}")
+        raise BadInput(f"source must be 'builtin', 'file' or 'claude', not {source!r}")
     tasks = cap_tasks(tasks, per_category, eval_per_category)
     options = {
         "source": source,

@@ -388,3 +388,24 @@ def test_cli_generate_against_a_compatible_server(tmp_path, claude):
     assert "10 tasks (10 train) in 10 categories" in result.output
     assert "token use: 10 requests, 1000 input and 400 output tokens" in result.output
     assert len(server.requests) == 10
+
+
+def test_pipeline_tasks_stage_asks_claude_once(tmp_path, claude):
+    from nnsteer.pipeline import load_config, run_pipeline
+
+    server = claude()
+    config = tmp_path / "claude.toml"
+    config.write_text(f'[tasks]\nsource = "claude"\nclaude_model = "claude-test"\n'
+                      f'base_url = "{server.url}"\nper_category = 1\neval_per_category = 1\n')
+    lines: list[str] = []
+    run = run_pipeline(load_config(config), run_dir=tmp_path / "run", only=["tasks"], log=lines.append)
+    tasks = pl.read_parquet(run.tasks)
+    assert len(tasks) == 20 and set(tasks["source"]) == {"anthropic:claude-test"}
+    assert len(server.requests) == 10 and {r["model"] for r in server.requests} == {"claude-test"}
+    run_pipeline(load_config(config), run_dir=run.root, only=["tasks"], log=lines.append)
+    assert lines[-1].endswith("skipped (up to date)") and len(server.requests) == 10
+
+
+def test_claude_options_need_the_claude_source(tmp_path):
+    with pytest.raises(BadInput, match="claude_model and base_url are only for source='claude'"):
+        write_tasks(RunDir(tmp_path), claude_model="claude-test")
