@@ -2,7 +2,9 @@
 
 Replies are cached on disk per (model, prompt version, text), so a rerun never pays
 twice; the ``openai`` client retries 429, 5xx and timeouts with exponential backoff.
-The key comes from ``OPENAI_API_KEY`` only.
+The key comes from ``OPENAI_API_KEY`` only. Requests ask for temperature 0; a model that
+refuses it (reasoning models such as ``gpt-5``) is asked at its default temperature
+instead, with one line on stderr.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -70,6 +74,8 @@ class LLMAnnotator:
         self.max_retries = max_retries
         self.timeout = timeout
         self._client = None
+        self._temperature: float | None = 0.0
+        self._lock = threading.Lock()
 
     def cache_path(self, text: str) -> Path | None:
         if self.cache_dir is None:
@@ -99,12 +105,32 @@ class LLMAnnotator:
                                      max_retries=self.max_retries, timeout=self.timeout)
 
     def request(self, text: str) -> str:
-        """One Chat Completions request at temperature 0; the reply's text."""
-        reply = self._client.chat.completions.create(
-            model=self.model, temperature=0,
-            messages=[{"role": "system", "content": PROMPT}, {"role": "user", "content": text}],
-        )
+        """One Chat Completions request (temperature 0 unless the model refused it); the reply's text."""
+        import openai
+
+        temperature = self._temperature
+        options = {} if temperature is None else {"temperature": temperature}
+        try:
+            reply = self._client.chat.completions.create(
+                model=self.model,
+                messages=[{"role": "system", "content": PROMPT}, {"role": "user", "content": text}],
+                **options,
+            )
+        except openai.BadRequestError as exc:
+            if temperature is None or "temperature" not in str(exc):
+                raise
+            self._drop_temperature()
+            return self.request(text)
         return reply.choices[0].message.content or ""
+
+    def _drop_temperature(self) -> None:
+        """Ask at the model's default temperature from now on, saying so once."""
+        with self._lock:
+            if self._temperature is not None:
+                self._temperature = None
+                print(f"nnsteer: openai:{self.model} does not accept temperature 0; annotating at "
+                      "its default temperature (labels may differ between runs)",
+                      file=sys.stderr, flush=True)
 
     def annotate(self, text: str) -> list[Span] | Failed:
         """Spans of ``text`` from the cache or the server; a reply with no labels is asked

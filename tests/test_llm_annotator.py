@@ -28,7 +28,8 @@ def labelled(text: str) -> str:
 
 
 class ChatServer:
-    """A Chat Completions endpoint on 127.0.0.1; ``respond(body, n)`` → (status, reply text).
+    """A Chat Completions endpoint on 127.0.0.1; ``respond(body, n)`` → (status, reply text,
+    or the error message when the status is not 200).
 
     It records every request and refuses more than ``limit`` of them.
     """
@@ -54,7 +55,7 @@ class ChatServer:
                                    "index": 0, "finish_reason": "stop",
                                    "message": {"role": "assistant", "content": text}}]}
                 else:
-                    payload = {"error": {"message": f"status {status}", "type": "test"}}
+                    payload = {"error": {"message": text or f"status {status}", "type": "test"}}
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -177,3 +178,24 @@ def test_rejected_key_stops_the_run(serve, tmp_path):
     server = serve(lambda body, n: (401, ""))
     with pytest.raises(BadInput, match="OPENAI_API_KEY was rejected"):
         annotate_texts(TEXTS[:1], base_url=server.url, cache_dir=tmp_path, progress=False)
+
+
+def test_model_refusing_temperature_0_is_asked_at_its_default(serve, tmp_path, capsys):
+    # What OpenAI's reasoning models answer to temperature=0.
+    refusal = ("Unsupported value: 'temperature' does not support 0 with this model. "
+               "Only the default (1) value is supported.")
+    server = serve(lambda body, n: (400, refusal) if "temperature" in body else _well_formed(body, n))
+    results = annotate_texts(TEXTS, model="gpt-5", base_url=server.url, workers=3,
+                             cache_dir=tmp_path, progress=False)
+    assert all(isinstance(spans, list) and spans for spans in results)
+    asked_without = [body for body in server.requests if "temperature" not in body]
+    assert len(asked_without) == 3  # every text annotated once, at the default temperature
+    assert len(server.requests) <= 6  # refused at most once per worker
+    assert capsys.readouterr().err.count("does not accept temperature 0") == 1
+
+
+def test_other_bad_requests_are_not_retried_without_temperature(serve, tmp_path):
+    server = serve(lambda body, n: (400, "maximum context length exceeded"))
+    [result] = annotate_texts(TEXTS[:1], base_url=server.url, cache_dir=tmp_path, progress=False)
+    assert "context length" in result.reason
+    assert len(server.requests) == 1 and server.requests[0]["temperature"] == 0
