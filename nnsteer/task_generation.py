@@ -25,6 +25,7 @@ from nnsteer.errors import BadInput, NnsteerError
 from nnsteer.store import RunDir, atomic_path
 from nnsteer.tasks import (
     CATEGORIES,
+    PAPER_EVAL_PER_CATEGORY,
     SPLITS,
     cap_tasks,
     load_builtin_tasks,
@@ -94,7 +95,7 @@ def generate_tasks(
     per_category: int,
     model: str = DEFAULT_CLAUDE,
     base_url: str | None = None,
-    eval_per_category: int = 3,
+    eval_per_category: int = PAPER_EVAL_PER_CATEGORY,
     batch_size: int = 10,
     max_retries: int = 8,
     max_tokens: int = 8192,

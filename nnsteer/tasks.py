@@ -48,6 +48,8 @@ SCHEMA: dict[str, type[pl.DataType]] = {
 }
 
 BUILTIN_PATH = Path(__file__).resolve().parents[1] / "data" / "tasks.jsonl"
+#: The paper's numbers of train and held-out eval tasks per category (v1: 300 + 30).
+PAPER_PER_CATEGORY, PAPER_EVAL_PER_CATEGORY = 30, 3
 
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _SPACE = re.compile(r"\s+")
@@ -165,27 +167,26 @@ def write_tasks(
 
     ``per_category`` / ``eval_per_category`` keep only the first N train / M eval tasks of
     each category (a quick demo); with ``"claude"`` they are how many to ask for (default
-    30 and 3, the paper's), with ``claude_model`` and ``base_url`` as in
+    the paper's 30 and 3), with ``claude_model`` and ``base_url`` as in
     :func:`nnsteer.task_generation.generate_tasks`.
     Example: ``write_tasks(RunDir("runs/demo"), per_category=5)``.
     """
     for option, value in (("per_category", per_category), ("eval_per_category", eval_per_category)):
         if value is not None and value < 0:
             raise BadInput(f"{option} must be 0 or more, not {value}")
+    if source != "file" and path is not None:
+        raise BadInput("path is only for source='file'")
     if source != "claude" and (claude_model is not None or base_url is not None):
         raise BadInput("claude_model and base_url are only for source='claude'")
     if source == "claude":
-        if path is not None:
-            raise BadInput("path is only for source='file'")
         from nnsteer.task_generation import DEFAULT_CLAUDE, generate_tasks
 
         return generate_tasks(
-            run, per_category=30 if per_category is None else per_category,
-            eval_per_category=3 if eval_per_category is None else eval_per_category,
-            model=claude_model or DEFAULT_CLAUDE, base_url=base_url)
+            run, model=claude_model or DEFAULT_CLAUDE, base_url=base_url,
+            per_category=PAPER_PER_CATEGORY if per_category is None else per_category,
+            eval_per_category=(PAPER_EVAL_PER_CATEGORY if eval_per_category is None
+                               else eval_per_category))
     if source == "builtin":
-        if path is not None:
-            raise BadInput("path is only for source='file'")
         path = BUILTIN_PATH
         tasks = load_builtin_tasks()
     elif source == "file":

@@ -10,6 +10,7 @@ import polars as pl
 from nnsteer.cli.common import run_dir
 from nnsteer.errors import BadInput
 from nnsteer.task_generation import DEFAULT_CLAUDE
+from nnsteer.tasks import PAPER_EVAL_PER_CATEGORY, PAPER_PER_CATEGORY
 
 _PER_CATEGORY = click.IntRange(min=0)
 
@@ -39,10 +40,10 @@ def command(ctx: click.Context, from_file: Path | None, per_category: int | None
 
 
 @command.command(name="generate")
-@click.option("--per-category", type=_PER_CATEGORY, default=30, show_default=True,
+@click.option("--per-category", type=_PER_CATEGORY, default=PAPER_PER_CATEGORY, show_default=True,
               help="Train tasks per category.")
-@click.option("--eval-per-category", type=_PER_CATEGORY, default=3, show_default=True,
-              help="Held-out eval tasks per category.")
+@click.option("--eval-per-category", type=_PER_CATEGORY, default=PAPER_EVAL_PER_CATEGORY,
+              show_default=True, help="Held-out eval tasks per category.")
 @click.option("--model", default=DEFAULT_CLAUDE, show_default=True, help="Claude model.")
 @click.option("--base-url", default=None, help="A Messages-API compatible server.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
