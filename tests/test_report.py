@@ -100,6 +100,8 @@ def test_every_section_and_chart_file(full_report):
 
 def test_label_counts_match_hand_counts(full_report):
     page = full_report.report.read_text()
+    assert "2 chains annotated by <code>rules</code>" in page
+    assert "Approximate labels:" in page  # the offline annotator is flagged
     # label, ok spans, chains with an ok span, unaligned, unknown-label
     for row in (("backtracking", 2, 1, 0, 0), ("deduction", 2, 2, 1, 0), ("summarizing", 0, 0, 0, 1)):
         cells = "".join(f"<td>{v}</td>" for v in row)
