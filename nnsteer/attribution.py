@@ -53,6 +53,7 @@ from nnsteer.labels import STEERED_LABELS
 from nnsteer.models import LoadedModel
 from nnsteer.positions import overlapping_tokens, token_offsets
 from nnsteer.remote import with_retries
+from nnsteer.select import no_steered_vector
 from nnsteer.store import RunDir, provenance, write_parquet
 from nnsteer.vectors import VectorSet, load_vectors, read_inputs
 
@@ -374,6 +375,8 @@ def attribute(
     vs = load_vectors(run.vectors)
     check_vectors(vs, lm, str(run.vectors))
     asked = list(labels) if labels else [label for label in STEERED_LABELS if label in vs.vectors]
+    if not asked:
+        raise BadInput(no_steered_vector(run))
     for label in asked:
         vs[label]  # BadInput naming the labels the vector set has
     chains, annotations = read_inputs(run, lm.name)

@@ -327,9 +327,28 @@ def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
 
 
 def resolve_device(device: str | None) -> str:
-    """``None`` picks ``cuda`` when a GPU is present, else ``cpu``; ``auto`` spreads over GPUs."""
+    """``None`` picks ``cuda`` when a GPU is present, else ``cpu``; ``auto`` spreads over GPUs.
+
+    :class:`BadInput` for a device this machine does not have.
+    """
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        if not torch.cuda.is_available():
+            raise BadInput("--device auto: spreads a model over GPUs, and no CUDA GPU is available")
+        return device
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise BadInput(f"--device {device!r}: expected cpu, cuda, cuda:N, mps or auto") from None
+    if parsed.type == "cuda":
+        present = torch.cuda.is_available() and (parsed.index or 0) < torch.cuda.device_count()
+    elif parsed.type == "mps":
+        present = torch.backends.mps.is_available()
+    else:
+        present = parsed.type == "cpu"
+    if not present:
+        raise BadInput(f"--device {device!r}: not available on this machine")
     return device
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 
@@ -77,6 +78,23 @@ def rank_layers(table: pl.DataFrame, label: str, first: int, top_k: int = 1) -> 
     return Choice(label, layers[:top_k], effects[:top_k], *runner)
 
 
+def no_steered_vector(run: RunDir) -> str:
+    """Why there is nothing to attribute or select: no steered behaviour got a vector."""
+    return (f"{run.vectors} has no vector for any steered behaviour ({', '.join(STEERED_LABELS)}): "
+            f"no usable span of them in {run.annotations.name}")
+
+
+def check_coefficient(value: Any, what: str) -> float:
+    """``value`` as a steering coefficient: a finite number >= 0 (the direction gives the sign).
+
+    :class:`BadInput` naming ``what`` (an option or a file entry) otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0:
+        raise BadInput(f"{what}: {value!r} is not a number >= 0 (the direction gives the sign)")
+    return float(value)
+
+
 def select_layers(
     run: RunDir,
     *,
@@ -94,10 +112,13 @@ def select_layers(
     """
     if top_k < 1:
         raise BadInput(f"--top-k {top_k}: expected at least 1")
+    coefficient = check_coefficient(coefficient, "--coefficient")
     vs = load_vectors(run.vectors)
     first = first_allowed_layer(vs.n_layers, skip_fraction)
     by_hand = dict(layers or {})
     wanted = list(labels) if labels else [label for label in STEERED_LABELS if label in vs.vectors]
+    if not wanted and not by_hand:
+        raise BadInput(no_steered_vector(run))
     for label in list(wanted) + list(by_hand):
         vs[label]  # BadInput naming the labels that have vectors
     for label, given in by_hand.items():

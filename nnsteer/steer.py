@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from nnsteer.errors import BadInput
 from nnsteer.generation import ChainJob, SteeringSpec, run_chain_jobs, split_tasks
 from nnsteer.models import LoadedModel
+from nnsteer.select import check_coefficient
 from nnsteer.store import RunDir, provenance, read_json
 from nnsteer.vectors import VectorSet, load_vectors
 
@@ -49,6 +49,8 @@ def read_layer_choices(
     if not isinstance(raw, dict):
         raise BadInput(f"{path}: expected an object keyed by behaviour label")
     if behaviours is None:
+        if not raw:
+            raise BadInput(f"{path} names no behaviour: nothing to steer")
         behaviours = list(raw)
     if not behaviours or len(set(behaviours)) != len(behaviours):
         raise BadInput(f"behaviours must be distinct and at least one, got {list(behaviours)}")
@@ -80,13 +82,8 @@ def _layer_choice(entry: Any, where: str) -> LayerChoice:
         raise BadInput(f"{where}: layers must be a non-empty list of integers")
     if len(set(layers)) != len(layers):
         raise BadInput(f"{where}: layers repeat a layer")
-    if (
-        not isinstance(coefficient, (int, float))
-        or isinstance(coefficient, bool)
-        or not math.isfinite(coefficient)
-    ):
-        raise BadInput(f"{where}: coefficient must be a number")
-    return LayerChoice(entry["vector_layer"], tuple(layers), float(coefficient))
+    coefficient = check_coefficient(coefficient, f"{where}: coefficient")
+    return LayerChoice(entry["vector_layer"], tuple(layers), coefficient)
 
 
 def random_like(vector: torch.Tensor, seed: int, behaviour: str) -> torch.Tensor:
@@ -131,8 +128,7 @@ def steer_chains(
     ``random_control`` adds chains steered by a norm-matched random vector. Resumable.
     """
     for c in coefficients or []:
-        if not math.isfinite(c) or c < 0:
-            raise BadInput(f"--coefficients: {c} is not a number >= 0 (direction gives the sign)")
+        check_coefficient(c, "--coefficients")
     tasks = split_tasks(run, "eval", limit)
     choices = read_layer_choices(run, behaviours, lm)
     behaviours = list(choices)

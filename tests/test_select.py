@@ -70,6 +70,8 @@ def test_first_allowed_layer():
     ({"layers": {"backtracking": [10]}}, "out of range 0..9"),
     ({"labels": ["initializing"]}, "no steering vector for 'initializing'"),
     ({"labels": ["deduction"]}, "no attribution for 'deduction'"),
+    ({"coefficient": float("nan")}, "--coefficient: nan is not a number >= 0"),
+    ({"coefficient": -1.0}, r"--coefficient: -1.0 is not a number >= 0 \(the direction gives the sign\)"),
 ])
 def test_bad_input(run, kwargs, message):
     before = run.layers.exists()

@@ -155,6 +155,12 @@ def test_resume_keeps_chains_until_the_vectors_change(run, tiny_llama):
             "vector_layer must be an integer",
         ),
         (
+            lambda run: write_json(
+                run.layers, {**LAYERS, "backtracking": {**LAYERS["backtracking"], "coefficient": -1}}
+            ),
+            "layers.json: backtracking: coefficient: -1 is not a number >= 0",
+        ),
+        (
             lambda run: write_vectors(run, 4, 32),
             r"\[4, 32\] per label but tiny-llama has 4 layers of width 64",
         ),

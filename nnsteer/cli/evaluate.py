@@ -32,4 +32,4 @@ def command(ctx: click.Context, annotator: str | None, base_url: str | None, wor
     evaluate(run, annotator=annotator, base_url=base_url, workers=workers,
              denominator=denominator, n_boot=n_boot, seed=seed)
     click.echo((run.root / SUMMARY_FILE).read_text(), nl=False)
-    click.echo(f"wrote {run.evaluation}, {run.charts / CHART_FILE}, {run.root / SUMMARY_FILE}", err=True)
+    click.echo(f"wrote {run.evaluation}, {run.charts / CHART_FILE}, {run.root / SUMMARY_FILE}")

@@ -31,12 +31,10 @@ def command(
 ) -> None:
     """Generate greedy reasoning chains (chains.parquet); a rerun continues where it stopped."""
     from nnsteer.generation import generate_chains
-    from nnsteer.tasks import write_tasks
+    from nnsteer.store import require
 
     run = run_dir(ctx, model)
-    if not run.tasks.exists():
-        click.echo(f"{run.tasks} not found: writing the built-in tasks", err=True)
-        write_tasks(run)
+    require(run.tasks)  # before loading the model: "run `nnsteer tasks` first"
     lm = open_model(model, remote, device, dtype)
     chains = generate_chains(
         run, lm, split=split, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size
