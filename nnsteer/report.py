@@ -167,9 +167,9 @@ def provenance_section(run: RunDir) -> Section:
     rows = []
     for name, stage in PRODUCERS.items():
         path = run.path(name)
-        if not path.exists() or path.suffix not in (".parquet", ".safetensors"):
+        if not path.exists() or path.suffix not in (".parquet", ".safetensors", ".json"):
             continue
-        meta = read_metadata(path)
+        meta = _json_provenance(path) if path.suffix == ".json" else read_metadata(path)
         model = meta.get("model") or {}
         rows.append({
             "file": name, "stage": meta.get("stage", stage),
@@ -182,6 +182,13 @@ def provenance_section(run: RunDir) -> Section:
     intro = (f"<p>Run directory <code>{html.escape(str(run.root))}</code>; report written "
              f"{now_iso()} by nnsteer {nnsteer_version()}.</p>")
     return Section("Provenance", intro + _table(pl.DataFrame(rows)))
+
+
+def _json_provenance(path: Path) -> dict[str, Any]:
+    """The provenance ``select`` keeps in each entry of ``layers.json`` ({} if none)."""
+    entries = read_json(path)
+    first = next(iter(entries.values()), {}) if isinstance(entries, dict) else {}
+    return first.get("provenance", {}) if isinstance(first, dict) else {}
 
 
 def label_counts_section(run: RunDir) -> Section:
@@ -256,7 +263,8 @@ def layers_section(run: RunDir) -> Section:
     """The steering layers chosen per behaviour (``layers.json``)."""
     chosen = read_json(_need(run.layers))
     rows = [{"behaviour": label, "vector_layer": v["vector_layer"], "layers": v["layers"],
-             "coefficient": float(v["coefficient"])} for label, v in chosen.items()]
+             "coefficient": float(v["coefficient"]), "chosen by": v.get("chosen_by", "")}
+            for label, v in chosen.items()]
     return Section("Selected layers", _table(pl.DataFrame(rows)))
 
 

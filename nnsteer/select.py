@@ -3,11 +3,13 @@
 By default the layer with the largest mean ``|ΔL|`` outside the earliest layers (which
 mostly encode token identity; the authors excluded them too), or the ``top_k`` best
 there, or layers given by hand. Writes ``layers.json`` (CONTRACTS.md):
-``{"<label>": {"vector_layer": int, "layers": [int], "coefficient": float}}``.
+``{"<label>": {"vector_layer": int, "layers": [int], "coefficient": float}}``, each entry
+also with ``chosen_by`` (``attribution`` or ``hand``) and ``provenance`` (the stage's
+options, nnsteer version, time; JSON has no file metadata to carry it).
 
 Example:
     >>> choice = select_layers(RunDir("runs/smollm2-135m"), skip_fraction=0.25)
-    >>> choice["backtracking"]
+    >>> {k: choice["backtracking"][k] for k in ("vector_layer", "layers", "coefficient")}
     {'vector_layer': 17, 'layers': [17], 'coefficient': 1.0}
 """
 
@@ -22,7 +24,7 @@ import polars as pl
 
 from nnsteer.errors import BadInput
 from nnsteer.labels import STEERED_LABELS
-from nnsteer.store import RunDir, read_parquet, write_json
+from nnsteer.store import RunDir, provenance, read_parquet, write_json
 from nnsteer.vectors import load_vectors
 
 
@@ -139,7 +141,11 @@ def select_layers(
             raise BadInput(f"{run.attribution}: no attribution for {label!r}; "
                            "rerun `nnsteer attribute` or give its layers by hand")
         choices.append(rank_layers(table, label, first, top_k))
-    result = {c.label: {"vector_layer": c.layers[0], "layers": c.layers, "coefficient": coefficient}
+    options = {"skip_fraction": skip_fraction, "top_k": top_k, "layers": by_hand,
+               "coefficient": coefficient, "labels": labels}
+    made = provenance("select", options)
+    result = {c.label: {"vector_layer": c.layers[0], "layers": c.layers, "coefficient": coefficient,
+                        "chosen_by": "attribution" if c.effects else "hand", "provenance": made}
               for c in choices}
     write_json(run.layers, result)
     for choice in choices:

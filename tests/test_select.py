@@ -34,13 +34,23 @@ def run(tmp_path) -> RunDir:
     return run
 
 
+def contract(choice: dict) -> dict:
+    """The CONTRACTS.md keys of each entry of ``layers.json``."""
+    return {label: {k: entry[k] for k in ("vector_layer", "layers", "coefficient")}
+            for label, entry in choice.items()}
+
+
 def test_best_layer_outside_the_earliest(run, capsys):
     choice = select_layers(run)  # skips ceil(0.2 × 10) = 2 layers
-    assert choice == {
+    assert contract(choice) == {
         "backtracking": {"vector_layer": 6, "layers": [6], "coefficient": 1.0},
         "adding-knowledge": {"vector_layer": 4, "layers": [4], "coefficient": 1.0},
     }
     assert json.loads(run.layers.read_text()) == choice
+    entry = choice["backtracking"]
+    assert entry["chosen_by"] == "attribution"
+    assert entry["provenance"]["stage"] == "select"
+    assert entry["provenance"]["options"]["skip_fraction"] == 0.2
     out = capsys.readouterr().out
     assert "backtracking: layer 6 (3); runner-up 7 (2.5), margin 0.5 (16.7%)" in out
     # A tie at the top: the earlier layer wins, the margin is zero.
@@ -50,13 +60,14 @@ def test_best_layer_outside_the_earliest(run, capsys):
 def test_no_skipping_top_k_and_coefficient(run):
     assert select_layers(run, skip_fraction=0)["backtracking"]["layers"] == [1]
     choice = select_layers(run, top_k=3, coefficient=2.0, labels=["backtracking"])
-    assert choice == {"backtracking": {"vector_layer": 6, "layers": [6, 7, 8], "coefficient": 2.0}}
+    assert contract(choice) == {"backtracking": {"vector_layer": 6, "layers": [6, 7, 8], "coefficient": 2.0}}
 
 
 def test_layers_by_hand_need_no_attribution(run, capsys):
     run.attribution.unlink()
     choice = select_layers(run, layers={"backtracking": [3, 4], "adding-knowledge": [5]})
-    assert choice["backtracking"] == {"vector_layer": 3, "layers": [3, 4], "coefficient": 1.0}
+    assert contract(choice)["backtracking"] == {"vector_layer": 3, "layers": [3, 4], "coefficient": 1.0}
+    assert choice["backtracking"]["chosen_by"] == "hand"
     assert "given by hand" in capsys.readouterr().out
 
 
