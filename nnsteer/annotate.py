@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 from nnsteer.errors import BadInput
 from nnsteer.labels import LABELS
 from nnsteer.positions import merge_positions, overlapping_tokens, span_positions
-from nnsteer.store import RunDir, provenance, read_metadata, read_parquet, write_parquet
+from nnsteer.store import (
+    RunDir, provenance, read_complete, read_metadata, read_parquet, write_parquet,
+)
 
 OK, UNALIGNED, UNKNOWN_LABEL, FAILED = "ok", "unaligned", "unknown-label", "failed"
 END_SECTION = "end-section"
@@ -379,9 +381,9 @@ def annotate_chains(
     annotator = resolve_annotator(annotator)
     chains_path, out_path = ((run.chains, run.annotations) if source == "chains"
                              else (run.steered, run.steered_annotations))
-    chains = read_parquet(chains_path, columns=CHAIN_COLUMNS)
+    chains = read_complete(chains_path, columns=CHAIN_COLUMNS)
     _check_chains(chains)
-    digests = {cid: _digest(r) for cid, r in chains.select("chain_id", "response").iter_rows()}
+    digests = response_digests(chains)
     done = _reusable(out_path, annotator, digests)
     todo = chains.filter(~pl.col("chain_id").is_in(done["chain_id"].unique().to_list()))
     if cache_dir is None and annotator != "rules":
@@ -413,8 +415,22 @@ def annotate_chains(
     return summarize(chains, annotations, tokenizer)
 
 
-def _digest(response: str) -> str:
-    return hashlib.sha256(response.encode()).hexdigest()[:16]
+def response_digests(chains: pl.DataFrame) -> dict[str, str]:
+    """A short hash of each chain's ``response`` by ``chain_id``, as annotation files record."""
+    return {chain_id: hashlib.sha256(response.encode()).hexdigest()[:16]
+            for chain_id, response in chains.select("chain_id", "response").iter_rows()}
+
+
+def check_annotated(annotations_path: Path, chains_path: Path, chains: pl.DataFrame) -> None:
+    """:class:`BadInput` unless ``annotations_path`` was made from exactly ``chains``.
+
+    Compares the response digests the annotate stage recorded with those of ``chains``
+    (all rows of ``chains_path``); a file that recorded none is not checked.
+    """
+    recorded = read_metadata(annotations_path).get("responses")
+    if recorded is not None and recorded != response_digests(chains):
+        raise BadInput(f"{annotations_path} was made from other chains than {chains_path}: "
+                       "rerun `nnsteer annotate`")
 
 
 def _reusable(path: Path, annotator: str, digests: dict[str, str]) -> pl.DataFrame:

@@ -31,7 +31,8 @@ from nnsteer.errors import BadInput
 from nnsteer.labels import LABELS, STEERED_LABELS
 from nnsteer.positions import decode_response, token_offsets
 from nnsteer.store import (
-    RunDir, atomic_path, provenance, read_metadata, read_parquet, write_parquet, write_text,
+    RunDir, atomic_path, provenance, read_complete, read_metadata, read_parquet, write_parquet,
+    write_text,
 )
 
 #: The labels whose tokens make up the denominator of a share.
@@ -249,8 +250,8 @@ def _denominator_labels(denominator: str) -> tuple[str, ...]:
 
 
 def _read_steered(run: RunDir, labels: tuple[str, ...]) -> pl.DataFrame:
-    """The steered chains, checked row by row."""
-    chains = read_parquet(run.steered, _STEERED_COLUMNS)
+    """The steered chains of a finished ``steer`` stage, checked row by row."""
+    chains = read_complete(run.steered, _STEERED_COLUMNS)
     if chains.is_empty():
         raise BadInput(f"{run.steered}: no chains: the eval split had no tasks "
                        "(add eval tasks with `nnsteer tasks`, then run `nnsteer steer`)")

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import time
@@ -36,14 +35,13 @@ from nnsteer.positions import decode_response
 from nnsteer.remote import with_retries
 from nnsteer.store import (
     RunDir,
+    completeness,
     fingerprint,
     provenance,
     read_metadata,
     read_parquet,
     write_parquet,
 )
-
-log = logging.getLogger(__name__)
 
 Direction = Literal["positive", "negative"]
 
@@ -436,50 +434,69 @@ def run_chain_jobs(
 
     Rows already in ``path`` are kept when the file was written for the same model,
     ``max_new_tokens`` and ``resume_inputs`` (e.g. the steering vectors); otherwise the
-    stage starts over. Returns the table in job order.
+    stage starts over. Rows of chains that are not among ``jobs`` are dropped, saying so.
+    The metadata says whether the file is complete (:func:`nnsteer.store.completeness`),
+    so that later stages refuse a file whose batches are still to come. Returns the
+    table in job order.
     """
     resume_key = fingerprint(lm.identity(), max_new_tokens, resume_inputs)
     metadata = {**metadata, "resume_key": resume_key}
     done = _reusable_rows(lm, path, resume_key, jobs)
     finished = set(done["chain_id"])
     todo = [job for job in jobs if job.chain_id not in finished]
-    if done.height:
-        log.info("%s: %d chains already done, %d to generate", path, done.height, len(todo))
     ordered = {job.chain_id: i for i, job in enumerate(jobs)}
 
-    def in_job_order(df: pl.DataFrame) -> pl.DataFrame:
-        return df.sort(pl.col("chain_id").replace_strict(ordered, return_dtype=pl.Int64))
+    def save(rows: pl.DataFrame) -> pl.DataFrame:
+        table = rows.sort(pl.col("chain_id").replace_strict(ordered, return_dtype=pl.Int64))
+        write_parquet(table, path, {**metadata, **completeness(table.height, len(jobs))})
+        return table
 
-    if todo:
-        for indices, generations in generate_batches(
-            lm,
-            [job.prompt for job in todo],
-            steering=[job.steering for job in todo],
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-        ):
-            rows = [_chain_row(lm.name, todo[i], gen) for i, gen in zip(indices, generations)]
-            done = pl.concat([done, pl.DataFrame(rows, schema=CHAIN_SCHEMA)])
-            write_parquet(in_job_order(done), path, metadata)
-    done = in_job_order(done)
-    write_parquet(done, path, metadata)  # also when nothing was left to generate
-    return done
+    if not todo:
+        _say(f"{path} is up to date ({done.height} chains)")
+        return save(done)  # records this run's options
+    if done.height:
+        _say(f"{path}: {done.height} of {len(jobs)} chains already done, generating {len(todo)}")
+    for indices, generations in generate_batches(
+        lm,
+        [job.prompt for job in todo],
+        steering=[job.steering for job in todo],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    ):
+        rows = [_chain_row(lm.name, todo[i], gen) for i, gen in zip(indices, generations)]
+        done = pl.concat([done, pl.DataFrame(rows, schema=CHAIN_SCHEMA)])
+        table = save(done)
+    return table
+
+
+def _say(message: str) -> None:
+    print(f"nnsteer: {message}", file=sys.stderr, flush=True)
 
 
 def _reusable_rows(
     lm: LoadedModel, path: Path, resume_key: str, jobs: list[ChainJob]
 ) -> pl.DataFrame:
-    """Rows of ``path`` that are exactly what ``jobs`` would generate now."""
+    """Rows of ``path`` that are exactly what ``jobs`` would generate now.
+
+    Says on stderr when the file is generated again, and how many of its chains are
+    dropped because ``jobs`` does not have them.
+    """
     empty = pl.DataFrame(schema=CHAIN_SCHEMA)
     if not path.exists():
         return empty
     if read_metadata(path).get("resume_key") != resume_key:
-        log.warning("%s was written with other settings or inputs: generating it again", path)
+        _say(f"{path} was written with other settings or inputs: generating it again")
         return empty
     existing = read_parquet(path, columns=list(CHAIN_SCHEMA)).cast(CHAIN_SCHEMA)
     expected = {
         job.chain_id: _job_columns(job, prompt_token_ids(lm.tokenizer, job.prompt)) for job in jobs
     }
+    dropped = existing.filter(~pl.col("chain_id").is_in(list(expected))).height
+    if dropped:
+        _say(
+            f"dropping {dropped} chains of {path} that are not in this run "
+            "(--limit or tasks changed)"
+        )
     keep = [
         row
         for row in existing.select(list(CHAIN_SCHEMA)).iter_rows(named=True)

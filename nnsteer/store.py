@@ -171,6 +171,28 @@ def read_parquet(path: Path | str, columns: list[str] | None = None) -> pl.DataF
     return df
 
 
+def completeness(done: int, planned: int) -> dict[str, Any]:
+    """Metadata saying whether a file written batch by batch holds all its ``planned`` chains."""
+    return {"complete": done >= planned, "chains_done": done, "chains_planned": planned}
+
+
+def read_complete(path: Path | str, columns: list[str] | None = None) -> pl.DataFrame:
+    """:func:`read_parquet` of a chains file, refusing one whose stage has chains still to come.
+
+    A file without the ``complete`` key (written before nnsteer recorded it) counts as
+    complete.
+    """
+    df = read_parquet(path, columns)
+    metadata = read_metadata(path)
+    if metadata.get("complete", True) is False:
+        stage = metadata.get("stage") or PRODUCERS.get(Path(path).name)
+        raise BadInput(
+            f"{path} is incomplete ({metadata.get('chains_done')} of "
+            f"{metadata.get('chains_planned')} chains): rerun `nnsteer {stage}` to finish it"
+        )
+    return df
+
+
 def read_metadata(path: Path | str) -> dict[str, Any]:
     """The nnsteer metadata of a parquet or safetensors file ({} if it has none)."""
     path = require(path)

@@ -43,13 +43,15 @@ from typing import Any, Literal
 import polars as pl
 import torch
 
-from nnsteer.annotate import Span, label_positions
+from nnsteer.annotate import Span, check_annotated, label_positions
 from nnsteer.errors import BadInput
 from nnsteer.labels import LABELS, OVERALL
 from nnsteer.models import LoadedModel
 from nnsteer.positions import decode_response, overlapping_tokens, token_offsets
 from nnsteer.residuals import Selection, sum_sample_means
-from nnsteer.store import RunDir, atomic_path, provenance, read_metadata, read_parquet, require
+from nnsteer.store import (
+    RunDir, atomic_path, provenance, read_complete, read_metadata, read_parquet, require,
+)
 
 #: How each variant rescales its vectors (recorded in the metadata).
 NORMALISATION: dict[str, str] = {"paper": "none", "released-code": "overall-norm-per-layer"}
@@ -150,12 +152,15 @@ class AnnotatedChain:
 def read_inputs(run: RunDir, model: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The unsteered chains and their ``ok`` spans, checked against each other and ``model``.
 
-    Raises :class:`BadInput` naming the file and row for: chains of another model, chains
-    and annotations whose metadata name different models, spans of chains that are not
-    in ``chains.parquet``, unknown labels, or spans outside their chain's response.
+    Raises :class:`BadInput` naming the file and row for: an unfinished ``chains.parquet``,
+    chains of another model, chains and annotations whose metadata name different models,
+    annotations made from other chains (other responses, or other chains altogether),
+    spans of chains that are not in ``chains.parquet``, unknown labels, or spans outside
+    their chain's response.
     """
-    chains = read_parquet(run.chains, CHAIN_COLUMNS)
+    chains = read_complete(run.chains, CHAIN_COLUMNS)
     known = set(chains["chain_id"])
+    all_chains = chains
     if "direction" in chains.columns:
         chains = chains.filter(pl.col("direction") == "none")
     if chains.is_empty():
@@ -173,6 +178,7 @@ def read_inputs(run: RunDir, model: str) -> tuple[pl.DataFrame, pl.DataFrame]:
             f"{run.annotations}: annotates chains of {annotations_model}, but {run.chains} "
             f"holds chains of {chains_model}; annotate these chains again"
         )
+    check_annotated(run.annotations, run.chains, all_chains)
     spans = read_parquet(run.annotations, SPAN_COLUMNS).filter(pl.col("status") == "ok")
     unknown = spans.filter(~pl.col("chain_id").is_in(list(known)))
     if not unknown.is_empty():

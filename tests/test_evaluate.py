@@ -300,6 +300,19 @@ def test_bad_input_leaves_outputs_intact(tmp_path, tokenizer):
     assert run.evaluation.read_bytes() == before
 
 
+def test_incomplete_steered_chains_are_refused(tmp_path, tokenizer):
+    run = _write_run(tmp_path, tokenizer)
+    evaluate(run, tokenizer=tokenizer, n_boot=100)
+    before = run.evaluation.read_bytes()
+    unfinished = {**read_metadata(run.steered), "complete": False, "chains_done": 4,
+                  "chains_planned": 20}
+    write_parquet(pl.read_parquet(run.steered).head(4), run.steered, unfinished)
+    output = _cli_error(tmp_path)
+    assert output == (f"nnsteer: error: {run.steered} is incomplete (4 of 20 chains): "
+                      "rerun `nnsteer steer` to finish it\n")
+    assert run.evaluation.read_bytes() == before
+
+
 def test_annotator_comes_from_training_or_the_option(tmp_path, tokenizer):
     run = _write_run(tmp_path, tokenizer)
     run.annotations.unlink()

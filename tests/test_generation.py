@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
 
 import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny
+from conftest import FaultAfter, make_tiny
 
+from nnsteer import generation
+from nnsteer.annotate import annotate_chains
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.generation import (
@@ -21,6 +24,7 @@ from nnsteer.generation import (
     reasoning_span,
 )
 from nnsteer.store import RunDir, read_metadata, write_parquet
+from nnsteer.vectors import read_inputs
 
 PROMPTS = [
     "What is 17 times 23?",
@@ -327,3 +331,50 @@ def test_interrupted_run_keeps_finished_batches(tokenizer, tmp_path):
     assert pl.read_parquet(run.chains).height == 1
     finished = generate_chains(run, lm, max_new_tokens=3, batch_size=1)
     assert finished["chain_id"].to_list() == ["t0", "t1", "t2"]
+
+
+def test_interrupted_chains_are_refused_until_finished(tiny_llama, tmp_path, monkeypatch):
+    run = RunDir(tmp_path)
+    write_tasks(run, n_train=3)
+    FaultAfter(monkeypatch, generation, "_generate_batch", after=1)
+    with pytest.raises(KeyboardInterrupt):
+        generate_chains(run, tiny_llama, max_new_tokens=3, batch_size=1)
+    meta = read_metadata(run.chains)
+    assert (meta["complete"], meta["chains_done"], meta["chains_planned"]) == (False, 1, 3)
+    message = f"{run.chains} is incomplete (1 of 3 chains): rerun `nnsteer generate` to finish it"
+    with pytest.raises(BadInput, match=re.escape(message)):
+        annotate_chains(run, annotator="rules", tokenizer=tiny_llama.tokenizer)
+    with pytest.raises(BadInput, match=re.escape(message)):
+        read_inputs(run, tiny_llama.name)  # extract and attribute
+    result = CliRunner().invoke(cli, ["--run-dir", str(run.root), "annotate", "--annotator", "rules"])
+    assert result.exit_code == 2 and result.stderr == f"nnsteer: error: {message}\n"
+    assert not run.annotations.exists()
+
+    FaultAfter(monkeypatch, generation, "_generate_batch")  # no more interruptions
+    assert generate_chains(run, tiny_llama, max_new_tokens=3, batch_size=1).height == 3
+    meta = read_metadata(run.chains)
+    assert (meta["complete"], meta["chains_done"], meta["chains_planned"]) == (True, 3, 3)
+    annotate_chains(run, annotator="rules", tokenizer=tiny_llama.tokenizer)
+    assert read_inputs(run, tiny_llama.name)[0].height == 3
+
+    # A file from an nnsteer that did not record completeness counts as complete.
+    old = {k: v for k, v in meta.items() if k not in ("complete", "chains_done", "chains_planned")}
+    write_parquet(pl.read_parquet(run.chains), run.chains, old)
+    assert read_inputs(run, tiny_llama.name)[0].height == 3
+
+
+def test_rerun_says_what_it_drops_and_when_it_is_up_to_date(tiny_llama, tmp_path, capsys):
+    run = RunDir(tmp_path)
+    write_tasks(run, n_train=3)
+    generate_chains(run, tiny_llama, max_new_tokens=3)
+    capsys.readouterr()
+    generate_chains(run, tiny_llama, max_new_tokens=3)
+    assert capsys.readouterr().err == f"nnsteer: {run.chains} is up to date (3 chains)\n"
+
+    assert generate_chains(run, tiny_llama, limit=1, max_new_tokens=3)["chain_id"].to_list() == ["t0"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"nnsteer: dropping 2 chains of {run.chains} that are not in this run "
+        "(--limit or tasks changed)",
+        f"nnsteer: {run.chains} is up to date (1 chains)",
+    ]
+    assert read_metadata(run.chains)["complete"] is True

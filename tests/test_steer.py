@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import FaultAfter
 from test_generation import PROMPTS, hf_greedy, write_tasks
 
+from nnsteer import generation
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.labels import OVERALL, STEERED_LABELS
@@ -199,3 +203,23 @@ def test_cli_steer(run, tiny_llama, tmp_path):
     assert pl.read_parquet(run.steered)["coefficient"].to_list() == [0.0, 1.0, 1.0, 2.0, 2.0]
     bad = CliRunner().invoke(cli, base + ["--behaviours", "deduction"])
     assert bad.exit_code == 2 and "no layers for 'deduction'" in bad.output
+
+
+def test_interrupted_steer_is_refused_by_evaluate_until_finished(run, tiny_llama, monkeypatch):
+    from nnsteer.evaluate import evaluate
+
+    options = dict(behaviours=["backtracking"], limit=1, max_new_tokens=3, batch_size=2)
+    FaultAfter(monkeypatch, generation, "_generate_batch", after=1)
+    with pytest.raises(KeyboardInterrupt):
+        steer_chains(run, tiny_llama, **options)
+    assert pl.read_parquet(run.steered).height == 2
+    message = f"{run.steered} is incomplete (2 of 5 chains): rerun `nnsteer steer` to finish it"
+    with pytest.raises(BadInput, match=re.escape(message)):
+        evaluate(run, annotator="rules", tokenizer=tiny_llama.tokenizer)
+    assert not run.evaluation.exists()
+
+    FaultAfter(monkeypatch, generation, "_generate_batch")
+    assert steer_chains(run, tiny_llama, **options).height == 5
+    assert read_metadata(run.steered)["complete"] is True
+    evaluate(run, annotator="rules", tokenizer=tiny_llama.tokenizer, n_boot=10)
+    assert pl.read_parquet(run.evaluation)["chain_id"].n_unique() == 5

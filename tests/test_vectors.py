@@ -16,8 +16,13 @@ from nnsteer import residuals
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.labels import LABELS
+from nnsteer.annotate import annotate_chains
+from nnsteer.generation import generate_chains
 from nnsteer.store import RunDir, provenance, read_metadata, write_parquet
-from nnsteer.vectors import VectorSet, cosine_similarity, extract_vectors, load_vectors, save_vectors
+from nnsteer.vectors import (
+    VectorSet, cosine_similarity, extract_vectors, load_vectors, read_inputs, save_vectors,
+)
+from test_generation import write_tasks
 from test_residuals import block_outputs
 
 #: Reasoning with marked spans: ``{label}text{/}``. Boundaries fall inside words on purpose,
@@ -257,6 +262,23 @@ def test_bad_input(tmp_path, tiny_llama, tiny_qwen2, llama_chains, problem, mess
     assert not run.vectors.exists()
 
 
+def test_annotations_of_other_chains_are_refused(tmp_path, tiny_llama):
+    run = RunDir(tmp_path)
+    write_tasks(run, n_train=3)
+    generate_chains(run, tiny_llama, max_new_tokens=4)
+    annotate_chains(run, annotator="rules", tokenizer=tiny_llama.tokenizer)
+    assert read_inputs(run, tiny_llama.name)[0].height == 3
+    stale = (f"{run.annotations} was made from other chains than {run.chains}: "
+             "rerun `nnsteer annotate`")
+    for change in ({"max_new_tokens": 6}, {"max_new_tokens": 6, "limit": 2}):
+        generate_chains(run, tiny_llama, **change)  # other responses, then fewer chains
+        with pytest.raises(BadInput, match=re.escape(stale)):
+            extract_vectors(run, tiny_llama)
+        assert not run.vectors.exists()
+        annotate_chains(run, annotator="rules", tokenizer=tiny_llama.tokenizer)
+        assert read_inputs(run, tiny_llama.name)[0].height == 3 - ("limit" in change)
+
+
 def test_load_vectors_errors(tmp_path):
     with pytest.raises(BadInput, match="not found: run `nnsteer extract` first"):
         load_vectors(tmp_path / "vectors.safetensors")
@@ -292,7 +314,7 @@ def test_cli_extract(tmp_path, tokenizer, llama_chains):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "backtracking" in result.stdout and "overall" in result.stdout
-    assert "wrote" in result.stderr
+    assert "wrote" in result.stdout
     assert load_vectors(run.vectors).metadata["variant"] == "released-code"
 
     run.vectors.unlink()
