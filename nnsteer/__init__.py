@@ -2,9 +2,25 @@
 
 __version__ = "0.1.0"
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from nnsteer.errors import BadInput, NnsteerError
-from nnsteer.models import Architecture, LoadedModel, load_model, wrap_model
-from nnsteer.store import RunDir
+
+if TYPE_CHECKING:
+    from nnsteer.models import Architecture, LoadedModel, load_model, wrap_model
+    from nnsteer.store import RunDir
+
+#: Imported on first use, so that ``nnsteer`` (the command) starts without torch.
+_LAZY = {"Architecture": "nnsteer.models", "LoadedModel": "nnsteer.models",
+         "load_model": "nnsteer.models", "wrap_model": "nnsteer.models", "RunDir": "nnsteer.store"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'nnsteer' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 __all__ = [
     "Architecture",

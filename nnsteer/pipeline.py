@@ -6,8 +6,12 @@ recorded in ``<run>/pipeline.json``. A stage records its fingerprint before it s
 so a rerun after Ctrl-C or a crash resumes an unfinished stage (the stages themselves
 keep finished batches) instead of starting it over; a changed option, model or input,
 ``--force``, or outputs the pipeline did not record (written by a stage command run by
-hand) delete the stage's outputs and run it afresh. What stages print goes to stderr:
-stdout is kept for the report's path.
+hand) run it afresh: its outputs and partial state are set aside under hidden names
+(``.<file>.set-aside``) so that it cannot see them, and discarded once it finished or
+failed after writing. If it rejects its input (:class:`BadInput`, e.g. an option value
+it checks when it starts) before writing anything, they are put back, with its record
+in ``pipeline.json``. What stages print goes to stderr: stdout is kept for the report's
+path.
 
 Example config (``configs/demo.toml``)::
 
@@ -220,6 +224,14 @@ class PipelineState:
                               "outputs": outputs, "time": now_iso()}
         write_json(self.path, self.stages)
 
+    def put_back(self, stage: str, record: dict[str, Any] | None) -> None:
+        """Make ``record`` (None: no record) ``stage``'s record again, atomically."""
+        if record is None:
+            self.stages.pop(stage, None)
+        else:
+            self.stages[stage] = record
+        write_json(self.path, self.stages)
+
 
 class _LazyModel:
     """Loads the configured model on first use only."""
@@ -271,33 +283,60 @@ def run_pipeline(
         options = stage_options(config, stage, function)
         if stage.name in selected:
             plan.append((stage, function, options))
-    run.root.mkdir(parents=True, exist_ok=True)
+    origin = "run_dir" if run_dir else f"{config.path}: run_dir" if config.run_dir else "run directory"
+    create_run_dir(run.root, origin)
     state = PipelineState(run.root / "pipeline.json")
     model = _LazyModel(config.model)
     width = max(len(stage.name) for stage, _, _ in plan)
     for index, (stage, function, options) in enumerate(plan, start=1):
         prefix = f"[{index}/{len(plan)}] {stage.name:<{width}}"
+        files = _stage_files(run, stage)
+        _discard(files)  # set aside by a run that was killed before it could clean up
         params = inspect.signature(function).parameters
         fp = _fingerprint(run, stage, options, model.identity() if "lm" in params else None)
         outputs = _digests(run, stage.outputs)
         if not force and state.up_to_date(stage.name, fp, outputs):
             log(f"{prefix}  skipped (up to date)")
             continue
-        if force or not state.resumable(stage.name, fp):
-            _remove_outputs(run, stage)
+        fresh = force or not state.resumable(stage.name, fp)
+        previous = state.stages.get(stage.name)
+        if fresh:
+            _set_aside(files)
         log(f"{prefix}  running")
         state.record(stage.name, fp)
         start = time.perf_counter()
-        kwargs = dict(options)
-        if "lm" in params:
-            kwargs["lm"] = model.get()
-        if "tokenizer" in params and model.loaded is not None:
-            kwargs["tokenizer"] = model.loaded.tokenizer
-        with contextlib.redirect_stdout(sys.stderr):  # stdout is kept for the report's path
-            function(run, **kwargs)
+        try:
+            kwargs = dict(options)
+            if "lm" in params:
+                kwargs["lm"] = model.get()
+            if "tokenizer" in params and model.loaded is not None:
+                kwargs["tokenizer"] = model.loaded.tokenizer
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is kept for the report's path
+                function(run, **kwargs)
+        except BadInput:
+            if fresh and not any(path.exists() for path in files):
+                _put_back(files)  # rejected before it wrote anything: as if never started
+                state.put_back(stage.name, previous)
+            raise
+        finally:
+            _discard(files)
         state.record(stage.name, fp, _digests(run, stage.outputs))
         log(f"{prefix}  done in {_elapsed(time.perf_counter() - start)}")
     return run
+
+
+def create_run_dir(root: Path, origin: str) -> list[Path]:
+    """Create the run directory ``root`` if missing; the directories made, deepest first.
+
+    :class:`BadInput` naming ``origin`` (where the path came from) if it cannot be made.
+    """
+    try:
+        made = [path for path in (root, *root.parents) if not path.exists()]
+        root.mkdir(parents=True, exist_ok=True)
+        return made
+    except OSError as exc:
+        raise BadInput(f"{origin} {root}: cannot create the directory "
+                       f"({exc.strerror or type(exc).__name__})") from None
 
 
 def _fingerprint(run: RunDir, stage: Stage, options: dict[str, Any],
@@ -314,11 +353,35 @@ def _digests(run: RunDir, names: Iterable[str]) -> dict[str, str | None]:
     return {name: file_digest(getattr(run, name)) for name in names}
 
 
-def _remove_outputs(run: RunDir, stage: Stage) -> None:
-    """Delete a stage's outputs and partial state so that it starts afresh."""
-    for name in stage.outputs:
-        getattr(run, name).unlink(missing_ok=True)
-    run.partial(stage.name).unlink(missing_ok=True)
+def _stage_files(run: RunDir, stage: Stage) -> list[Path]:
+    """A stage's outputs and its partial state: what it must not see when it starts afresh."""
+    return [*(getattr(run, name) for name in stage.outputs), run.partial(stage.name)]
+
+
+def _set_aside_path(path: Path) -> Path:
+    """The hidden name under which ``path`` waits while its stage reruns."""
+    return path.with_name(f".{path.name.lstrip('.')}.set-aside")
+
+
+def _set_aside(files: Iterable[Path]) -> None:
+    """Move ``files`` to their set-aside names so that their stage starts afresh."""
+    for path in files:
+        if path.exists():
+            path.replace(_set_aside_path(path))
+
+
+def _put_back(files: Iterable[Path]) -> None:
+    """Move set-aside ``files`` back to their names."""
+    for path in files:
+        aside = _set_aside_path(path)
+        if aside.exists():
+            aside.replace(path)
+
+
+def _discard(files: Iterable[Path]) -> None:
+    """Delete what is set aside for ``files``."""
+    for path in files:
+        _set_aside_path(path).unlink(missing_ok=True)
 
 
 def _elapsed(seconds: float) -> str:

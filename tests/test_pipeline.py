@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -204,8 +205,9 @@ def _data(path: Path):
         from safetensors.torch import load_file
 
         return {k: v.tolist() for k, v in load_file(path).items()}
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
+    if path.suffix == ".json":  # layers.json's entries carry a provenance time
+        return json.loads(path.read_text(),
+                          object_hook=lambda d: {k: v for k, v in d.items() if k != "time"})
     return path.read_text()
 
 
@@ -241,6 +243,73 @@ def test_killed_run_resumes_to_the_same_outputs(pipeline_config, tmp_path):
 
     again = _run_to_end(killed, pipeline_config)
     assert again.returncode == 0 and again.stderr.count("skipped (up to date)") == 9, again.stderr
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("stage, change", [
+    ("extract", lambda text: text + '\n[extract]\nvariant = "papr"\n'),
+    ("steer", lambda text: text.replace("limit = 2", "limit = -1")),
+])
+def test_rejected_option_value_keeps_the_finished_outputs(pipeline_config, tmp_path, stage, change):
+    run_dir = tmp_path / "run"
+    lines: list[str] = []
+    run_pipeline(load_config(pipeline_config), run_dir=run_dir, log=lines.append)
+    before = _snapshot(run_dir)
+    bad = write_config(tmp_path / "bad.toml", change(pipeline_config.read_text()))
+
+    result = CliRunner().invoke(cli, ["--run-dir", str(run_dir), "run", "--config", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("nnsteer: error: ")
+    assert re.search(rf"{stage} +running", result.output)  # rejected by the stage, once started
+    assert _snapshot(run_dir) == before  # old outputs and pipeline.json byte for byte
+
+    (run_dir / ".vectors.safetensors.set-aside").write_bytes(b"left by a killed run")
+    lines.clear()
+    run_pipeline(load_config(pipeline_config), run_dir=run_dir, log=lines.append)
+    assert all("skipped (up to date)" in line for line in lines) and len(lines) == len(STAGES)
+    assert _snapshot(run_dir) == before  # the left-over is gone too
+
+    fixed = write_config(tmp_path / "fixed.toml", pipeline_config.read_text().replace(
+        "max_new_tokens = 12", "max_new_tokens = 10"))
+    lines.clear()
+    run_pipeline(load_config(fixed), run_dir=run_dir, only=["steer"], log=lines.append)
+    assert "running" in lines[0]  # a changed value reruns the stage
+    assert pl.read_parquet(run_dir / "steered.parquet")["output_ids"].list.len().max() <= 10
+    assert not list(run_dir.glob(".*.set-aside"))
+
+
+def test_stage_that_wrote_before_failing_keeps_its_new_state(tmp_path, monkeypatch):
+    """Ctrl-C after a fresh stage started: the set-aside outputs are discarded, not restored."""
+    import functools
+
+    import nnsteer.tasks
+
+    run, _ = _tasks_run(tmp_path, 2)
+    first = pl.read_parquet(run.tasks).height
+    real = nnsteer.tasks.write_tasks
+
+    @functools.wraps(real)
+    def interrupted(run, **options):
+        real(run, **options)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nnsteer.tasks, "write_tasks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _tasks_run(tmp_path, 1)
+    assert pl.read_parquet(run.tasks).height < first  # the new output, with no stale copy beside it
+    assert not list(run.root.glob(".*.set-aside"))
+    state = json.loads((run.root / "pipeline.json").read_text())
+    assert state["tasks"]["complete"] is False  # a rerun with the same options redoes it
+
+
+def test_run_dir_that_cannot_be_created_is_bad_input(tmp_path):
+    (tmp_path / "file.txt").write_text("")
+    config = write_config(tmp_path / "c.toml", f'run_dir = "{tmp_path}/file.txt/run"\n')
+    with pytest.raises(BadInput, match=r"c.toml: run_dir .*/file.txt/run: cannot create the directory"):
+        run_pipeline(load_config(config), only=["tasks"])
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path):

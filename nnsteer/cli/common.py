@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import click
 
 from nnsteer.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
+from nnsteer.pipeline import create_run_dir
 from nnsteer.store import RunDir
 
 
@@ -46,10 +48,28 @@ def open_model(model: str, remote: bool, device: str | None, dtype: str) -> Load
     return load_model(model, device=device, dtype=dtype, remote=remote)
 
 
-def run_dir(ctx: click.Context, model: str | None = None) -> RunDir:
-    """``--run-dir``, else ``runs/<model-slug>``."""
+def given_run_dir(ctx: click.Context) -> Path | None:
+    """``--run-dir`` if given, checked (:func:`check_run_dir`)."""
     root = ctx.find_root().params.get("run_dir")
+    if root is not None:
+        check_run_dir(Path(root), "--run-dir")
+    return root
+
+
+def run_dir(ctx: click.Context, model: str | None = None) -> RunDir:
+    """``--run-dir``, else ``runs/<model-slug>``; checked (:func:`check_run_dir`)."""
+    root = given_run_dir(ctx)
     if root is None:
         root = Path("runs") / model_slug(model or DEFAULT_MODEL)
+        check_run_dir(root, "run directory")
     return RunDir(Path(root))
 
+
+def check_run_dir(root: Path, origin: str) -> None:
+    """:class:`BadInput` naming ``origin`` unless ``root`` is a directory or can be made one.
+
+    Leaves nothing behind: a stage creates its run directory only when it writes there.
+    """
+    for path in create_run_dir(root, origin):
+        with contextlib.suppress(OSError):  # something else wrote there meanwhile: keep it
+            path.rmdir()

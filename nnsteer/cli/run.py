@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from nnsteer.cli.common import given_run_dir
 from nnsteer.pipeline import STAGE_NAMES, load_config, run_pipeline
 
 
@@ -16,17 +17,20 @@ from nnsteer.pipeline import STAGE_NAMES, load_config, run_pipeline
               help="Start at this stage (earlier stages are not checked).")
 @click.option("--only", multiple=True, type=click.Choice(STAGE_NAMES),
               help="Run only this stage (repeatable).")
-@click.option("--force", is_flag=True, help="Rerun the chosen stages even if up to date.")
+@click.option("--force", is_flag=True,
+              help="Rerun the chosen stages from scratch, even if up to date; finished "
+                   "batches are not reused, so after Ctrl-C rerun without --force to continue.")
 @click.pass_context
 def command(ctx: click.Context, config_path: Path, from_stage: str | None,
             only: tuple[str, ...], force: bool) -> None:
     """Run tasks → generate → annotate → extract → attribute → select → steer → evaluate → report.
 
     A stage is skipped when its outputs are up to date (same options, model and
-    inputs); after Ctrl-C or a crash, rerun the same command to continue.
+    inputs). After Ctrl-C or a crash, rerun the command without --force to continue
+    where it stopped: with --force the chosen stages start from scratch again.
     """
     config = load_config(config_path)
-    run = run_pipeline(config, run_dir=ctx.find_root().params.get("run_dir"),
+    run = run_pipeline(config, run_dir=given_run_dir(ctx),
                        from_stage=from_stage, only=only, force=force)
     if run.report.exists():
         click.echo(run.report)

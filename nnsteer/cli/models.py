@@ -1,0 +1,19 @@
+"""``nnsteer models``: what a model is, without loading its weights."""
+
+from __future__ import annotations
+
+import click
+
+from nnsteer.cli.common import model_options
+
+
+@click.command(name="models")
+@model_options
+def command(model: str, remote: bool, device: str | None, dtype: str, batch_size: int) -> None:
+    """What a model is: architecture, layers, width, dtype, and where it runs."""
+    from nnsteer.models import describe_model
+
+    info = describe_model(model, device=device, dtype=dtype, remote=remote)
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        click.echo(f"{key:<{width}}  {value}")
