@@ -153,7 +153,7 @@ def require(path: Path | str) -> Path:
     path = Path(path)
     if not path.exists():
         stage = PRODUCERS.get(path.name)
-        hint = f": run `nnsteer {stage}` first" if stage else ""
+        hint = f": run `nnsteer --run-dir {path.parent} {stage}` first" if stage else ""
         raise BadInput(f"{path} not found{hint}")
     return path
 

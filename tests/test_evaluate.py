@@ -261,7 +261,7 @@ def _cli_error(run_root, *args):
 
 
 def test_missing_steered_chains_says_run_steer(tmp_path):
-    assert "run `nnsteer steer` first" in _cli_error(tmp_path)
+    assert f"run `nnsteer --run-dir {tmp_path} steer` first" in _cli_error(tmp_path)
 
 
 def test_empty_eval_set(tmp_path, tokenizer):

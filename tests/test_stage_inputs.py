@@ -22,7 +22,7 @@ def test_generate_needs_tasks_and_loads_no_model(tmp_path):
     result = CliRunner().invoke(cli, ["--run-dir", str(tmp_path), "generate", "--model",
                                       str(tmp_path / "no-such-model")])
     assert result.exit_code == 2
-    assert "tasks.parquet not found: run `nnsteer tasks` first" in result.output
+    assert f"tasks.parquet not found: run `nnsteer --run-dir {tmp_path} tasks` first" in result.output
     assert list(tmp_path.iterdir()) == []
 
 

@@ -169,7 +169,7 @@ def test_resume_keeps_chains_until_the_vectors_change(run, tiny_llama):
             r"\[4, 32\] per label but tiny-llama has 4 layers of width 64",
         ),
         (lambda run: write_tasks(run, n_train=2, n_eval=0), "no tasks in the 'eval' split"),
-        (lambda run: run.layers.unlink(), "layers.json not found: run `nnsteer select` first"),
+        (lambda run: run.layers.unlink(), r"layers.json not found: run `nnsteer --run-dir \S+ select` first"),
     ],
 )
 def test_bad_input(run, tiny_llama, change, message):

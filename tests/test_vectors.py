@@ -280,7 +280,7 @@ def test_annotations_of_other_chains_are_refused(tmp_path, tiny_llama):
 
 
 def test_load_vectors_errors(tmp_path):
-    with pytest.raises(BadInput, match="not found: run `nnsteer extract` first"):
+    with pytest.raises(BadInput, match=r"not found: run `nnsteer --run-dir \S+ extract` first"):
         load_vectors(tmp_path / "vectors.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(BadInput, match="not a readable safetensors file"):

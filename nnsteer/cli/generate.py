@@ -34,7 +34,7 @@ def command(
     from nnsteer.store import require
 
     run = run_dir(ctx, model)
-    require(run.tasks)  # before loading the model: "run `nnsteer tasks` first"
+    require(run.tasks)  # before loading the model
     lm = open_model(model, remote, device, dtype)
     chains = generate_chains(
         run, lm, split=split, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size
