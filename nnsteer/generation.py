@@ -208,8 +208,10 @@ def generate_batches(
     max_new_tokens: int = 500,
     batch_size: int = 8,
     progress: bool = True,
+    desc: str = "generate",
 ) -> Iterator[tuple[list[int], list[Generation]]]:
-    """Like :func:`generate`, yielding ``(prompt indices, generations)`` batch by batch.
+    """Like :func:`generate`, yielding ``(prompt indices, generations)`` batch by batch
+    (``desc`` labels the progress bar).
 
     Batches group prompts of similar token length (longest first); every input is
     checked before the first batch runs.
@@ -231,7 +233,7 @@ def generate_batches(
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     stop = eos_ids(lm)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
-    bar = tqdm(total=len(prompts), unit="chain", desc="generate", disable=not progress)
+    bar = tqdm(total=len(prompts), unit="chain", desc=desc, disable=not progress)
     started, n_tokens = time.perf_counter(), 0
     try:
         n_batches = -(-len(order) // batch_size)
@@ -462,6 +464,7 @@ def run_chain_jobs(
         steering=[job.steering for job in todo],
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        desc=metadata.get("stage", "generate"),
     ):
         rows = [_chain_row(lm.name, todo[i], gen) for i, gen in zip(indices, generations)]
         done = pl.concat([done, pl.DataFrame(rows, schema=CHAIN_SCHEMA)])
