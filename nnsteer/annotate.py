@@ -421,13 +421,15 @@ def response_digests(chains: pl.DataFrame) -> dict[str, str]:
             for chain_id, response in chains.select("chain_id", "response").iter_rows()}
 
 
-def check_annotated(annotations_path: Path, chains_path: Path, chains: pl.DataFrame) -> None:
-    """:class:`BadInput` unless ``annotations_path`` was made from exactly ``chains``.
+def check_annotated(annotations_path: Path, metadata: dict[str, Any], chains_path: Path,
+                    chains: pl.DataFrame) -> None:
+    """:class:`BadInput` unless ``annotations_path`` (whose ``metadata`` is given) was made
+    from exactly ``chains``.
 
     Compares the response digests the annotate stage recorded with those of ``chains``
     (all rows of ``chains_path``); a file that recorded none is not checked.
     """
-    recorded = read_metadata(annotations_path).get("responses")
+    recorded = metadata.get("responses")
     if recorded is not None and recorded != response_digests(chains):
         raise BadInput(f"{annotations_path} was made from other chains than {chains_path}: "
                        "rerun `nnsteer annotate`")

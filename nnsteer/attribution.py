@@ -48,7 +48,7 @@ import polars as pl
 import torch
 
 from nnsteer.checkpoint import Checkpoint, announce_resume
-from nnsteer.errors import BadInput
+from nnsteer.errors import BadInput, say
 from nnsteer.labels import STEERED_LABELS
 from nnsteer.models import LoadedModel
 from nnsteer.positions import overlapping_tokens, token_offsets
@@ -387,8 +387,7 @@ def attribute(
         raise BadInput(f"{run.annotations}: no usable {spans!r} span for label(s) "
                        f"{', '.join(missing)}")
     for label in missing:
-        print(f"nnsteer: warning: no span for {label!r} in {run.annotations}; skipped",
-              file=sys.stderr)
+        say(f"warning: no span for {label!r} in {run.annotations}; skipped")
     sequences = {row["chain_id"]: list(row["prompt_ids"]) + list(row["output_ids"])
                  for row in chains.iter_rows(named=True)}
     partial = run.partial("attribute")

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from nnsteer.errors import say
 from nnsteer.store import atomic_path, fingerprint
 
 State = dict[str, torch.Tensor | int | str]
@@ -68,13 +69,13 @@ class Checkpoint:
         if isinstance(saved, str):
             problem = saved
         elif saved[KEY] != self.key:
-            _say(f"{self.path}: left by a run with other inputs or options; starting over")
+            say(f"{self.path}: left by a run with other inputs or options; starting over")
             return initial
         elif not all(_same_kind(saved.get(name), value) for name, value in initial.items()):
             problem = "its entries differ"
         else:
             return {name: saved[name] for name in initial}
-        _say(f"warning: {self.path}: damaged partial file ignored ({problem}); starting over")
+        say(f"warning: {self.path}: damaged partial file ignored ({problem}); starting over")
         return initial
 
     def save(self, state: State) -> None:
@@ -103,10 +104,6 @@ def _load(path: Path) -> dict[str, Any] | str:
     if not isinstance(saved, dict) or not isinstance(saved.get(KEY), str):
         return "not a checkpoint"
     return saved
-
-
-def _say(message: str) -> None:
-    print(f"nnsteer: {message}", file=sys.stderr, flush=True)
 
 
 def _same_kind(saved: Any, expected: Any) -> bool:

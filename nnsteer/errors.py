@@ -1,4 +1,7 @@
-"""Errors nnsteer raises for bad input (exit 2) and for failed runs (exit 1)."""
+"""Errors nnsteer raises for bad input (exit 2) and for failed runs (exit 1), and its
+one-line notes on stderr."""
+
+import sys
 
 
 class NnsteerError(Exception):
@@ -19,3 +22,8 @@ def first_line(exc: BaseException, empty: str | None = None) -> str:
     if text:
         return text.splitlines()[0]
     return type(exc).__name__ if empty is None else empty
+
+
+def say(message: str) -> None:
+    """One line on stderr, ``nnsteer: message``, as the CLI prints its errors."""
+    print(f"nnsteer: {message}", file=sys.stderr, flush=True)

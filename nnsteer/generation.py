@@ -29,7 +29,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from nnsteer.errors import BadInput
+from nnsteer.errors import BadInput, say
 from nnsteer.models import LoadedModel
 from nnsteer.positions import decode_response
 from nnsteer.remote import with_retries
@@ -454,10 +454,10 @@ def run_chain_jobs(
         return table
 
     if not todo:
-        _say(f"{path} is up to date ({done.height} chains)")
+        say(f"{path} is up to date ({done.height} chains)")
         return save(done)  # records this run's options
     if done.height:
-        _say(f"{path}: {done.height} of {len(jobs)} chains already done, generating {len(todo)}")
+        say(f"{path}: {done.height} of {len(jobs)} chains already done, generating {len(todo)}")
     for indices, generations in generate_batches(
         lm,
         [job.prompt for job in todo],
@@ -472,10 +472,6 @@ def run_chain_jobs(
     return table
 
 
-def _say(message: str) -> None:
-    print(f"nnsteer: {message}", file=sys.stderr, flush=True)
-
-
 def _reusable_rows(
     lm: LoadedModel, path: Path, resume_key: str, jobs: list[ChainJob]
 ) -> pl.DataFrame:
@@ -488,7 +484,7 @@ def _reusable_rows(
     if not path.exists():
         return empty
     if read_metadata(path).get("resume_key") != resume_key:
-        _say(f"{path} was written with other settings or inputs: generating it again")
+        say(f"{path} was written with other settings or inputs: generating it again")
         return empty
     existing = read_parquet(path, columns=list(CHAIN_SCHEMA)).cast(CHAIN_SCHEMA)
     expected = {
@@ -496,7 +492,7 @@ def _reusable_rows(
     }
     dropped = existing.filter(~pl.col("chain_id").is_in(list(expected))).height
     if dropped:
-        _say(
+        say(
             f"dropping {dropped} chains of {path} that are not in this run "
             "(--limit or tasks changed)"
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -22,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from nnsteer.annotate import Span, parse_annotation
-from nnsteer.errors import BadInput
+from nnsteer.errors import BadInput, say
 from nnsteer.labels import LABELS
 from nnsteer.models import model_slug
 from nnsteer.store import write_json
@@ -128,9 +127,8 @@ class LLMAnnotator:
         with self._lock:
             if self._temperature is not None:
                 self._temperature = None
-                print(f"nnsteer: openai:{self.model} does not accept temperature 0; annotating at "
-                      "its default temperature (labels may differ between runs)",
-                      file=sys.stderr, flush=True)
+                say(f"openai:{self.model} does not accept temperature 0; annotating at its "
+                    "default temperature (labels may differ between runs)")
 
     def annotate(self, text: str) -> list[Span] | Failed:
         """Spans of ``text`` from the cache or the server; a reply with no labels is asked

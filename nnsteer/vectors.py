@@ -172,13 +172,14 @@ def read_inputs(run: RunDir, model: str) -> tuple[pl.DataFrame, pl.DataFrame]:
             f"use the model that generated the chains (--model {models[0]})"
         )
     chains_model = read_metadata(run.chains).get("model", {}).get("model")
-    annotations_model = read_metadata(run.annotations).get("model", {}).get("model")
+    annotations_metadata = read_metadata(run.annotations)
+    annotations_model = annotations_metadata.get("model", {}).get("model")
     if chains_model and annotations_model and chains_model != annotations_model:
         raise BadInput(
             f"{run.annotations}: annotates chains of {annotations_model}, but {run.chains} "
             f"holds chains of {chains_model}; annotate these chains again"
         )
-    check_annotated(run.annotations, run.chains, all_chains)
+    check_annotated(run.annotations, annotations_metadata, run.chains, all_chains)
     spans = read_parquet(run.annotations, SPAN_COLUMNS).filter(pl.col("status") == "ok")
     unknown = spans.filter(~pl.col("chain_id").is_in(list(known)))
     if not unknown.is_empty():
