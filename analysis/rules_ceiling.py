@@ -19,9 +19,9 @@ from collections import Counter
 import torch
 
 from nnsteer.agreement import agreement, read_annotated_chains, word_labels
-from nnsteer.annotate import parse_annotation
 from nnsteer.labels import LABELS
 from nnsteer.rules import rules_annotate
+from nnsteer.spans import parse_annotation
 
 CLASSES = [*LABELS, "none"]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnsteer.annotate import OK, Span, parse_annotation
+from nnsteer.spans import OK, Span, parse_annotation
 from nnsteer.errors import BadInput
 from nnsteer.labels import LABELS
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from nnsteer.annotate import Span, parse_annotation
+from nnsteer.spans import Span, parse_annotation
 from nnsteer.errors import BadInput, say
 from nnsteer.labels import LABELS
 from nnsteer.models import model_slug

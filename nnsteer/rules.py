@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from nnsteer.annotate import OK, Span
+from nnsteer.spans import OK, Span
 
 #: Sentences of the first paragraph, up to this many, are ``initializing``.
 OPENING_SENTENCES = 2

@@ -43,12 +43,13 @@ from typing import Any, Literal
 import polars as pl
 import torch
 
-from nnsteer.annotate import Span, check_annotated, label_positions
+from nnsteer.annotate import check_annotated, label_positions, spans_by_chain
 from nnsteer.errors import BadInput
 from nnsteer.labels import LABELS, OVERALL
 from nnsteer.models import LoadedModel
 from nnsteer.positions import decode_response, overlapping_tokens, token_offsets
 from nnsteer.residuals import Selection, sum_sample_means
+from nnsteer.spans import Span
 from nnsteer.store import (
     RunDir, atomic_path, provenance, read_complete, read_metadata, read_parquet, require,
 )
@@ -197,10 +198,7 @@ def read_inputs(run: RunDir, model: str) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 def annotated_chains(chains: pl.DataFrame, spans: pl.DataFrame, tokenizer: Any) -> list[AnnotatedChain]:
     """Each chain with its spans and token ranges; :class:`BadInput` if ids and response disagree."""
-    by_chain: dict[str, list[Span]] = {}
-    for row in spans.iter_rows(named=True):
-        by_chain.setdefault(row["chain_id"], []).append(
-            Span(row["label"], row["start"], row["end"], row["status"], row["text"]))
+    by_chain = spans_by_chain(spans)
     result = []
     for row in chains.iter_rows(named=True):
         output_ids = list(row["output_ids"])

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from conftest import ANNOTATED_CHAINS, requires_shared
 from nnsteer.agreement import agreement, file_agreement, word_labels
-from nnsteer.annotate import Span
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.rules import rules_annotate, sentences
+from nnsteer.spans import Span
 
 CHAIN = (
     "Okay, so I need to find the area of the triangle. The sides are 3, 4 and 5.\n\n"
