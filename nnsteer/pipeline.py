@@ -26,6 +26,7 @@ Example config (``configs/demo.toml``)::
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import hashlib
 import importlib
@@ -33,6 +34,8 @@ import inspect
 import sys
 import time
 import tomllib
+import types
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +43,7 @@ from typing import Any
 
 from nnsteer.errors import BadInput
 from nnsteer.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
-from nnsteer.store import RunDir, fingerprint, now_iso, read_json, write_json
+from nnsteer.store import RunDir, fingerprint, now_iso, read_json, run_lock, write_json
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,13 @@ def load_config(path: Path | str) -> Config:
     """Parse a config; :class:`BadInput` naming the file and key for anything unknown."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInput(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise BadInput(f"{path}: a directory, not a config file") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise BadInput(f"{path}: invalid TOML: {exc}") from None
     known = {"run_dir", "model", *STAGE_NAMES}
@@ -124,9 +131,9 @@ def load_config(path: Path | str) -> Config:
     for key in model:
         if key not in MODEL_KEYS:
             raise BadInput(f"{path}: unknown key [model] {key!r} (expected {', '.join(MODEL_KEYS)})")
-    defaults = ModelConfig()
+    hints = typing.get_type_hints(ModelConfig)
     for key, value in model.items():
-        _check_type(path, f"[model] {key}", value, getattr(defaults, key))
+        check_value(path, "model", key, value, hints[key])
     run_dir = raw.get("run_dir")
     if run_dir is not None and not isinstance(run_dir, str):
         raise BadInput(f"{path}: run_dir must be a string")
@@ -138,12 +145,146 @@ def load_config(path: Path | str) -> Config:
     )
 
 
-def _check_type(path: Path, key: str, value: Any, default: Any) -> None:
-    if default is None or isinstance(default, (list, dict)):
-        return
-    expected = (int, float) if isinstance(default, float) else type(default)
-    if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, expected):
-        raise BadInput(f"{path}: {key} = {value!r}: expected {type(default).__name__}")
+def check_value(path: Path, section: str, key: str, value: Any, hint: Any) -> None:
+    """:class:`BadInput` naming ``path`` and ``[section] key`` unless ``value`` has the
+    type ``hint`` and an allowed value (a choice, a count, a fraction)."""
+    where = f"{path}: [{section}] {key} = {value!r}"
+    if not _conforms(value, hint):
+        raise BadInput(f"{where}: expected {_type_name(hint)}")
+    if (section, key) in PATTERNS:
+        test, text = PATTERNS[section, key]
+        if not test(value):
+            raise BadInput(f"{where}: must be {text}")
+    else:
+        choices = _choices(section, key, hint)
+        if choices is not None and any(v not in choices for v in _items(value)):
+            raise BadInput(f"{where}: must be one of {', '.join(map(str, choices))}")
+    least = LEAST.get(key)
+    if least is not None and any(n < least for n in _numbers(value)):
+        raise BadInput(f"{where}: must be {least} or more")
+    if key in FRACTIONS and not 0 <= value < 1:
+        raise BadInput(f"{where}: must be a fraction in [0, 1)")
+
+
+def _items(value: Any) -> list[Any]:
+    """The values a choice option names: a list's items, a table's keys, or the value."""
+    return list(value) if isinstance(value, (list, dict)) else [value]
+
+
+def _numbers(value: Any) -> list[int | float]:
+    """Every number in ``value`` (nested in lists and tables' values)."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+#: The least value of count options (of every stage that has them).
+LEAST: dict[str, int | float] = {
+    "batch_size": 1, "limit": 1, "max_new_tokens": 1, "per_category": 0,
+    "eval_per_category": 0, "workers": 1, "top_k": 1, "n_boot": 1, "validate": 0,
+    "coefficient": 0, "layers": 0, "timeout": 0.001, "retries": 0,
+}
+FRACTIONS = frozenset({"skip_fraction"})
+#: Options whose values are one of a list: the list, or the module constant that holds it.
+CHOICES: dict[tuple[str, str], str | tuple[str, ...]] = {
+    ("tasks", "source"): ("builtin", "file", "claude"),
+    ("generate", "split"): "nnsteer.tasks.SPLITS",
+    ("extract", "variant"): "nnsteer.vectors.VARIANTS",
+    ("attribute", "metric"): "nnsteer.attribution.METRICS",
+    ("attribute", "spans"): "nnsteer.attribution.SPAN_SOURCES",
+    ("attribute", "labels"): "nnsteer.labels.LABELS",
+    ("select", "labels"): "nnsteer.labels.LABELS",
+    ("select", "layers"): "nnsteer.labels.LABELS",
+    ("steer", "behaviours"): "nnsteer.labels.LABELS",
+    ("evaluate", "denominator"): "nnsteer.evaluate.DENOMINATORS",
+    ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
+}
+
+
+def _is_annotator(value: Any) -> bool:
+    return value in ("auto", "rules") or (value.startswith("openai:") and value != "openai:")
+
+
+#: Options whose values follow a pattern rather than a list: its test and its description.
+PATTERNS: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
+    ("annotate", "annotator"): (_is_annotator, "auto, rules or openai:<model>"),
+    ("evaluate", "annotator"): (_is_annotator, "auto, rules or openai:<model>"),
+}
+
+
+def _choices(section: str, key: str, hint: Any) -> tuple[Any, ...] | None:
+    """The values ``[section] key`` may take, if they are a list."""
+    literal = [a for a in _members(hint) if typing.get_origin(a) is typing.Literal]
+    if literal:
+        return typing.get_args(literal[0])
+    where = CHOICES.get((section, key))
+    if where is None or isinstance(where, tuple):
+        return where
+    module, name = where.rsplit(".", 1)
+    values = getattr(importlib.import_module(module), name, None)
+    return None if values is None else tuple(values)
+
+
+def _members(hint: Any) -> tuple[Any, ...]:
+    """The types of a union (``int | None`` → ``int, None``), or the type itself."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a TOML value can be passed where ``hint`` is expected."""
+    if hint in (Any, inspect.Parameter.empty):
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_conforms(value, h) for h in typing.get_args(hint))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return any(type(value) is type(a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    if hint in (str, Path):
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence):
+        item = args[0] if args else Any
+        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if origin in (dict, collections.abc.Mapping):
+        key, item = args or (Any, Any)
+        return isinstance(value, dict) and all(
+            _conforms(k, key) and _conforms(v, item) for k, v in value.items())
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    """``list[str] | None`` → ``list[str]``: what a TOML value must look like."""
+    names = []
+    for member in _members(hint):
+        if member is type(None):
+            continue
+        if typing.get_origin(member) is typing.Literal:
+            names.append("str")
+        elif isinstance(member, type) and not typing.get_args(member):
+            names.append("str" if member is Path else member.__name__)
+        else:
+            names.append(str(member).replace("typing.", "").replace("collections.abc.", ""))
+    return " or ".join(names)
+
+
+def _hint(function: Callable[..., Any], name: str) -> Any:
+    """The evaluated annotation of ``function``'s parameter ``name`` (Any if unknown)."""
+    hint = inspect.signature(function).parameters[name].annotation
+    if isinstance(hint, str):
+        try:
+            hint = eval(hint, {**vars(typing), **function.__globals__})  # noqa: S307 - own code's annotations
+        except Exception:  # a name imported for type checkers only
+            return Any
+    return hint
 
 
 def select_stages(from_stage: str | None = None, only: Iterable[str] = ()) -> list[Stage]:
@@ -185,9 +326,7 @@ def stage_options(config: Config, stage: Stage, function: Callable[..., Any]) ->
         if key not in params:
             raise BadInput(f"{config.path}: unknown key [{stage.name}] {key!r} "
                            f"(expected {', '.join(params) or 'no options'})")
-        default = params[key].default
-        _check_type(config.path, f"[{stage.name}] {key}", value,
-                    None if default is inspect.Parameter.empty else default)
+        check_value(config.path, stage.name, key, value, _hint(function, key))
     if "batch_size" in params and "batch_size" not in options:
         options = {**options, "batch_size": config.model.batch_size}
     return options
@@ -202,11 +341,21 @@ def file_digest(path: Path) -> str | None:
 
 
 class PipelineState:
-    """``pipeline.json``: per stage, the fingerprint it ran with and its outputs' digests."""
+    """``pipeline.json``: per stage, the fingerprint it ran with and its outputs' digests.
+
+    A stage's record is either finished (``complete`` true, with its outputs' digests) or
+    started (``complete`` false, with ``previous``: the finished record it replaces). A
+    finished record may carry ``unfinished``: the fingerprint of a later attempt that
+    failed, whose partial outputs wait under hidden names until it is resumed.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self.stages: dict[str, dict[str, Any]] = read_json(path) if path.exists() else {}
+        stages = read_json(path) if path.exists() else {}
+        if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+            raise BadInput(f"{path}: damaged (not an object of stage records): delete it "
+                           "and rerun (finished stages are redone)")
+        self.stages: dict[str, dict[str, Any]] = stages
 
     def up_to_date(self, stage: str, fp: str, outputs: dict[str, str | None]) -> bool:
         record = self.stages.get(stage, {})
@@ -214,18 +363,41 @@ class PipelineState:
                 and None not in outputs.values() and record.get("outputs") == outputs)
 
     def resumable(self, stage: str, fp: str) -> bool:
-        """Whether ``stage`` was started with this fingerprint and did not finish."""
+        """Whether ``stage`` was started with this fingerprint and did not finish, its
+        partial outputs in place."""
         record = self.stages.get(stage, {})
         return record.get("fingerprint") == fp and record.get("complete") is False
 
-    def record(self, stage: str, fp: str, outputs: dict[str, str | None] | None = None) -> None:
-        """Mark ``stage`` started (``outputs`` None) or finished, atomically."""
-        self.stages[stage] = {"fingerprint": fp, "complete": outputs is not None,
-                              "outputs": outputs, "time": now_iso()}
-        write_json(self.path, self.stages)
+    def waiting(self, stage: str, fp: str) -> bool:
+        """Whether an attempt with this fingerprint failed and its partial outputs wait."""
+        return self.stages.get(stage, {}).get("unfinished") == fp
 
-    def put_back(self, stage: str, record: dict[str, Any] | None) -> None:
-        """Make ``record`` (None: no record) ``stage``'s record again, atomically."""
+    def start(self, stage: str, fp: str) -> None:
+        """Mark ``stage`` started with ``fp``, keeping the finished record it replaces."""
+        record = self.stages.get(stage)
+        if record is not None and record.get("complete") is False:  # resumed: same previous
+            previous = record.get("previous")
+        else:
+            previous = record
+        if previous is not None:
+            previous = {k: v for k, v in previous.items() if k != "unfinished"}
+        self._write(stage, {"fingerprint": fp, "complete": False, "outputs": None,
+                            "time": now_iso(), "previous": previous})
+
+    def finish(self, stage: str, fp: str, outputs: dict[str, str | None]) -> None:
+        self._write(stage, {"fingerprint": fp, "complete": True, "outputs": outputs,
+                            "time": now_iso()})
+
+    def fail(self, stage: str, waiting: bool) -> None:
+        """Make the started record's ``previous`` the record again; ``waiting``: note that
+        the attempt's partial outputs wait under hidden names."""
+        record = self.stages.get(stage, {})
+        restored = dict(record.get("previous") or {})
+        if waiting and record.get("fingerprint"):
+            restored["unfinished"] = record["fingerprint"]
+        self._write(stage, restored or None)
+
+    def _write(self, stage: str, record: dict[str, Any] | None) -> None:
         if record is None:
             self.stages.pop(stage, None)
         else:
@@ -283,46 +455,81 @@ def run_pipeline(
         options = stage_options(config, stage, function)
         if stage.name in selected:
             plan.append((stage, function, options))
+    if any("lm" in inspect.signature(function).parameters for _, function, _ in plan):
+        check_model(config)
     origin = "run_dir" if run_dir else f"{config.path}: run_dir" if config.run_dir else "run directory"
     create_run_dir(run.root, origin)
-    state = PipelineState(run.root / "pipeline.json")
-    model = _LazyModel(config.model)
-    width = max(len(stage.name) for stage, _, _ in plan)
-    for index, (stage, function, options) in enumerate(plan, start=1):
-        prefix = f"[{index}/{len(plan)}] {stage.name:<{width}}"
-        files = _stage_files(run, stage)
-        _discard(files)  # set aside by a run that was killed before it could clean up
-        params = inspect.signature(function).parameters
-        fp = _fingerprint(run, stage, options, model.identity() if "lm" in params else None)
-        outputs = _digests(run, stage.outputs)
-        if not force and state.up_to_date(stage.name, fp, outputs):
-            log(f"{prefix}  skipped (up to date)")
-            continue
-        fresh = force or not state.resumable(stage.name, fp)
-        previous = state.stages.get(stage.name)
-        if fresh:
-            _set_aside(files)
-        log(f"{prefix}  running")
-        state.record(stage.name, fp)
-        start = time.perf_counter()
-        try:
-            kwargs = dict(options)
-            if "lm" in params:
-                kwargs["lm"] = model.get()
-            if "tokenizer" in params and model.loaded is not None:
-                kwargs["tokenizer"] = model.loaded.tokenizer
-            with contextlib.redirect_stdout(sys.stderr):  # stdout is kept for the report's path
-                function(run, **kwargs)
-        except BadInput:
-            if fresh and not any(path.exists() for path in files):
-                _put_back(files)  # rejected before it wrote anything: as if never started
-                state.put_back(stage.name, previous)
-            raise
-        finally:
-            _discard(files)
-        state.record(stage.name, fp, _digests(run, stage.outputs))
-        log(f"{prefix}  done in {_elapsed(time.perf_counter() - start)}")
+    with run_lock(run.root):
+        state = PipelineState(run.root / "pipeline.json")
+        model = _LazyModel(config.model)
+        width = max(len(stage.name) for stage, _, _ in plan)
+        for index, (stage, function, options) in enumerate(plan, start=1):
+            prefix = f"[{index}/{len(plan)}] {stage.name:<{width}}"
+            _run_stage(run, state, model, stage, function, options, force,
+                       lambda message, p=prefix: log(f"{p}  {message}"))
     return run
+
+
+def check_model(config: Config) -> None:
+    """:class:`BadInput` naming the config unless its model is there: an embedded name,
+    a local model directory or .gguf file. A Hugging Face id is checked for its form only
+    (no network), its device for being on this machine."""
+    from nnsteer.models import EMBEDDED_MODELS, resolve_device, resolve_source
+
+    name = config.model.name
+    try:
+        if name not in EMBEDDED_MODELS:  # an embedded model is there once installed
+            resolve_source(name)
+    except BadInput as exc:
+        raise BadInput(f"{config.path}: [model] name = {name!r}: {exc}") from None
+    if not config.model.remote:
+        try:
+            resolve_device(config.model.device)
+        except BadInput as exc:
+            raise BadInput(f"{config.path}: [model] device: {exc}") from None
+
+
+def _run_stage(run: RunDir, state: PipelineState, model: _LazyModel, stage: Stage,
+               function: Callable[..., Any], options: dict[str, Any], force: bool,
+               log: Callable[[str], None]) -> None:
+    """Run one stage unless it is up to date; its finished outputs survive any failure.
+
+    Starting afresh, the stage's finished outputs are set aside (``.<file>.set-aside``);
+    they are discarded when it finishes, and put back when it fails, its partial outputs
+    then waiting (``.<file>.unfinished``) for a rerun with the same fingerprint.
+    """
+    files = _stage_files(run, stage)
+    if any(_hidden(path, SET_ASIDE).exists() for path in files):
+        _put_back(state, stage, files)  # a run killed while they were set aside
+    params = inspect.signature(function).parameters
+    fp = _fingerprint(run, stage, options, model.identity() if "lm" in params else None)
+    if not force and state.up_to_date(stage.name, fp, _digests(run, stage.outputs)):
+        log("skipped (up to date)")
+        return
+    if force or not state.resumable(stage.name, fp):
+        _rename(files, None, SET_ASIDE)
+        if not force and state.waiting(stage.name, fp):
+            _rename(files, UNFINISHED, None)  # the failed attempt continues
+        else:
+            _discard(files, UNFINISHED)
+    log("running")
+    state.start(stage.name, fp)
+    start = time.perf_counter()
+    try:
+        kwargs = dict(options)
+        if "lm" in params:
+            kwargs["lm"] = model.get()
+        if "tokenizer" in params and model.loaded is not None:
+            kwargs["tokenizer"] = model.loaded.tokenizer
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is kept for the report's path
+            function(run, **kwargs)
+    except BaseException:
+        if any(_hidden(path, SET_ASIDE).exists() for path in files):
+            _put_back(state, stage, files)
+        raise
+    _discard(files, SET_ASIDE)
+    state.finish(stage.name, fp, _digests(run, stage.outputs))
+    log(f"done in {_elapsed(time.perf_counter() - start)}")
 
 
 def create_run_dir(root: Path, origin: str) -> list[Path]:
@@ -358,30 +565,41 @@ def _stage_files(run: RunDir, stage: Stage) -> list[Path]:
     return [*(getattr(run, name) for name in stage.outputs), run.partial(stage.name)]
 
 
-def _set_aside_path(path: Path) -> Path:
-    """The hidden name under which ``path`` waits while its stage reruns."""
-    return path.with_name(f".{path.name.lstrip('.')}.set-aside")
+SET_ASIDE, UNFINISHED = "set-aside", "unfinished"
 
 
-def _set_aside(files: Iterable[Path]) -> None:
-    """Move ``files`` to their set-aside names so that their stage starts afresh."""
+def _hidden(path: Path, kind: str) -> Path:
+    """The hidden name of ``path`` while it is set aside or unfinished (``kind``)."""
+    return path.with_name(f".{path.name.lstrip('.')}.{kind}")
+
+
+def _rename(files: Iterable[Path], source: str | None, target: str | None) -> None:
+    """Rename each of ``files`` that exists under its ``source`` name to its ``target``
+    name (None: the file's own name), replacing what is there."""
     for path in files:
-        if path.exists():
-            path.replace(_set_aside_path(path))
+        origin = path if source is None else _hidden(path, source)
+        if origin.exists():
+            origin.replace(path if target is None else _hidden(path, target))
 
 
-def _put_back(files: Iterable[Path]) -> None:
-    """Move set-aside ``files`` back to their names."""
+def _discard(files: Iterable[Path], kind: str) -> None:
     for path in files:
-        aside = _set_aside_path(path)
-        if aside.exists():
-            aside.replace(path)
+        _hidden(path, kind).unlink(missing_ok=True)
 
 
-def _discard(files: Iterable[Path]) -> None:
-    """Delete what is set aside for ``files``."""
-    for path in files:
-        _set_aside_path(path).unlink(missing_ok=True)
+def _put_back(state: PipelineState, stage: Stage, files: list[Path]) -> None:
+    """After a failure (or a kill) of a stage started afresh: its set-aside outputs back in
+    place, its partial outputs kept under their unfinished names for a rerun."""
+    started = state.stages.get(stage.name, {}).get("complete") is False
+    wrote = started and any(path.exists() for path in files)
+    if wrote:
+        _discard(files, UNFINISHED)
+        _rename(files, None, UNFINISHED)
+    elif not started:  # left over beside outputs the pipeline recorded since: those stay
+        _discard([path for path in files if path.exists()], SET_ASIDE)
+    _rename(files, SET_ASIDE, None)
+    if started:
+        state.fail(stage.name, wrote)
 
 
 def _elapsed(seconds: float) -> str:

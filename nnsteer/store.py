@@ -21,7 +21,7 @@ from typing import Any
 
 import polars as pl
 
-from nnsteer.errors import BadInput
+from nnsteer.errors import BadInput, NnsteerError
 
 #: Which stage writes each file, for "run `nnsteer X` first" messages.
 PRODUCERS = {
@@ -142,6 +142,74 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+LOCK_NAME = ".nnsteer.lock"
+_held: dict[Path, tuple[int, int]] = {}  # run directory -> (lock file descriptor, depth)
+
+
+@contextlib.contextmanager
+def run_lock(root: Path | str) -> Iterator[None]:
+    """Hold the run directory ``root`` for this process while the block writes there.
+
+    A second process is refused with :class:`RunDirBusy` naming the process that holds
+    it; a lock left by a process that died is free again (the operating system drops
+    it). The same process may nest the lock. A directory that does not exist yet is not
+    locked (nothing in it to protect).
+    """
+    root = Path(root).resolve()
+    if root in _held:
+        fd, depth = _held[root]
+        _held[root] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _held[root]
+            _held[root] = (fd, depth - 1)
+        return
+    if not root.is_dir():
+        yield
+        return
+    fd = _acquire(root / LOCK_NAME)
+    _held[root] = (fd, 1)
+    try:
+        yield
+    finally:
+        del _held[root]
+        with contextlib.suppress(OSError):
+            os.unlink(root / LOCK_NAME)
+        os.close(fd)
+
+
+class RunDirBusy(NnsteerError):
+    """Another process holds the run directory."""
+
+
+def _acquire(path: Path) -> int:
+    """An open descriptor of the lock file ``path``, exclusively locked by this process."""
+    import fcntl
+    import sys
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirBusy(f"{path.parent} is in use by {holder}: wait for it to finish, "
+                             "or stop it") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:  # its holder removed it as we opened it: try again
+            same = False
+        if same:
+            break
+        os.close(fd)
+    command = " ".join(["nnsteer", *sys.argv[1:]])[:200]
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} ({command}, since {now_iso()})".encode())
+    return fd
+
+
 def write_parquet(df: pl.DataFrame, path: Path | str, metadata: dict[str, Any]) -> None:
     """Write ``df`` atomically with ``metadata`` as JSON under the key ``metadata``."""
     with atomic_path(path) as tmp:
@@ -164,7 +232,7 @@ def read_parquet(path: Path | str, columns: list[str] | None = None) -> pl.DataF
     try:
         df = pl.read_parquet(path)
     except Exception as exc:  # polars raises several kinds for damaged files
-        raise BadInput(f"{path}: not a readable parquet file ({type(exc).__name__})") from None
+        raise damaged(path, exc) from None
     missing = [c for c in columns or [] if c not in df.columns]
     if missing:
         raise BadInput(f"{path}: missing column(s) {', '.join(missing)}")
@@ -194,16 +262,32 @@ def read_complete(path: Path | str, columns: list[str] | None = None) -> pl.Data
 
 
 def read_metadata(path: Path | str) -> dict[str, Any]:
-    """The nnsteer metadata of a parquet or safetensors file ({} if it has none)."""
+    """The nnsteer metadata of a parquet or safetensors file ({} if it has none);
+    :class:`BadInput` naming the file if it is damaged."""
     path = require(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("nnsteer")
-    else:
-        raw = pl.read_parquet_metadata(path).get("metadata")
-    return json.loads(raw) if raw else {}
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("nnsteer")
+        else:
+            raw = pl.read_parquet_metadata(path).get("metadata")
+        metadata = json.loads(raw) if raw else {}
+    except Exception as exc:  # truncated or foreign files fail in many ways
+        raise damaged(path, exc) from None
+    if not isinstance(metadata, dict):
+        raise damaged(path, "its metadata is not an object")
+    return metadata
+
+
+def damaged(path: Path | str, why: BaseException | str) -> BadInput:
+    """The one-line error for a run file that cannot be read: what is wrong and what to do."""
+    reason = why if isinstance(why, str) else type(why).__name__
+    stage = PRODUCERS.get(Path(path).name)
+    todo = (f"delete it and rerun `nnsteer {stage}`" if stage
+            else "replace it or delete it")
+    return BadInput(f"{path}: damaged or not an nnsteer file ({reason}): {todo}")
 
 
 def write_json(path: Path | str, obj: Any) -> None:
@@ -213,11 +297,14 @@ def write_json(path: Path | str, obj: Any) -> None:
 
 
 def read_json(path: Path | str) -> Any:
+    """A JSON file's value; :class:`BadInput` naming the file if it is not UTF-8 JSON."""
     path = require(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise BadInput(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        raise damaged(path, f"invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    except UnicodeDecodeError:
+        raise damaged(path, "not UTF-8 text") from None
 
 
 def write_text(path: Path | str, text: str) -> None:

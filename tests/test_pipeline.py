@@ -250,8 +250,8 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("stage, change", [
-    ("extract", lambda text: text + '\n[extract]\nvariant = "papr"\n'),
-    ("steer", lambda text: text.replace("limit = 2", "limit = -1")),
+    ("select", lambda text: text + '\n[select]\nlayers = {backtracking = [99]}\n'),
+    ("steer", lambda text: text.replace('"uncertainty-estimation"]', '"backtracking"]')),
 ])
 def test_rejected_option_value_keeps_the_finished_outputs(pipeline_config, tmp_path, stage, change):
     run_dir = tmp_path / "run"
@@ -281,14 +281,15 @@ def test_rejected_option_value_keeps_the_finished_outputs(pipeline_config, tmp_p
     assert not list(run_dir.glob(".*.set-aside"))
 
 
-def test_stage_that_wrote_before_failing_keeps_its_new_state(tmp_path, monkeypatch):
-    """Ctrl-C after a fresh stage started: the set-aside outputs are discarded, not restored."""
+def test_stage_that_failed_after_writing_restores_the_old_outputs(tmp_path, monkeypatch):
+    """Ctrl-C after a fresh stage wrote: the old outputs come back, the new ones wait
+    (unfinished) for a rerun with the same options, which continues them."""
     import functools
 
     import nnsteer.tasks
 
     run, _ = _tasks_run(tmp_path, 2)
-    first = pl.read_parquet(run.tasks).height
+    before, first = _snapshot(run.root), pl.read_parquet(run.tasks).height
     real = nnsteer.tasks.write_tasks
 
     @functools.wraps(real)
@@ -299,10 +300,15 @@ def test_stage_that_wrote_before_failing_keeps_its_new_state(tmp_path, monkeypat
     monkeypatch.setattr(nnsteer.tasks, "write_tasks", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _tasks_run(tmp_path, 1)
-    assert pl.read_parquet(run.tasks).height < first  # the new output, with no stale copy beside it
+    assert run.tasks.read_bytes() == before["tasks.parquet"]  # the finished output, untouched
+    assert (run.root / ".tasks.parquet.unfinished").exists()
     assert not list(run.root.glob(".*.set-aside"))
-    state = json.loads((run.root / "pipeline.json").read_text())
-    assert state["tasks"]["complete"] is False  # a rerun with the same options redoes it
+    _, lines = _tasks_run(tmp_path, 2)  # the old options: up to date
+    assert lines == ["[1/1] tasks  skipped (up to date)"]
+    monkeypatch.setattr(nnsteer.tasks, "write_tasks", real)
+    _, lines = _tasks_run(tmp_path, 1)
+    assert "running" in lines[0] and pl.read_parquet(run.tasks).height < first
+    assert not list(run.root.glob(".*.set-aside")) + list(run.root.glob(".*.unfinished"))
 
 
 def test_run_dir_that_cannot_be_created_is_bad_input(tmp_path):

@@ -11,7 +11,7 @@ import click
 
 from nnsteer.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
 from nnsteer.pipeline import create_run_dir
-from nnsteer.store import RunDir
+from nnsteer.store import RunDir, run_lock
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,11 +57,13 @@ def given_run_dir(ctx: click.Context) -> Path | None:
 
 
 def run_dir(ctx: click.Context, model: str | None = None) -> RunDir:
-    """``--run-dir``, else ``runs/<model-slug>``; checked (:func:`check_run_dir`)."""
+    """``--run-dir``, else ``runs/<model-slug>``; checked (:func:`check_run_dir`) and
+    locked against other processes until the command ends (:func:`nnsteer.store.run_lock`)."""
     root = given_run_dir(ctx)
     if root is None:
         root = Path("runs") / model_slug(model or DEFAULT_MODEL)
         check_run_dir(root, "run directory")
+    ctx.with_resource(run_lock(root))
     return RunDir(Path(root))
 
 
