@@ -107,6 +107,7 @@ def _check_chains(chains: pl.DataFrame) -> None:
 def annotate_frame(
     chains: pl.DataFrame, *, annotator: str = "rules", base_url: str | None = None,
     workers: int = 8, cache_dir: Path | None = None, progress: bool = True,
+    timeout: float | None = None, retries: int | None = None,
 ) -> pl.DataFrame:
     """Annotation rows (``annotations.parquet`` columns) for the reasoning of each chain.
 
@@ -126,9 +127,10 @@ def annotate_frame(
     else:
         from nnsteer.llm_annotator import annotate_texts
 
+        limits = {k: v for k, v in (("timeout", timeout), ("retries", retries)) if v is not None}
         results = annotate_texts(texts, model=annotator.removeprefix("openai:"),
                                  base_url=base_url, workers=workers, cache_dir=cache_dir,
-                                 progress=progress)
+                                 progress=progress, **limits)
     out = []
     for (chain_id, _, shift, _), result in zip(rows, results):
         if not isinstance(result, list):  # llm_annotator.Failed
@@ -143,8 +145,12 @@ def annotate_frame(
 def annotate_chains(
     run: RunDir, *, annotator: str = "auto", base_url: str | None = None, workers: int = 8,
     source: str = "chains", tokenizer: Any = None, cache_dir: Path | None = None,
+    timeout: float | None = None, retries: int | None = None,
 ) -> pl.DataFrame:
     """Annotate a run's chains (``source="chains"``) or steered chains (``"steered"``).
+
+    ``timeout`` (seconds per request) and ``retries`` (after a 429, 5xx or timeout) are
+    for the LLM annotator; None keeps its defaults.
 
     Resumable: chains already annotated by the same annotator, whose response has not
     changed since, are kept; failed ones are tried again. Writes ``annotations.parquet`` (or ``steered_annotations.parquet``) and
@@ -165,7 +171,7 @@ def annotate_chains(
 
         cache_dir = user_cache() / "annotations"
     fresh = annotate_frame(todo, annotator=annotator, base_url=base_url, workers=workers,
-                           cache_dir=cache_dir)
+                           cache_dir=cache_dir, timeout=timeout, retries=retries)
     annotations = pl.concat([done, fresh]).sort("chain_id", maintain_order=True)
     options = {"annotator": annotator, "source": source}
     if annotator != "rules":

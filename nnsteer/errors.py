@@ -1,6 +1,8 @@
 """Errors nnsteer raises for bad input (exit 2) and for failed runs (exit 1), and its
 one-line notes on stderr."""
 
+import os
+import re
 import sys
 
 
@@ -26,4 +28,43 @@ def first_line(exc: BaseException, empty: str | None = None) -> str:
 
 def say(message: str) -> None:
     """One line on stderr, ``nnsteer: message``, as the CLI prints its errors."""
-    print(f"nnsteer: {message}", file=sys.stderr, flush=True)
+    print(f"nnsteer: {scrub(message)}", file=sys.stderr, flush=True)
+
+
+#: Environment variables whose values are secrets, never to be printed or stored.
+SECRET_VARIABLES = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "NDIF_API_KEY", "HF_TOKEN",
+                    "HUGGING_FACE_HUB_TOKEN")
+#: Shapes of secrets, and what each is replaced with.
+_SECRET_PATTERNS = [
+    (re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_\-]{6,}"), "***"),  # OpenAI / Anthropic keys
+    (re.compile(r"\bhf_[A-Za-z0-9]{10,}"), "***"),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{6,}"), r"\1 ***"),
+    (re.compile(r"(?i)\b((?:api[_-]?key|token|secret|password)[\"']?\s*[:=]\s*[\"']?)"
+                r"[^\s\"'&,;}]{4,}"), r"\1***"),
+    (re.compile(r"://[^/\s:@]+:[^/\s@]+@"), "://***@"),  # user:password@ in URLs
+]
+
+
+def scrub(text: str) -> str:
+    """``text`` with whatever looks like a key, token or credential replaced by ``***``:
+    the values of :data:`SECRET_VARIABLES` and common key shapes."""
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def public_url(url: str | None) -> str | None:
+    """``url`` without user, password or query (where keys hide), fit to be stored."""
+    if url is None:
+        return None
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -27,7 +27,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from nnsteer.annotate import annotate_chains, resolve_annotator, spans_by_chain, token_label_counts
-from nnsteer.errors import BadInput
+from nnsteer.errors import BadInput, public_url
 from nnsteer.labels import LABELS, STEERED_LABELS
 from nnsteer.positions import decode_response, token_offsets
 from nnsteer.store import (
@@ -210,13 +210,14 @@ def steering_chart(summary: pl.DataFrame) -> alt.LayerChart:
 def evaluate(
     run: RunDir, *, annotator: str | None = None, base_url: str | None = None,
     workers: int = 8, denominator: str = "labelled", n_boot: int = 2000, seed: int = 0,
-    tokenizer: Any = None,
+    tokenizer: Any = None, timeout: float | None = None, retries: int | None = None,
 ) -> pl.DataFrame:
     """Annotate the steered chains, write ``evaluation.parquet``, the chart and the summary.
 
     ``annotator`` defaults to the one that annotated the training chains. Chains already
     in ``steered_annotations.parquet`` by that annotator are not annotated again.
-    ``tokenizer`` defaults to the tokenizer of the steered chains' model.
+    ``tokenizer`` defaults to the tokenizer of the steered chains' model. ``timeout`` and
+    ``retries`` are the LLM annotator's (:func:`nnsteer.annotate.annotate_chains`).
     """
     labels = _denominator_labels(denominator)
     if n_boot < 1:
@@ -226,11 +227,11 @@ def evaluate(
     tokenizer = tokenizer if tokenizer is not None else _chain_tokenizer(run, chains)
     _check_responses(run, chains, tokenizer)
     annotate_chains(run, annotator=annotator, base_url=base_url, workers=workers,
-                    source="steered", tokenizer=tokenizer)
+                    source="steered", tokenizer=tokenizer, timeout=timeout, retries=retries)
     spans = read_parquet(run.steered_annotations, _SPAN_COLUMNS)
 
     evaluation = chain_fractions(chains, spans, tokenizer, denominator, progress=True)
-    options = {"annotator": annotator, "base_url": base_url, "denominator": denominator,
+    options = {"annotator": annotator, "base_url": public_url(base_url), "denominator": denominator,
                "n_boot": n_boot, "seed": seed}
     meta = provenance("evaluate", options, read_metadata(run.steered).get("model"))
     meta["unit"] = UNITS[denominator]

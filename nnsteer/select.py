@@ -24,7 +24,7 @@ import polars as pl
 
 from nnsteer.errors import BadInput
 from nnsteer.labels import STEERED_LABELS
-from nnsteer.store import RunDir, provenance, read_parquet, write_json
+from nnsteer.store import RunDir, damaged, provenance, read_parquet, write_json
 from nnsteer.vectors import load_vectors
 
 
@@ -97,6 +97,27 @@ def check_coefficient(value: Any, what: str) -> float:
     return float(value)
 
 
+def read_attribution(run: RunDir, n_layers: int) -> pl.DataFrame:
+    """``attribution.parquet``'s label, layer and effect columns; :class:`BadInput` naming
+    the file for a row whose layer is not one of the model's ``n_layers`` or whose effect
+    is not a finite number."""
+    table = read_parquet(run.attribution, ["label", "layer", "effect"])
+    try:
+        table = table.select(pl.col("label").cast(pl.String, strict=True),
+                             pl.col("layer").cast(pl.Int64, strict=True),
+                             pl.col("effect").cast(pl.Float64, strict=True))
+    except pl.exceptions.PolarsError:
+        raise damaged(run.attribution, "label, layer or effect of the wrong type") from None
+    bad = table.with_row_index("row").filter(
+        pl.any_horizontal(pl.all().exclude("row").is_null()) | ~pl.col("effect").is_finite()
+        | (pl.col("layer") < 0) | (pl.col("layer") >= n_layers))
+    if len(bad):
+        row = bad.row(0, named=True)
+        raise damaged(run.attribution, f"row {row['row']}: layer {row['layer']}, effect "
+                      f"{row['effect']} (layers 0..{n_layers - 1}, finite effects)")
+    return table
+
+
 def select_layers(
     run: RunDir,
     *,
@@ -131,7 +152,7 @@ def select_layers(
             raise BadInput(f"layers for {label!r}: {_join(bad)} out of range 0..{vs.n_layers - 1}")
     wanted += [label for label in by_hand if label not in wanted]
     ranked = [label for label in wanted if label not in by_hand]
-    table = read_parquet(run.attribution, ["label", "layer", "effect"]) if ranked else None
+    table = read_attribution(run, vs.n_layers) if ranked else None
     choices = []
     for label in wanted:
         if label in by_hand:

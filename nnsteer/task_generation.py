@@ -21,7 +21,7 @@ from typing import Any
 import polars as pl
 from tqdm import tqdm
 
-from nnsteer.errors import BadInput, NnsteerError
+from nnsteer.errors import BadInput, NnsteerError, scrub
 from nnsteer.store import RunDir, atomic_path
 from nnsteer.tasks import (
     CATEGORIES,
@@ -161,6 +161,9 @@ def generate_tasks(
         if missing := _missing(generated, category, wanted):
             tqdm.write(f"nnsteer: {category}: {missing} tasks short; rerun to ask again", file=sys.stderr)
 
+    if not generated and per_category + eval_per_category > 0:
+        kept = f"{run.tasks} is kept as it was" if run.tasks.exists() else f"{run.tasks} is not written"
+        raise NnsteerError(f"Claude gave no usable task: {kept}; rerun to ask again")
     tasks = cap_tasks(tasks_frame(generated), per_category, eval_per_category)
     options = {"source": "anthropic", "model": model, "per_category": per_category,
                "eval_per_category": eval_per_category}
@@ -204,8 +207,11 @@ def _parse_reply(reply: Any, category: str) -> tuple[list[tuple[int, dict[str, A
 
 
 def _describe(exc: Exception) -> str:
+    """A failed request in a few words; the body of a refused key is not shown (it may echo it)."""
     status = getattr(exc, "status_code", None)
-    return f"HTTP {status}: {exc.message}" if status else type(exc).__name__
+    if status in (401, 403):
+        return f"HTTP {status}: {API_KEY_VARIABLE} was refused"
+    return f"HTTP {status}: {scrub(str(exc.message))[:200]}" if status else type(exc).__name__
 
 
 def _count(tasks: list[dict[str, Any]], category: str, split: str) -> int:

@@ -51,7 +51,7 @@ from nnsteer.positions import decode_response, overlapping_tokens, token_offsets
 from nnsteer.residuals import Selection, sum_sample_means
 from nnsteer.spans import Span
 from nnsteer.store import (
-    RunDir, atomic_path, provenance, read_complete, read_metadata, read_parquet, require,
+    RunDir, atomic_path, damaged, provenance, read_complete, read_metadata, read_parquet, require,
 )
 
 #: How each variant rescales its vectors (recorded in the metadata).
@@ -108,24 +108,28 @@ def load_vectors(path: Path | str) -> VectorSet:
 
     Raises :class:`BadInput` if the file is missing, unreadable or not a vector set.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     path = require(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("nnsteer")
             vectors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise BadInput(f"{path}: not a readable safetensors file ({exc})") from None
+    except Exception as exc:  # truncated or foreign files fail in many ways
+        raise damaged(path, exc) from None
     try:
         metadata = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
-        raise BadInput(f"{path}: its nnsteer metadata is not valid JSON") from None
+        raise damaged(path, "its nnsteer metadata is not valid JSON") from None
     if not vectors:
         raise BadInput(f"{path}: holds no vectors")
     shapes = {tuple(v.shape) for v in vectors.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise BadInput(f"{path}: vectors must all be [n_layers, d_model], found {sorted(shapes)}")
+    broken = sorted(name for name, v in vectors.items()
+                    if not v.is_floating_point() or not torch.isfinite(v).all())
+    if broken:
+        raise damaged(path, f"vector(s) {', '.join(broken)} hold NaN, inf or non-float values")
     rank = {**{label: i for i, label in enumerate(LABELS)}, OVERALL: len(LABELS) + 1}
     ordered = sorted(vectors, key=lambda name: (rank.get(name, len(LABELS)), name))
     return VectorSet({name: vectors[name] for name in ordered}, metadata)

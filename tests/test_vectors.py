@@ -283,7 +283,7 @@ def test_load_vectors_errors(tmp_path):
     with pytest.raises(BadInput, match=r"not found: run `nnsteer --run-dir \S+ extract` first"):
         load_vectors(tmp_path / "vectors.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(BadInput, match="not a readable safetensors file"):
+    with pytest.raises(BadInput, match="bad.safetensors: damaged or not an nnsteer file"):
         load_vectors(tmp_path / "bad.safetensors")
 
 

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import click
 
-from nnsteer.errors import NnsteerError
+from nnsteer.errors import NnsteerError, scrub
 
 INTERRUPTED = "nnsteer: interrupted; finished work is saved, rerun to continue"
 #: Click's "no arguments: show the help" (click >= 8.2), shown as click shows it.
@@ -47,7 +47,7 @@ def _one_line_errors(where: Callable[[], str]) -> Iterator[None]:
     except click.UsageError as exc:
         _fail(_usage_line(exc, where), exc.exit_code)
     except NnsteerError as exc:
-        _fail(f"nnsteer: error: {exc}", exc.exit_code)
+        _fail(f"nnsteer: error: {scrub(str(exc))}", exc.exit_code)
     except KeyboardInterrupt:
         _fail(INTERRUPTED, 130)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from nnsteer.cli.common import llm_limits
 from nnsteer.models import DEFAULT_MODEL
 
 
@@ -18,6 +19,7 @@ from nnsteer.models import DEFAULT_MODEL
 @click.option("--base-url", default=None, help="Any OpenAI-compatible server (vLLM, Ollama).")
 @click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True,
               help="Concurrent LLM requests.")
+@llm_limits
 @click.option("--source", type=click.Choice(["chains", "steered"]), default="chains",
               show_default=True, help="Annotate chains.parquet or steered.parquet.")
 @click.option("--agreement", "agreement_files", multiple=True,
@@ -26,7 +28,7 @@ from nnsteer.models import DEFAULT_MODEL
                    "of FILE (annotated-chains JSON). Repeatable.")
 @click.pass_context
 def command(ctx: click.Context, model: str, annotator: str, base_url: str | None, workers: int,
-            source: str, agreement_files: tuple[Path, ...]) -> None:
+            timeout: float, retries: int, source: str, agreement_files: tuple[Path, ...]) -> None:
     """Annotate chains into behaviour spans (annotations.parquet)."""
     if agreement_files:
         from nnsteer.agreement import file_agreement
@@ -41,7 +43,7 @@ def command(ctx: click.Context, model: str, annotator: str, base_url: str | None
 
     run = run_dir(ctx, model)
     summary = annotate_chains(run, annotator=annotator, base_url=base_url, workers=workers,
-                              source=source)
+                              source=source, timeout=timeout, retries=retries)
     out = run.annotations if source == "chains" else run.steered_annotations
     click.echo(f"wrote {out}")
     click.echo(f"{'label':<24}{'spans':>7}{'tokens':>8}{'unaligned':>11}{'unknown':>9}")

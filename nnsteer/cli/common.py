@@ -43,6 +43,18 @@ def generation_options(what: str) -> Callable[[Callable[..., Any]], Callable[...
     return decorate
 
 
+def llm_limits(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--timeout --retries`` of each LLM annotator request."""
+    from nnsteer.llm_annotator import DEFAULT_RETRIES, DEFAULT_TIMEOUT
+
+    func = click.option("--retries", type=click.IntRange(min=0), default=DEFAULT_RETRIES,
+                        show_default=True,
+                        help="Retries of a request after a 429, a 5xx or a timeout.")(func)
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+                        default=DEFAULT_TIMEOUT, show_default=True,
+                        help="Seconds an LLM request may take.")(func)
+
+
 def open_model(model: str, remote: bool, device: str | None, dtype: str) -> LoadedModel:
     """Load the model named by the common options."""
     return load_model(model, device=device, dtype=dtype, remote=remote)
