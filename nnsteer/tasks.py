@@ -111,13 +111,16 @@ def read_task_file(path: Path | str, source: str = "file") -> pl.DataFrame:
         raise BadInput(f"{path}: unknown task file type {path.suffix!r} (use .jsonl or .csv)")
     tasks: list[dict[str, Any]] = []
     first_seen: dict[str, str] = {}
-    for where, record in rows(path):
-        task = parse_task(record, where)
-        key = normalise(task["prompt"])
-        if key in first_seen:
-            raise BadInput(f"{where}: same task as {first_seen[key]}")
-        first_seen[key] = where
-        tasks.append({**task, "where": where, "source": source})
+    try:
+        for where, record in rows(path):
+            task = parse_task(record, where)
+            key = normalise(task["prompt"])
+            if key in first_seen:
+                raise BadInput(f"{where}: same task as {first_seen[key]}")
+            first_seen[key] = where
+            tasks.append({**task, "where": where, "source": source})
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not UTF-8 text (after {len(tasks)} task(s))") from None
     if not tasks:
         raise BadInput(f"{path}: no tasks")
     _fill_task_ids(tasks)

@@ -1,0 +1,415 @@
+"""Fault injection: misbehaving LLM servers, damaged files, bad configs, two writers, SIGKILL.
+
+Every case checks the exit code, that the error is one line, and that the files it
+must not touch are byte for byte as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fake_llm import FakeLLM
+from nnsteer.cli import cli
+from nnsteer.store import LOCK_NAME, RunDir, run_lock, write_parquet
+from nnsteer.vectors import VectorSet, save_vectors
+
+KEY = "sk-test-SECRET-0123456789"
+#: Reasoning texts of four sentences each, so that a reply labelling one covers a quarter.
+TEXTS = ["Okay, so I need to find x. We know that 2x = 6. So x is 3. Let me check: 2 * 3 = 6.",
+         "First, the area of a square is its side squared. The side is 4. So the area is 16. "
+         "Wait, maybe the side was 5?",
+         "I remember that primes have two divisors. Take 7 as an example. It has 1 and 7. "
+         "So 7 is prime."]
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    """``nnsteer ARGS`` in this process: its exit code and its stderr."""
+    result = CliRunner().invoke(cli, list(args))
+    assert not isinstance(result.exception, (AssertionError, TypeError, KeyError)), result.exception
+    return result.exit_code, result.stderr
+
+
+def one_line(stderr: str) -> str:
+    """The error line; every other line on stderr is a progress bar or a note."""
+    errors = [line for line in stderr.splitlines() if line.startswith("nnsteer: error:")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------ the LLM annotator
+
+@pytest.fixture
+def chains_run(tmp_path, monkeypatch, tokenizer) -> RunDir:
+    """A run directory with three chains of :data:`TEXTS` and a key in the environment."""
+    from nnsteer.models import cache_dir, embedded_dir
+
+    model = embedded_dir("smollm2-135m")  # the tokenizer of the chains, made once
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("NNSTEER_CACHE", str(tmp_path / "cache"))
+    (cache_dir() / model.name).parent.mkdir(parents=True)
+    (cache_dir() / model.name).symlink_to(model)
+    run = RunDir(tmp_path / "run")
+    chains = pl.DataFrame({
+        "chain_id": ["c0", "c1", "c2"], "model": "smollm2-135m", "prompt_ids": [[1]] * 3,
+        "output_ids": [tokenizer.encode(t) for t in TEXTS], "response": TEXTS,
+        "thinking_start": [0] * 3, "thinking_end": [len(t) for t in TEXTS]})
+    write_parquet(chains, run.chains, {"stage": "generate"})
+    return run
+
+
+def replies() -> Path:
+    """The LLM annotator's reply cache."""
+    return Path(os.environ["NNSTEER_CACHE"]) / "annotations"
+
+
+def annotate(run: RunDir, server: FakeLLM, *extra: str) -> tuple[int, str]:
+    return invoke("--run-dir", str(run.root), "annotate", "--annotator", "openai:gpt-4o",
+                  "--base-url", server.url, "--retries", "0", "--timeout", "5", *extra)
+
+
+@pytest.mark.parametrize("mode", ["garbage", "empty", "invented", "paraphrase", "partial",
+                                  "truncated", "no-choices", "bad-json", "hang", "echo-key"])
+def test_bad_replies_fail_their_chains_and_are_asked_again(chains_run, mode):
+    run = chains_run
+    chains = run.chains.read_bytes()
+    server = FakeLLM(mode, hang_s=2.0)
+    try:
+        code, stderr = annotate(run, server, *(["--timeout", "0.3"] if mode == "hang" else []))
+        assert code == 0, stderr
+        assert "3 chain(s) could not be annotated (c0, c1, c2): rerun to try them again" in stderr
+        rows = pl.read_parquet(run.annotations)
+        assert rows["status"].to_list() == ["failed"] * 3
+        assert KEY not in stderr and not any(KEY in text for text in rows["text"])
+        assert not list(replies().rglob("*.json"))  # nothing cached
+        assert run.chains.read_bytes() == chains
+        server.mode = "good"  # the next run asks again, and keeps what it is given
+        code, stderr = annotate(run, server)
+        assert code == 0, stderr
+        assert set(pl.read_parquet(run.annotations)["status"]) == {"ok"}
+        assert len(list(replies().rglob("*.json"))) == 3
+    finally:
+        server.close()
+
+
+def test_rate_limits_and_server_errors_are_retried(chains_run):
+    server = FakeLLM("flaky")
+    try:
+        code, stderr = annotate(chains_run, server, "--retries", "2", "--workers", "1")
+        assert code == 0, stderr
+        assert set(pl.read_parquet(chains_run.annotations)["status"]) == {"ok"}
+        assert server.requests == 5  # a 429, a 500, then the three chains
+    finally:
+        server.close()
+
+
+def test_one_malformed_response_fails_one_chain_only(chains_run):
+    server = FakeLLM("good")
+    real = server.answer
+    server.answer = lambda body, n, key: (
+        (200, b"not json") if body["messages"][-1]["content"] == TEXTS[1] else real(body, n, key))
+    try:
+        code, stderr = annotate(chains_run, server)
+        assert code == 0, stderr
+        rows = pl.read_parquet(chains_run.annotations)
+        assert rows.filter(pl.col("status") == "failed")["chain_id"].to_list() == ["c1"]
+        assert set(rows.filter(pl.col("chain_id") != "c1")["status"]) == {"ok"}
+    finally:
+        server.close()
+
+
+def test_ctrl_c_cancels_pending_requests(chains_run, monkeypatch):
+    """Ctrl-C while the first request hangs: the others are never sent, the run ends at once."""
+    import nnsteer.llm_annotator as llm
+
+    server = FakeLLM("hang", hang_s=30)
+    real = llm.tqdm
+
+    def interrupted(iterable, **kwargs):
+        time.sleep(0.3)  # the first request is in flight
+        raise KeyboardInterrupt
+        yield from real(iterable, **kwargs)
+
+    monkeypatch.setattr(llm, "tqdm", interrupted)
+    try:
+        start = time.monotonic()
+        code, stderr = annotate(chains_run, server, "--workers", "1")
+        assert code == 130 and time.monotonic() - start < 5
+        assert stderr.strip() == "nnsteer: interrupted; finished work is saved, rerun to continue"
+        assert server.requests <= 1
+        assert not chains_run.annotations.exists()
+    finally:
+        server.close()
+
+
+def test_credentials_in_the_base_url_are_not_stored(chains_run, tmp_path):
+    server = FakeLLM("good")
+    try:
+        url = server.url.replace("http://", "http://user:hunter2@")
+        code, stderr = annotate(chains_run, server, "--base-url", url)
+        assert code == 0, stderr
+    finally:
+        server.close()
+    from nnsteer.errors import public_url
+
+    assert public_url(url) == server.url
+    stored = b"".join(snapshot(chains_run.root).values())
+    assert b"hunter2" not in stored and KEY.encode() not in stored
+
+
+def test_claude_giving_nothing_usable_keeps_the_tasks(tmp_path, monkeypatch):
+    """``tasks generate`` against a Messages server whose replies hold no task: exit 1."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            data = json.dumps({"id": "m", "type": "message", "role": "assistant", "model": "c",
+                               "content": [{"type": "text", "text": "Sorry, no tasks today."}],
+                               "stop_reason": "end_turn", "stop_sequence": None,
+                               "usage": {"input_tokens": 1, "output_tokens": 1}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    run = RunDir(tmp_path / "run")
+    try:
+        assert invoke("--run-dir", str(run.root), "tasks", "--per-category", "1")[0] == 0
+        before = run.tasks.read_bytes()
+        code, stderr = invoke("--run-dir", str(run.root), "tasks", "generate", "--per-category",
+                              "1", "--eval-per-category", "0", "--base-url",
+                              f"http://127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert code == 1
+    assert one_line(stderr) == (f"nnsteer: error: Claude gave no usable task: {run.tasks} is "
+                                "kept as it was; rerun to ask again")
+    assert run.tasks.read_bytes() == before
+
+
+# ---------------------------------------------------------------------- damaged files
+
+N_LAYERS = 6
+
+
+@pytest.fixture
+def select_run(tmp_path) -> RunDir:
+    """Vectors and an attribution table: enough for ``nnsteer select``."""
+    run = RunDir(tmp_path / "run")
+    save_vectors(VectorSet({label: torch.ones(N_LAYERS, 8) for label in ("backtracking", "overall")},
+                           {}), run.vectors)
+    rows = [{"label": "backtracking", "layer": layer, "effect": float(layer), "std": 0.0,
+             "n_spans": 3, "metric": "nll"} for layer in range(N_LAYERS)]
+    write_parquet(pl.DataFrame(rows), run.attribution, {})
+    return run
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def overwrite(path: Path) -> None:
+    path.write_bytes(b"\x89\xff garbage \x00" * 10)
+
+
+def nan_vector(path: Path) -> None:
+    save_vectors(VectorSet({"backtracking": torch.full((N_LAYERS, 8), float("nan")),
+                            "overall": torch.ones(N_LAYERS, 8)}, {}), path)
+
+
+def edit_attribution(**column) -> callable:
+    def edit(path: Path) -> None:
+        df = pl.read_parquet(path)
+        write_parquet(df.with_columns(**{k: pl.Series(v) for k, v in column.items()}), path, {})
+    return edit
+
+
+@pytest.mark.parametrize("name, damage, expected", [
+    ("vectors.safetensors", truncate, "damaged or not an nnsteer file"),
+    ("vectors.safetensors", overwrite, "damaged or not an nnsteer file"),
+    ("vectors.safetensors", nan_vector, "backtracking hold NaN"),
+    ("attribution.parquet", truncate, "damaged or not an nnsteer file"),
+    ("attribution.parquet", overwrite, "damaged or not an nnsteer file"),
+    ("attribution.parquet", edit_attribution(effect=[0.0, 1.0, float("nan"), 0.0, 0.0, 0.0]),
+     "row 2: layer 2, effect nan"),
+    ("attribution.parquet", edit_attribution(effect=[0.0, 1.0, float("inf"), 0.0, 0.0, 0.0]),
+     "row 2: layer 2, effect inf"),
+    ("attribution.parquet", edit_attribution(layer=[0, 1, 2, 3, 4, 99]), "row 5: layer 99"),
+    ("attribution.parquet", edit_attribution(effect=["a", "b", "c", "d", "e", "f"]),
+     "of the wrong type"),
+])
+def test_damaged_inputs_of_select_are_one_line(select_run, name, damage, expected):
+    damage(select_run.path(name))
+    before = snapshot(select_run.root)
+    code, stderr = invoke("--run-dir", str(select_run.root), "select")
+    assert code == 2
+    line = one_line(stderr)
+    assert line.startswith(f"nnsteer: error: {select_run.path(name)}: ") and expected in line, line
+    assert "delete it and rerun `nnsteer " in line
+    assert snapshot(select_run.root) == before  # layers.json not written
+
+
+@pytest.mark.parametrize("damage", [truncate, overwrite])
+def test_damaged_chains_are_one_line_for_annotate(chains_run, damage):
+    damage(chains_run.chains)
+    before = snapshot(chains_run.root)
+    code, stderr = invoke("--run-dir", str(chains_run.root), "annotate", "--annotator", "rules")
+    assert code == 2
+    assert one_line(stderr).startswith(f"nnsteer: error: {chains_run.chains}: damaged")
+    assert snapshot(chains_run.root) == before
+
+
+def test_damaged_earlier_annotations_are_one_line_on_resume(chains_run, tokenizer):
+    from nnsteer.annotate import annotate_chains
+
+    annotate_chains(chains_run, annotator="rules", tokenizer=tokenizer)
+    truncate(chains_run.annotations)
+    before = snapshot(chains_run.root)
+    code, stderr = invoke("--run-dir", str(chains_run.root), "annotate", "--annotator", "rules")
+    assert code == 2
+    assert one_line(stderr).startswith(f"nnsteer: error: {chains_run.annotations}: damaged")
+    assert snapshot(chains_run.root) == before
+
+
+def test_damaged_pipeline_state_and_non_utf8_files_are_one_line(tmp_path):
+    run = tmp_path / "run"
+    config = tmp_path / "c.toml"
+    config.write_text('[tasks]\nper_category = 1\n')
+    assert invoke("--run-dir", str(run), "run", "--config", str(config), "--only", "tasks")[0] == 0
+    (run / "pipeline.json").write_text('{"tasks": [')
+    before = snapshot(run)
+    code, stderr = invoke("--run-dir", str(run), "run", "--config", str(config))
+    assert code == 2 and f"{run / 'pipeline.json'}: damaged" in one_line(stderr)
+    assert snapshot(run) == before
+
+    config.write_bytes(b"[tasks]\nper_category = 1 # \xff\xfe\n")
+    code, stderr = invoke("--run-dir", str(run), "run", "--config", str(config))
+    assert code == 2 and one_line(stderr) == f"nnsteer: error: {config}: not UTF-8 text"
+
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_bytes(b'{"prompt": "What is 2 + 2?", "category": "mathematical-logic"}\n\xff\n')
+    code, stderr = invoke("--run-dir", str(run), "tasks", "--from", str(tasks))
+    assert code == 2 and one_line(stderr).startswith(f"nnsteer: error: {tasks}: not UTF-8 text")
+    assert snapshot(run) == before
+
+
+# ---------------------------------------------------------------------- config checks
+
+@pytest.mark.parametrize("table, message", [
+    ('[attribute]\nmetric = "nlll"', "[attribute] metric = 'nlll': must be one of "
+                                     "released-code, nll, kl2, exact"),
+    ("[steer]\nbehaviours = 5", "[steer] behaviours = 5: expected list[str]"),
+    ('[steer]\nbehaviours = ["backtracing"]', "[steer] behaviours = ['backtracing']: must be one of"),
+    ("[select]\nlabels = 5", "[select] labels = 5: expected "),
+    ('[select]\nlayers = {backtracking = "x"}', "[select] layers = {'backtracking': 'x'}: expected "
+                                                "dict[str, list[int]]"),
+    ("[select]\nlayers = {backtracking = [-1]}", "must be 0 or more"),
+    ("[select]\nskip_fraction = 1.5", "[select] skip_fraction = 1.5: must be a fraction in [0, 1)"),
+    ("[generate]\nlimit = 0", "[generate] limit = 0: must be 1 or more"),
+    ('[annotate]\nannotator = "gpt4"', "[annotate] annotator = 'gpt4': must be auto, rules or "
+                                       "openai:<model>"),
+    ('[extract]\nvariant = "papr"', "[extract] variant = 'papr': must be one of paper, released-code"),
+    ('[model]\ndtype = "float8"', "[model] dtype = 'float8': must be one of auto"),
+    ('[model]\nname = "missing.gguf"', "[model] name = 'missing.gguf': missing.gguf: no such GGUF file"),
+    ('[model]\nname = "no/such/model/path"', "[model] name = 'no/such/model/path': unknown model"),
+])
+def test_whole_config_is_checked_before_the_first_stage(tmp_path, table, message):
+    """A bad value anywhere stops ``nnsteer run`` before any stage runs or any file changes."""
+    run = tmp_path / "run"
+    good = tmp_path / "good.toml"
+    good.write_text("[tasks]\nper_category = 1\n")
+    assert invoke("--run-dir", str(run), "run", "--config", str(good), "--only", "tasks")[0] == 0
+    before = snapshot(run)
+    config = tmp_path / "x.toml"
+    config.write_text(f"[tasks]\nper_category = 2\n{table}\n")
+    code, stderr = invoke("--run-dir", str(run), "run", "--config", str(config))
+    assert code == 2
+    line = one_line(stderr)
+    assert line.startswith(f"nnsteer: error: {config}: ") and message in line, line
+    assert "running" not in stderr
+    assert snapshot(run) == before
+
+
+# ------------------------------------------------------------------ two writers, SIGKILL
+
+def test_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    run = tmp_path / "run"
+    assert invoke("--run-dir", str(run), "tasks", "--per-category", "1")[0] == 0
+    before = snapshot(run)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from nnsteer.store import run_lock\n"
+         f"with run_lock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, stderr = invoke("--run-dir", str(run), "tasks", "--per-category", "2")
+        assert code == 1
+        assert one_line(stderr).startswith(
+            f"nnsteer: error: {run.resolve()} is in use by process {holder.pid} (")
+        assert "wait for it to finish, or stop it" in stderr
+        assert {k: v for k, v in snapshot(run).items() if k != LOCK_NAME} == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (run / LOCK_NAME).exists()  # left by the killed holder: free again
+    code, stderr = invoke("--run-dir", str(run), "tasks", "--per-category", "2")
+    assert code == 0, stderr
+    assert not (run / LOCK_NAME).exists()
+    with run_lock(run), run_lock(run):  # nests in one process
+        assert (run / LOCK_NAME).exists()
+
+
+def test_sigkill_while_outputs_are_set_aside_loses_nothing(tmp_path):
+    """A real ``nnsteer run`` killed while the tasks stage reruns with new options (asking
+    a server that never answers): the next run puts the finished outputs back."""
+    run = tmp_path / "run"
+    old, new = tmp_path / "old.toml", tmp_path / "new.toml"
+    old.write_text("[tasks]\nper_category = 1\n")
+    assert invoke("--run-dir", str(run), "run", "--config", str(old))[0] == 0
+    before = snapshot(run)
+    server = FakeLLM("hang", hang_s=30)
+    new.write_text(f'[tasks]\nsource = "claude"\nbase_url = "{server.url}"\n'
+                   "per_category = 1\neval_per_category = 0\n")
+    process = subprocess.Popen([sys.executable, "-m", "nnsteer", "--run-dir", str(run), "run",
+                                "--config", str(new)], stderr=subprocess.DEVNULL,
+                               env={**os.environ, "ANTHROPIC_API_KEY": KEY})
+    try:
+        deadline = time.monotonic() + 60
+        while not server.requests:  # the stage is waiting for its reply
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        server.close()
+    assert not (run / "tasks.parquet").exists()  # set aside when it was killed
+    code, stderr = invoke("--run-dir", str(run), "run", "--config", str(old))
+    assert code == 0 and "skipped (up to date)" in stderr, stderr
+    after = snapshot(run)
+    assert after["tasks.parquet"] == before["tasks.parquet"]
+    assert not [name for name in after if name.endswith((".set-aside", ".unfinished"))]
