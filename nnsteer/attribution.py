@@ -55,7 +55,7 @@ from nnsteer.positions import overlapping_tokens, token_offsets
 from nnsteer.remote import with_retries
 from nnsteer.select import no_steered_vector
 from nnsteer.store import RunDir, provenance, write_parquet
-from nnsteer.vectors import VectorSet, load_vectors, read_inputs
+from nnsteer.vectors import VectorSet, check_current, load_vectors, read_inputs
 
 #: First-order estimates ``ΔL = u · ∂L/∂a_l`` (one backward pass per batch of probes).
 FIRST_ORDER = ("released-code", "nll")
@@ -374,6 +374,7 @@ def attribute(
     check_option("spans", spans, SPAN_SOURCES)
     vs = load_vectors(run.vectors)
     check_vectors(vs, lm, str(run.vectors))
+    check_current(vs, run)
     asked = list(labels) if labels else [label for label in STEERED_LABELS if label in vs.vectors]
     if not asked:
         raise BadInput(no_steered_vector(run))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
-import hashlib
 import importlib
 import inspect
 import sys
@@ -43,7 +42,9 @@ from typing import Any
 
 from nnsteer.errors import BadInput
 from nnsteer.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
-from nnsteer.store import RunDir, fingerprint, now_iso, read_json, run_lock, write_json
+from nnsteer.store import (
+    RunDir, file_digest, fingerprint, now_iso, read_json, run_lock, write_json,
+)
 
 
 @dataclass(frozen=True)
@@ -330,14 +331,6 @@ def stage_options(config: Config, stage: Stage, function: Callable[..., Any]) ->
     if "batch_size" in params and "batch_size" not in options:
         options = {**options, "batch_size": config.model.batch_size}
     return options
-
-
-def file_digest(path: Path) -> str | None:
-    """SHA-256 of a file's bytes, or ``None`` if it does not exist."""
-    if not path.is_file():
-        return None
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class PipelineState:

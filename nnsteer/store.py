@@ -236,7 +236,47 @@ def read_parquet(path: Path | str, columns: list[str] | None = None) -> pl.DataF
     missing = [c for c in columns or [] if c not in df.columns]
     if missing:
         raise BadInput(f"{path}: missing column(s) {', '.join(missing)}")
+    _check_rows(path, df)
     return df
+
+
+_CHAINS = {"unique": "chain_id", "filled": ("chain_id", "response", "prompt_ids", "output_ids"),
+           "integer": ("thinking_start", "thinking_end")}
+_SPANS = {"filled": ("chain_id", "status", "start", "end"), "integer": ("start", "end"),
+          "statuses": True}
+#: What the rows of each run file must hold, whoever reads them: a column of unique
+#: values, columns without nulls, integer columns, and known span statuses.
+ROW_RULES: dict[str, dict[str, Any]] = {
+    "tasks.parquet": {"unique": "task_id", "filled": ("task_id", "prompt", "category", "split")},
+    "chains.parquet": _CHAINS,
+    "steered.parquet": _CHAINS,
+    "annotations.parquet": _SPANS,
+    "steered_annotations.parquet": _SPANS,
+}
+
+
+def _check_rows(path: Path, df: pl.DataFrame) -> None:
+    """:class:`BadInput` naming ``path`` and the first bad row against :data:`ROW_RULES`."""
+    from nnsteer.spans import FAILED, OK, UNALIGNED, UNKNOWN_LABEL
+
+    rules = ROW_RULES.get(path.name, {})
+    for column in rules.get("integer", ()):
+        if column in df.columns and not df.schema[column].is_integer():
+            raise BadInput(f"{path}: column {column} holds {df.schema[column]}, not integers")
+    for column in rules.get("filled", ()):
+        if column in df.columns and df[column].null_count():
+            row = df[column].is_null().arg_true()[0]
+            raise BadInput(f"{path}: row {row}: {column} is empty")
+    unique = rules.get("unique")
+    if unique in df.columns and df[unique].n_unique() != len(df):
+        repeated = df[unique].filter(df[unique].is_duplicated())[0]
+        raise BadInput(f"{path}: {unique} {repeated!r} appears more than once")
+    if rules.get("statuses") and "status" in df.columns:
+        known = (OK, UNALIGNED, UNKNOWN_LABEL, FAILED)
+        bad = df.with_row_index("row").filter(~pl.col("status").is_in(known))
+        if len(bad):
+            raise BadInput(f"{path}: row {bad['row'][0]}: status {bad['status'][0]!r} is not "
+                           f"one of {', '.join(known)}")
 
 
 def completeness(done: int, planned: int) -> dict[str, Any]:
@@ -311,6 +351,15 @@ def write_text(path: Path | str, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def file_digest(path: Path | str) -> str | None:
+    """SHA-256 of a file's bytes, or ``None`` if it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fingerprint(*parts: Any) -> str:

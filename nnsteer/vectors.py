@@ -51,7 +51,7 @@ from nnsteer.positions import decode_response, overlapping_tokens, token_offsets
 from nnsteer.residuals import Selection, sum_sample_means
 from nnsteer.spans import Span
 from nnsteer.store import (
-    RunDir, atomic_path, damaged, provenance, read_complete, read_metadata, read_parquet, require,
+    RunDir, atomic_path, damaged, file_digest, provenance, read_complete, read_metadata, read_parquet, require,
 )
 
 #: How each variant rescales its vectors (recorded in the metadata).
@@ -101,6 +101,15 @@ def save_vectors(vs: VectorSet, path: Path | str) -> None:
     tensors = {label: v.detach().to("cpu", torch.float32).contiguous() for label, v in vs.vectors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"nnsteer": json.dumps(vs.metadata, default=str)})
+
+
+def check_current(vs: VectorSet, run: RunDir) -> None:
+    """:class:`BadInput` unless ``vs`` was extracted from ``run``'s current annotations
+    (vector sets that did not record them are not checked)."""
+    made_from = vs.metadata.get("annotations")
+    if made_from is not None and made_from != file_digest(run.annotations):
+        raise BadInput(f"{run.vectors} was extracted from other annotations than "
+                       f"{run.annotations}: rerun `nnsteer extract`")
 
 
 def load_vectors(path: Path | str) -> VectorSet:
@@ -313,6 +322,7 @@ def extract_vectors(
         "counts": counts,
         "variant": variant,
         "normalisation": NORMALISATION[variant],
+        "annotations": file_digest(run.annotations),
     }
     vs = VectorSet(difference_of_means(sums.means(), variant), metadata)
     save_vectors(vs, run.vectors)
