@@ -456,6 +456,7 @@ def run_chain_jobs(
     if not todo:
         say(f"{path} is up to date ({done.height} chains)")
         return save(done)  # records this run's options
+    check_lengths(lm, todo, max_new_tokens)
     if done.height:
         say(f"{path}: {done.height} of {len(jobs)} chains already done, generating {len(todo)}")
     for indices, generations in generate_batches(
@@ -470,6 +471,20 @@ def run_chain_jobs(
         done = pl.concat([done, pl.DataFrame(rows, schema=CHAIN_SCHEMA)])
         table = save(done)
     return table
+
+
+def check_lengths(lm: LoadedModel, jobs: list[ChainJob], max_new_tokens: int) -> None:
+    """:class:`BadInput` naming the task whose prompt and ``max_new_tokens`` together
+    exceed the model's positions (``max_position_embeddings``; not checked if unknown)."""
+    limit = getattr(getattr(lm.hf_model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    for job in jobs:
+        n = len(prompt_token_ids(lm.tokenizer, job.prompt))
+        if n + max_new_tokens > limit:
+            raise BadInput(f"task {job.task_id}: its prompt of {n} tokens and max_new_tokens "
+                           f"{max_new_tokens} exceed the {limit} positions of {lm.name}: "
+                           "shorten the task or lower max_new_tokens")
 
 
 def _reusable_rows(

@@ -413,3 +413,53 @@ def test_sigkill_while_outputs_are_set_aside_loses_nothing(tmp_path):
     after = snapshot(run)
     assert after["tasks.parquet"] == before["tasks.parquet"]
     assert not [name for name in after if name.endswith((".set-aside", ".unfinished"))]
+
+
+# ---------------------------------------------------------------------- input checks
+
+def test_wrong_case_status_and_repeated_chains_are_refused(chains_run, tokenizer):
+    from nnsteer.annotate import annotate_chains
+    from nnsteer.errors import BadInput
+    from nnsteer.vectors import read_inputs
+
+    annotate_chains(chains_run, annotator="rules", tokenizer=tokenizer)
+    rows = pl.read_parquet(chains_run.annotations)
+    write_parquet(rows.with_columns(pl.col("status").str.to_uppercase()), chains_run.annotations, {})
+    with pytest.raises(BadInput, match=r"annotations.parquet: row 0: status 'OK' is not one of ok, "):
+        read_inputs(chains_run, "smollm2-135m")
+
+    chains = pl.read_parquet(chains_run.chains)
+    write_parquet(pl.concat([chains, chains.head(1)]), chains_run.chains, {})
+    before = snapshot(chains_run.root)
+    code, stderr = invoke("--run-dir", str(chains_run.root), "annotate", "--annotator", "rules")
+    assert code == 2
+    assert one_line(stderr) == (f"nnsteer: error: {chains_run.chains}: chain_id 'c0' appears "
+                                "more than once")
+    assert snapshot(chains_run.root) == before
+
+
+def test_prompt_longer_than_the_model_is_refused(tiny_llama):
+    from nnsteer.errors import BadInput
+    from nnsteer.generation import ChainJob, check_lengths
+
+    limit = tiny_llama.hf_model.config.max_position_embeddings
+    job = ChainJob(chain_id="t1", task_id="t1", split="train", prompt="seven " * limit)
+    with pytest.raises(BadInput, match=rf"task t1: its prompt of \d+ tokens and max_new_tokens 10 "
+                                       rf"exceed the {limit} positions of tiny-llama"):
+        check_lengths(tiny_llama, [job], 10)
+    check_lengths(tiny_llama, [ChainJob(chain_id="t2", task_id="t2", split="train",
+                                        prompt="What is 2 + 2?")], 10)
+
+
+def test_vectors_from_other_annotations_are_refused(chains_run, tokenizer):
+    from nnsteer.annotate import annotate_chains
+    from nnsteer.errors import BadInput
+    from nnsteer.store import file_digest
+    from nnsteer.vectors import check_current
+
+    annotate_chains(chains_run, annotator="rules", tokenizer=tokenizer)
+    vectors = {"backtracking": torch.ones(2, 4)}
+    check_current(VectorSet(vectors, {"annotations": file_digest(chains_run.annotations)}), chains_run)
+    with pytest.raises(BadInput, match="vectors.safetensors was extracted from other annotations "
+                                       "than .*annotations.parquet: rerun `nnsteer extract`"):
+        check_current(VectorSet(vectors, {"annotations": "0" * 64}), chains_run)
