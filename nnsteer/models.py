@@ -409,7 +409,7 @@ def _load_weights(source: ModelSource, device: str, dtype: torch.dtype) -> tuple
         hf_model = AutoModelForCausalLM.from_pretrained(
             source.path, gguf_file=source.gguf_file, dtype=dtype, **placement
         )
-    except OSError as exc:
+    except Exception as exc:  # missing, damaged or unsafe (not plain weights) files
         raise BadInput(f"cannot load {source.name!r}: {first_line(exc)}") from None
     if device != "auto":
         hf_model = hf_model.to(device)
