@@ -274,25 +274,19 @@ def test_damaged_inputs_of_select_are_one_line(select_run, name, damage, expecte
     assert snapshot(select_run.root) == before  # layers.json not written
 
 
-@pytest.mark.parametrize("damage", [truncate, overwrite])
-def test_damaged_chains_are_one_line_for_annotate(chains_run, damage):
-    damage(chains_run.chains)
-    before = snapshot(chains_run.root)
-    code, stderr = invoke("--run-dir", str(chains_run.root), "annotate", "--annotator", "rules")
-    assert code == 2
-    assert one_line(stderr).startswith(f"nnsteer: error: {chains_run.chains}: damaged")
-    assert snapshot(chains_run.root) == before
-
-
-def test_damaged_earlier_annotations_are_one_line_on_resume(chains_run, tokenizer):
+@pytest.mark.parametrize("name, damage", [("chains.parquet", truncate),
+                                         ("chains.parquet", overwrite),
+                                         ("annotations.parquet", truncate)])
+def test_damaged_inputs_of_annotate_are_one_line(chains_run, tokenizer, name, damage):
+    """Damaged chains, and damaged annotations of an earlier run (the resume path)."""
     from nnsteer.annotate import annotate_chains
 
     annotate_chains(chains_run, annotator="rules", tokenizer=tokenizer)
-    truncate(chains_run.annotations)
+    damage(chains_run.path(name))
     before = snapshot(chains_run.root)
     code, stderr = invoke("--run-dir", str(chains_run.root), "annotate", "--annotator", "rules")
     assert code == 2
-    assert one_line(stderr).startswith(f"nnsteer: error: {chains_run.annotations}: damaged")
+    assert one_line(stderr).startswith(f"nnsteer: error: {chains_run.path(name)}: damaged")
     assert snapshot(chains_run.root) == before
 
 
