@@ -1,6 +1,6 @@
 """The LLM annotator: any OpenAI-compatible Chat Completions server (default GPT-4o).
 
-Replies are cached on disk per (model, prompt version, text), so a rerun never pays
+Replies are cached on disk per (model, prompt version or hash, text), so a rerun never pays
 twice; the ``openai`` client retries 429, 5xx and timeouts with exponential backoff.
 The key comes from ``OPENAI_API_KEY`` only. Requests ask for temperature 0; a model that
 refuses it (reasoning models such as ``gpt-5``) is asked at its default temperature
@@ -54,6 +54,26 @@ PROMPT = (
 )
 
 
+#: Where a prompt given by the user (``--annotator-prompt FILE``) wants the reasoning: the
+#: released code's placeholder. A prompt without it is sent as the system message.
+TEXT_PLACEHOLDER = "{thinking}"
+
+
+def prompt_digest(prompt: str) -> str:
+    """A short SHA-256 of a user-given prompt: its cache key and its name in metadata."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def prompt_messages(text: str, prompt: str | None = None) -> list[dict[str, str]]:
+    """The Chat Completions messages for ``text``: nnsteer's :data:`PROMPT` as the system
+    message, or ``prompt`` (the reasoning in place of :data:`TEXT_PLACEHOLDER`, if any)."""
+    if prompt is None:
+        prompt = PROMPT
+    elif TEXT_PLACEHOLDER in prompt:
+        return [{"role": "user", "content": prompt.replace(TEXT_PLACEHOLDER, text)}]
+    return [{"role": "system", "content": prompt}, {"role": "user", "content": text}]
+
+
 @dataclass(frozen=True)
 class Failed:
     """A text the annotator could not annotate, and why."""
@@ -66,8 +86,10 @@ class LLMAnnotator:
 
     def __init__(self, model: str = DEFAULT_MODEL, *, base_url: str | None = None,
                  cache_dir: Path | None = None, max_retries: int = 6,
-                 timeout: float = 180.0) -> None:
+                 timeout: float = 180.0, prompt: str | None = None) -> None:
         self.model = model
+        self.prompt = prompt
+        self.prompt_key = f"v{PROMPT_VERSION}" if prompt is None else f"p{prompt_digest(prompt)}"
         self.base_url = base_url
         self.cache_dir = cache_dir
         self.max_retries = max_retries
@@ -80,7 +102,7 @@ class LLMAnnotator:
         if self.cache_dir is None:
             return None
         digest = hashlib.sha256(text.encode()).hexdigest()
-        return Path(self.cache_dir) / model_slug(self.model) / f"v{PROMPT_VERSION}-{digest}.json"
+        return Path(self.cache_dir) / model_slug(self.model) / f"{self.prompt_key}-{digest}.json"
 
     def cached(self, text: str) -> str | None:
         """The cached reply for ``text``, if any."""
@@ -112,7 +134,7 @@ class LLMAnnotator:
         try:
             reply = self._client.chat.completions.create(
                 model=self.model,
-                messages=[{"role": "system", "content": PROMPT}, {"role": "user", "content": text}],
+                messages=prompt_messages(text, self.prompt),
                 **options,
             )
         except openai.BadRequestError as exc:
@@ -151,7 +173,7 @@ class LLMAnnotator:
                 path = self.cache_path(text)
                 if path is not None:
                     write_json(path, {"model": self.model, "prompt_version": PROMPT_VERSION,
-                                      "reply": reply})
+                                      "prompt_key": self.prompt_key, "reply": reply})
                 return spans
         return Failed(f"reply has no labels: {reply[:80]!r}")
 
@@ -159,11 +181,12 @@ class LLMAnnotator:
 def annotate_texts(
     texts: Sequence[str], *, model: str = DEFAULT_MODEL, base_url: str | None = None,
     workers: int = 8, cache_dir: Path | None = None, progress: bool = True,
-    max_retries: int = 6,
+    max_retries: int = 6, prompt: str | None = None,
 ) -> list[list[Span] | Failed]:
-    """Annotate ``texts`` concurrently (``workers`` requests at a time), in input order."""
+    """Annotate ``texts`` concurrently (``workers`` requests at a time), in input order;
+    ``prompt`` replaces nnsteer's (see :func:`prompt_messages`)."""
     annotator = LLMAnnotator(model, base_url=base_url, cache_dir=cache_dir,
-                             max_retries=max_retries)
+                             max_retries=max_retries, prompt=prompt)
     if any(annotator.cached(t) is None for t in texts):
         annotator.connect()
     results: list[list[Span] | Failed] = [Failed("not run")] * len(texts)
