@@ -186,3 +186,35 @@ def test_paper_configs_use_the_released_prompt():
         options = load_config(path).options
         assert options["generate"]["prompt_template"] == "released-thinking", path
         assert options["steer"]["prompt_template"] == "released-thinking", path
+
+
+def test_compare_script_puts_the_released_file_beside_a_run(tmp_path):
+    import subprocess
+    import sys
+
+    from nnsteer.store import write_parquet
+
+    chains = {"backtracking": [[0.1, 0.4, 0.2], [0.3, float("nan"), 0.6]], "deduction": []}
+    torch.save(chains, tmp_path / "layer_effects_tiny.pt")  # shaped like the released files
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    write_parquet(pl.DataFrame({"label": ["backtracking"] * 3, "layer": [0, 1, 2],
+                                "effect": [0.2, 0.2, 0.8], "std": [0.1, 0.2, 0.2],
+                                "n_spans": [5] * 3, "metric": ["released-code"] * 3}),
+                  run.attribution, {"options": {"aggregate": "chains"}})
+    script = Path(__file__).resolve().parents[1] / "analysis" / "compare_released_attribution.py"
+    out = tmp_path / "side.csv"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "layer_effects_tiny.pt"),
+                             str(run.root), "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    table = pl.read_csv(out)
+    # the released figure: NaN counted as 0, mean and std (ddof 0) over chains
+    assert table["released_effect"].to_list() == pytest.approx([0.2, 0.2, 0.4])
+    assert table["released_std"].to_list() == pytest.approx([0.1, 0.2, 0.2])
+    assert table["ratio"].to_list() == pytest.approx([1.0, 1.0, 2.0])
+    assert "backtracking: Spearman over 3 layers 1.000; argmax layer released 2, run 2" in result.stdout
+    assert "run averaged over chains" in result.stdout
+    (tmp_path / "bad.pt").write_text("not torch")
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "bad.pt"), str(run.root)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "bad.pt: cannot read it" in bad.stderr
