@@ -29,22 +29,21 @@ PROMPT_FILE = "Annotate the reasoning between the markers.\n<<<{thinking}>>>\nOn
 
 CONFIG = """
 released_code = false
+[generate]
+limit = 6
+max_new_tokens = 46
+
 [model]
 name = "{model}"
 dtype = "float64"
-batch_size = 4
-
-[tasks]
-per_category = 1
-eval_per_category = 1
-
-[generate]
-max_new_tokens = 46
-limit = 6
 
 [annotate]
 base_url = "{url}"
 annotator_prompt = "{prompt}"
+
+[tasks]
+eval_per_category = 1
+per_category = 1
 
 [steer]
 behaviours = ["backtracking"]
@@ -188,10 +187,18 @@ def test_paper_configs_use_the_released_prompt():
         assert options["steer"]["prompt_template"] == "released-thinking", path
 
 
-def test_compare_script_puts_the_released_file_beside_a_run(tmp_path):
-    import subprocess
-    import sys
+def _compare(*args: str):
+    """Run analysis/compare_released_attribution.py in this process (its imports are loaded)."""
+    import importlib.util
 
+    path = Path(__file__).resolve().parents[1] / "analysis" / "compare_released_attribution.py"
+    spec = importlib.util.spec_from_file_location("compare_released_attribution", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return CliRunner().invoke(module.main, list(args))
+
+
+def test_compare_script_puts_the_released_file_beside_a_run(tmp_path):
     from nnsteer.store import write_parquet
 
     chains = {"backtracking": [[0.1, 0.4, 0.2], [0.3, float("nan"), 0.6]], "deduction": []}
@@ -202,19 +209,16 @@ def test_compare_script_puts_the_released_file_beside_a_run(tmp_path):
                                 "effect": [0.2, 0.2, 0.8], "std": [0.1, 0.2, 0.2],
                                 "n_spans": [5] * 3, "metric": ["released-code"] * 3}),
                   run.attribution, {"options": {"aggregate": "chains"}})
-    script = Path(__file__).resolve().parents[1] / "analysis" / "compare_released_attribution.py"
     out = tmp_path / "side.csv"
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "layer_effects_tiny.pt"),
-                             str(run.root), "--out", str(out)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result = _compare(str(tmp_path / "layer_effects_tiny.pt"), str(run.root), "--out", str(out))
+    assert result.exit_code == 0, result.output
     table = pl.read_csv(out)
     # the released figure: NaN counted as 0, mean and std (ddof 0) over chains
     assert table["released_effect"].to_list() == pytest.approx([0.2, 0.2, 0.4])
     assert table["released_std"].to_list() == pytest.approx([0.1, 0.2, 0.2])
     assert table["ratio"].to_list() == pytest.approx([1.0, 1.0, 2.0])
-    assert "backtracking: Spearman over 3 layers 1.000; argmax layer released 2, run 2" in result.stdout
-    assert "run averaged over chains" in result.stdout
+    assert "backtracking: Spearman over 3 layers 1.000; argmax layer released 2, run 2" in result.output
+    assert "run averaged over chains" in result.output
     (tmp_path / "bad.pt").write_text("not torch")
-    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "bad.pt"), str(run.root)],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "bad.pt: cannot read it" in bad.stderr
+    bad = _compare(str(tmp_path / "bad.pt"), str(run.root))
+    assert bad.exit_code == 2 and "bad.pt: cannot read it" in bad.output
