@@ -107,12 +107,13 @@ def _check_chains(chains: pl.DataFrame) -> None:
 def annotate_frame(
     chains: pl.DataFrame, *, annotator: str = "rules", base_url: str | None = None,
     workers: int = 8, cache_dir: Path | None = None, progress: bool = True,
-    timeout: float | None = None, retries: int | None = None,
+    timeout: float | None = None, retries: int | None = None, prompt: str | None = None,
 ) -> pl.DataFrame:
     """Annotation rows (``annotations.parquet`` columns) for the reasoning of each chain.
 
     Only ``response[thinking_start:thinking_end]`` is annotated; offsets are shifted into
-    ``response``. A chain the LLM annotator could not annotate gets one row with status
+    ``response``. ``prompt`` replaces the LLM annotator's prompt
+    (:func:`nnsteer.llm_annotator.prompt_messages`). A chain the LLM annotator could not annotate gets one row with status
     ``failed`` (label null, ``start = end = -1``, the reason as ``text``).
     """
     annotator = resolve_annotator(annotator)
@@ -130,7 +131,7 @@ def annotate_frame(
         limits = {k: v for k, v in (("timeout", timeout), ("retries", retries)) if v is not None}
         results = annotate_texts(texts, model=annotator.removeprefix("openai:"),
                                  base_url=base_url, workers=workers, cache_dir=cache_dir,
-                                 progress=progress, **limits)
+                                 progress=progress, prompt=prompt, **limits)
     out = []
     for (chain_id, _, shift, _), result in zip(rows, results):
         if not isinstance(result, list):  # llm_annotator.Failed
@@ -146,11 +147,14 @@ def annotate_chains(
     run: RunDir, *, annotator: str = "auto", base_url: str | None = None, workers: int = 8,
     source: str = "chains", tokenizer: Any = None, cache_dir: Path | None = None,
     timeout: float | None = None, retries: int | None = None,
+    annotator_prompt: str | None = None,
 ) -> pl.DataFrame:
     """Annotate a run's chains (``source="chains"``) or steered chains (``"steered"``).
 
     ``timeout`` (seconds per request) and ``retries`` (after a 429, 5xx or timeout) are
-    for the LLM annotator; None keeps its defaults.
+    for the LLM annotator; None keeps its defaults. ``annotator_prompt`` is a file whose
+    text replaces the LLM annotator's prompt (e.g. the authors' prompt; the reasoning goes
+    where it says ``{thinking}``); its hash enters the reply cache's key and the metadata.
 
     Resumable: chains already annotated by the same annotator, whose response has not
     changed since, are kept; failed ones are tried again. Writes ``annotations.parquet`` (or ``steered_annotations.parquet``) and
@@ -159,25 +163,29 @@ def annotate_chains(
     if source not in ("chains", "steered"):
         raise BadInput(f"source {source!r}: expected chains or steered")
     annotator = resolve_annotator(annotator)
+    prompt = read_annotator_prompt(annotator_prompt, annotator)
     chains_path, out_path = ((run.chains, run.annotations) if source == "chains"
                              else (run.steered, run.steered_annotations))
     chains = read_complete(chains_path, columns=CHAIN_COLUMNS)
     _check_chains(chains)
     digests = response_digests(chains)
-    done = _reusable(out_path, annotator, digests)
+    options = {"annotator": annotator, "source": source}
+    if annotator != "rules":
+        from nnsteer.llm_annotator import PROMPT_VERSION, prompt_digest
+
+        options["prompt_version"] = PROMPT_VERSION
+        if prompt is not None:
+            options |= {"annotator_prompt": str(annotator_prompt),
+                        "prompt_sha256": prompt_digest(prompt)}
+    done = _reusable(out_path, options, digests)
     todo = chains.filter(~pl.col("chain_id").is_in(done["chain_id"].unique().to_list()))
     if cache_dir is None and annotator != "rules":
         from nnsteer.models import cache_dir as user_cache
 
         cache_dir = user_cache() / "annotations"
     fresh = annotate_frame(todo, annotator=annotator, base_url=base_url, workers=workers,
-                           cache_dir=cache_dir, timeout=timeout, retries=retries)
+                           cache_dir=cache_dir, prompt=prompt, timeout=timeout, retries=retries)
     annotations = pl.concat([done, fresh]).sort("chain_id", maintain_order=True)
-    options = {"annotator": annotator, "source": source}
-    if annotator != "rules":
-        from nnsteer.llm_annotator import PROMPT_VERSION
-
-        options["prompt_version"] = PROMPT_VERSION
     model = read_metadata(chains_path).get("model") or (
         {"model": chains["model"][0]} if len(chains) else {})
     metadata = provenance("annotate", options, model)
@@ -193,6 +201,23 @@ def annotate_chains(
 
         tokenizer = load_tokenizer(chains["model"][0])
     return summarize(chains, annotations, tokenizer)
+
+
+def read_annotator_prompt(path: str | Path | None, annotator: str) -> str | None:
+    """The text of the prompt file ``path`` (None: nnsteer's prompt); :class:`BadInput`
+    naming ``--annotator-prompt`` if it is missing or empty, or the annotator is ``rules``."""
+    if path is None:
+        return None
+    if annotator == "rules":
+        raise BadInput(f"--annotator-prompt {path}: the rules annotator takes no prompt")
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"--annotator-prompt {path}: cannot read it "
+                       f"({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+    if not text.strip():
+        raise BadInput(f"--annotator-prompt {path}: the file is empty")
+    return text
 
 
 def response_digests(chains: pl.DataFrame) -> dict[str, str]:
@@ -215,12 +240,13 @@ def check_annotated(annotations_path: Path, metadata: dict[str, Any], chains_pat
                        "rerun `nnsteer annotate`")
 
 
-def _reusable(path: Path, annotator: str, digests: dict[str, str]) -> pl.DataFrame:
-    """Rows of an earlier run by the same annotator, for chains whose response is unchanged
-    and that did not fail."""
+def _reusable(path: Path, options: dict[str, Any], digests: dict[str, str]) -> pl.DataFrame:
+    """Rows of an earlier run by the same annotator and prompt, for chains whose response
+    is unchanged and that did not fail."""
     empty = pl.DataFrame(schema=ANNOTATION_SCHEMA)
     metadata = read_metadata(path) if path.exists() else {}
-    if metadata.get("options", {}).get("annotator") != annotator:
+    recorded = metadata.get("options", {})
+    if any(recorded.get(key) != options.get(key) for key in ("annotator", "prompt_sha256")):
         return empty
     before = metadata.get("responses", {})
     same = [cid for cid, digest in digests.items() if before.get(cid) == digest]

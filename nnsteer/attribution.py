@@ -12,8 +12,9 @@ there by ``ΔL ≈ u_l^c · ∂L/∂a_l`` (paper, Figure 3). Metrics (``metric=`
   pushed through ``log_softmax``, which is not a KL gradient. The vector is scaled to unit
   norm; ``ΔL = û · ∂L/∂a_l``. The released code also probes a label's vector before the
   spans of every *other* label (reproduce with ``spans="others"``) and averages per chain
-  before averaging over chains; nnsteer averages over spans and keeps the per-span
-  effects in ``attribution_spans.parquet`` for any other aggregation.
+  before averaging over chains (reproduce with ``aggregate="chains"``; the default
+  ``"spans"`` pools all spans). The per-span effects are kept in
+  ``attribution_spans.parquet`` for any other aggregation.
 - ``nll``: negative log-likelihood of the span's actual first token; ``ΔL = u · ∂L/∂a_l``.
 - ``kl2``: the first non-zero term of the real KL: ``½ (J u)ᵀ (diag p − p pᵀ) (J u)``
   with ``J u`` the Jacobian-vector product of the probe's logits with respect to ``a_l``.
@@ -65,6 +66,9 @@ METRICS: tuple[str, ...] = FIRST_ORDER + PER_LAYER
 #: Which spans a label's vector is probed at: its own (paper), or every other label's
 #: (what the released code does: it skips the label's own spans).
 SPAN_SOURCES: tuple[str, ...] = ("own", "others")
+#: How ``|ΔL|`` is averaged per (label, layer): over all spans pooled (std with ddof 1), or
+#: per chain over its spans and then over chains (std with ddof 0: the released figure).
+AGGREGATIONS: tuple[str, ...] = ("spans", "chains")
 
 SPANS_FILE = "attribution_spans.parquet"
 
@@ -306,18 +310,34 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def summarize(probes: Sequence[Probe], effects: torch.Tensor, metric: str) -> pl.DataFrame:
-    """Per (label, layer): mean and std of ``|effect|`` over the label's probes."""
+def summarize(probes: Sequence[Probe], effects: torch.Tensor, metric: str,
+              aggregate: str = "spans") -> pl.DataFrame:
+    """Per (label, layer): mean and std of ``|effect|`` (see :data:`AGGREGATIONS`).
+
+    ``aggregate="spans"`` pools the label's probes (std with ddof 1); ``"chains"`` first
+    averages each chain's probes, then takes the mean and the std (ddof 0) over chains.
+    """
+    check_option("aggregate", aggregate, AGGREGATIONS)
     labels = [p.label for p in probes]
     rows = []
     for label in dict.fromkeys(labels):
-        values = effects[[i for i, name in enumerate(labels) if name == label]].abs().double()
-        std = values.std(0) if len(values) > 1 else torch.zeros(values.shape[1], dtype=torch.float64)
+        members = [i for i, name in enumerate(labels) if name == label]
+        values = effects[members].abs().double()
+        by_chain: dict[str, list[int]] = defaultdict(list)
+        for k, i in enumerate(members):
+            by_chain[probes[i].chain_id].append(k)
+        if aggregate == "chains":
+            values = torch.stack([values[rows_of].mean(0) for rows_of in by_chain.values()])
+            std = values.std(0, correction=0)
+        else:
+            std = values.std(0) if len(values) > 1 else torch.zeros(values.shape[1], dtype=torch.float64)
         for layer in range(values.shape[1]):
             rows.append({"label": label, "layer": layer, "effect": values[:, layer].mean().item(),
-                         "std": std[layer].item(), "n_spans": len(values), "metric": metric})
+                         "std": std[layer].item(), "n_spans": len(members), "metric": metric,
+                         "n_chains": len(by_chain)})
     return pl.DataFrame(rows, schema={"label": pl.String, "layer": pl.Int64, "effect": pl.Float64,
-                                      "std": pl.Float64, "n_spans": pl.Int64, "metric": pl.String})
+                                      "std": pl.Float64, "n_spans": pl.Int64, "metric": pl.String,
+                                      "n_chains": pl.Int64})
 
 
 def validation_sample(probes: Sequence[Probe], n: int) -> list[int]:
@@ -360,11 +380,15 @@ def attribute(
     validate: int = 0,
     spans: str = "own",
     labels: Sequence[str] | None = None,
+    aggregate: str = "spans",
+    limit: int | None = None,
 ) -> pl.DataFrame:
     """Write ``attribution.parquet`` (per label and layer) and ``attribution_spans.parquet``.
 
     ``labels`` defaults to the steered labels that have a vector; a default label with
     no span is skipped with a warning, a label asked for by name must have spans.
+    ``aggregate`` says how the per-span effects are averaged (:func:`summarize`);
+    ``limit`` probes only the first N chains of ``chains.parquet``.
     ``validate=N`` also runs ``exact`` on N probes per label and records the Spearman
     correlation of the two per-layer profiles in the metadata (``validation``).
     Resumable: the finished chains are kept in ``run.partial("attribute")`` until both
@@ -372,6 +396,9 @@ def attribute(
     """
     check_option("metric", metric, METRICS)
     check_option("spans", spans, SPAN_SOURCES)
+    check_option("aggregate", aggregate, AGGREGATIONS)
+    if limit is not None and limit < 1:
+        raise BadInput(f"--limit must be at least 1, not {limit}")
     vs = load_vectors(run.vectors)
     check_vectors(vs, lm, str(run.vectors))
     check_current(vs, run)
@@ -381,6 +408,8 @@ def attribute(
     for label in asked:
         vs[label]  # BadInput naming the labels the vector set has
     chains, annotations = read_inputs(run, lm.name)
+    if limit is not None:
+        chains = chains.head(limit)
     probes = find_probes(chains, annotations, lm.tokenizer, asked, spans)
     found = {p.label for p in probes}
     missing = [label for label in asked if label not in found]
@@ -395,12 +424,12 @@ def attribute(
     effects = probe_effects(lm, sequences, probes, vs.vectors, metric, batch_size,
                             checkpoint=partial)
     options = {"metric": metric, "batch_size": batch_size, "validate": validate, "spans": spans,
-               "labels": asked}
+               "labels": asked, "aggregate": aggregate, "limit": limit}
     meta = provenance("attribute", options, lm.provenance())
     if validate:
         meta["validation"] = validate_against_exact(lm, sequences, probes, effects, vs.vectors,
                                                     validate, metric, batch_size)
-    df = summarize(probes, effects, metric)
+    df = summarize(probes, effects, metric, aggregate)
     write_parquet(_span_table(probes, effects, metric), run.path(SPANS_FILE), meta)
     write_parquet(df, run.attribution, meta)
     partial.unlink(missing_ok=True)

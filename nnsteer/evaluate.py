@@ -211,10 +211,13 @@ def evaluate(
     run: RunDir, *, annotator: str | None = None, base_url: str | None = None,
     workers: int = 8, denominator: str = "labelled", n_boot: int = 2000, seed: int = 0,
     tokenizer: Any = None, timeout: float | None = None, retries: int | None = None,
+    annotator_prompt: str | None = None,
 ) -> pl.DataFrame:
     """Annotate the steered chains, write ``evaluation.parquet``, the chart and the summary.
 
-    ``annotator`` defaults to the one that annotated the training chains. Chains already
+    ``annotator`` defaults to the one that annotated the training chains, and
+    ``annotator_prompt`` (a prompt file, see ``annotate_chains``) to the training
+    annotation's prompt file when the annotator is the same. Chains already
     in ``steered_annotations.parquet`` by that annotator are not annotated again.
     ``tokenizer`` defaults to the tokenizer of the steered chains' model. ``timeout`` and
     ``retries`` are the LLM annotator's (:func:`nnsteer.annotate.annotate_chains`).
@@ -224,15 +227,20 @@ def evaluate(
         raise BadInput(f"--n-boot must be positive, got {n_boot}")
     chains = _read_steered(run, labels)
     annotator = resolve_annotator(annotator or _training_annotator(run))
+    if annotator_prompt is None and run.annotations.exists():
+        recorded = read_metadata(run.annotations).get("options", {})
+        if recorded.get("annotator") == annotator:
+            annotator_prompt = recorded.get("annotator_prompt")
     tokenizer = tokenizer if tokenizer is not None else _chain_tokenizer(run, chains)
     _check_responses(run, chains, tokenizer)
     annotate_chains(run, annotator=annotator, base_url=base_url, workers=workers,
-                    source="steered", tokenizer=tokenizer, timeout=timeout, retries=retries)
+                    source="steered", tokenizer=tokenizer, timeout=timeout, retries=retries,
+                    annotator_prompt=annotator_prompt)
     spans = read_parquet(run.steered_annotations, _SPAN_COLUMNS)
 
     evaluation = chain_fractions(chains, spans, tokenizer, denominator, progress=True)
     options = {"annotator": annotator, "base_url": public_url(base_url), "denominator": denominator,
-               "n_boot": n_boot, "seed": seed}
+               "n_boot": n_boot, "seed": seed, "annotator_prompt": annotator_prompt}
     meta = provenance("evaluate", options, read_metadata(run.steered).get("model"))
     meta["unit"] = UNITS[denominator]
     write_parquet(evaluation, run.evaluation, meta)

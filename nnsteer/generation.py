@@ -45,15 +45,25 @@ from nnsteer.store import (
 
 Direction = Literal["positive", "negative"]
 
-#: The user turn around every task prompt: the released code's wording (seen in the
-#: annotated chains of the non-thinking instruct models). One wording for every model
-#: keeps chains comparable; it makes a non-thinking model write its reasoning out, and
-#: for such a model the whole response is the reasoning.
+#: The default user turn around every task prompt (preset ``step-by-step``): the wording
+#: the released code's comparison script gives *non-thinking* models. One wording for
+#: every model keeps chains comparable; it makes a non-thinking model write its reasoning
+#: out, and for such a model the whole response is the reasoning.
 TASK_TEMPLATE = (
     "Please answer the following question:\n\n{prompt}\n\n"
     "It requires a few steps of reasoning. So first, think step by step, "
     "and only then give the final answer."
 )
+#: The user-turn presets (``--prompt-template``): ``released-thinking`` is the bare task,
+#: as the released steering pipeline sends it (``generate_responses.py``,
+#: ``evaluate_steering.py``); ``released-comparison`` is what its comparison script gives
+#: thinking models (``compare_reasoning.py``); ``step-by-step`` is :data:`TASK_TEMPLATE`.
+PROMPT_TEMPLATES: dict[str, str] = {
+    "step-by-step": TASK_TEMPLATE,
+    "released-thinking": "{prompt}",
+    "released-comparison": "Please answer the following question:\n\n{prompt}",
+}
+DEFAULT_PROMPT_TEMPLATE = "step-by-step"
 
 #: Pure greedy decoding: these override whatever the model's generation config sets
 #: (``None`` disables a logits processor; sampling settings are ignored without sampling).
@@ -134,15 +144,26 @@ class Generation:
     finish_reason: Literal["eos", "length"]
 
 
-def chat_prompt(tokenizer: Any, task_prompt: str) -> str:
-    """The chat-templated text of one task, ending with the assistant's generation prompt."""
-    messages = [{"role": "user", "content": TASK_TEMPLATE.format(prompt=task_prompt)}]
+def check_prompt_template(name: str) -> str:
+    """``name`` if it is a preset of :data:`PROMPT_TEMPLATES`; :class:`BadInput` otherwise."""
+    if name not in PROMPT_TEMPLATES:
+        raise BadInput(f"--prompt-template {name!r}: expected one of {', '.join(PROMPT_TEMPLATES)}")
+    return name
+
+
+def chat_prompt(tokenizer: Any, task_prompt: str, template: str = DEFAULT_PROMPT_TEMPLATE) -> str:
+    """The chat-templated text of one task in the user turn of preset ``template``, ending
+    with the assistant's generation prompt."""
+    content = PROMPT_TEMPLATES[check_prompt_template(template)].format(prompt=task_prompt)
+    messages = [{"role": "user", "content": content}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def prompt_token_ids(tokenizer: Any, task_prompt: str) -> list[int]:
+def prompt_token_ids(tokenizer: Any, task_prompt: str,
+                     template: str = DEFAULT_PROMPT_TEMPLATE) -> list[int]:
     """The token ids the model sees for one task (the template supplies BOS if any)."""
-    return tokenizer(chat_prompt(tokenizer, task_prompt), add_special_tokens=False)["input_ids"]
+    return tokenizer(chat_prompt(tokenizer, task_prompt, template),
+                     add_special_tokens=False)["input_ids"]
 
 
 def reasoning_span(response: str) -> tuple[int, int]:
@@ -180,11 +201,13 @@ def generate(
     max_new_tokens: int = 500,
     batch_size: int = 8,
     progress: bool = True,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> list[Generation]:
     """Greedy chains for raw task prompts, in the order given.
 
     ``steering`` is one spec for every prompt, or one spec (or ``None``) per prompt, so
-    one batch can mix behaviours, directions and unsteered rows.
+    one batch can mix behaviours, directions and unsteered rows. ``prompt_template``
+    names the user-turn preset (:data:`PROMPT_TEMPLATES`).
     """
     results: list[Generation | None] = [None] * len(prompts)
     for indices, generations in generate_batches(
@@ -194,6 +217,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         progress=progress,
+        prompt_template=prompt_template,
     ):
         for i, gen in zip(indices, generations):
             results[i] = gen
@@ -209,6 +233,7 @@ def generate_batches(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "generate",
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> Iterator[tuple[list[int], list[Generation]]]:
     """Like :func:`generate`, yielding ``(prompt indices, generations)`` batch by batch
     (``desc`` labels the progress bar).
@@ -217,6 +242,7 @@ def generate_batches(
     checked before the first batch runs.
     """
     specs = _per_prompt(steering, len(prompts))
+    check_prompt_template(prompt_template)
     if not prompts:
         raise BadInput("no prompts to generate from")
     if max_new_tokens < 1:
@@ -230,7 +256,7 @@ def generate_batches(
         spec.validate(lm)
 
     tokenizer = lm.tokenizer
-    prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+    prompt_ids = [prompt_token_ids(tokenizer, p, prompt_template) for p in prompts]
     stop = eos_ids(lm)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
     bar = tqdm(total=len(prompts), unit="chain", desc=desc, disable=not progress)
@@ -341,11 +367,15 @@ def generate_chains(
     limit: int | None = None,
     max_new_tokens: int = 500,
     batch_size: int = 8,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> pl.DataFrame:
     """The ``generate`` stage: one unsteered chain per task of ``split`` into ``run.chains``.
 
-    Resumable: a rerun keeps the chains already written and generates the rest.
+    ``prompt_template`` names the user-turn preset (:data:`PROMPT_TEMPLATES`), recorded
+    in the metadata. Resumable: a rerun keeps the chains already written and generates
+    the rest.
     """
+    check_prompt_template(prompt_template)
     tasks = split_tasks(run, split, limit)
     jobs = [
         ChainJob(chain_id=t["task_id"], task_id=t["task_id"], split=split, prompt=t["prompt"])
@@ -356,6 +386,7 @@ def generate_chains(
         "limit": limit,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
+        "prompt_template": prompt_template,
     }
     return run_chain_jobs(
         lm,
@@ -365,6 +396,7 @@ def generate_chains(
         None,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        prompt_template=prompt_template,
     )
 
 
@@ -431,6 +463,7 @@ def run_chain_jobs(
     *,
     max_new_tokens: int,
     batch_size: int,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> pl.DataFrame:
     """Generate the chains of ``jobs`` into ``path``, rewriting it atomically after each batch.
 
@@ -443,7 +476,7 @@ def run_chain_jobs(
     """
     resume_key = fingerprint(lm.identity(), max_new_tokens, resume_inputs)
     metadata = {**metadata, "resume_key": resume_key}
-    done = _reusable_rows(lm, path, resume_key, jobs)
+    done = _reusable_rows(lm, path, resume_key, jobs, prompt_template)
     finished = set(done["chain_id"])
     todo = [job for job in jobs if job.chain_id not in finished]
     ordered = {job.chain_id: i for i, job in enumerate(jobs)}
@@ -466,6 +499,7 @@ def run_chain_jobs(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         desc=metadata.get("stage", "generate"),
+        prompt_template=prompt_template,
     ):
         rows = [_chain_row(lm.name, todo[i], gen) for i, gen in zip(indices, generations)]
         done = pl.concat([done, pl.DataFrame(rows, schema=CHAIN_SCHEMA)])
@@ -488,7 +522,7 @@ def check_lengths(lm: LoadedModel, jobs: list[ChainJob], max_new_tokens: int) ->
 
 
 def _reusable_rows(
-    lm: LoadedModel, path: Path, resume_key: str, jobs: list[ChainJob]
+    lm: LoadedModel, path: Path, resume_key: str, jobs: list[ChainJob], prompt_template: str
 ) -> pl.DataFrame:
     """Rows of ``path`` that are exactly what ``jobs`` would generate now.
 
@@ -503,7 +537,8 @@ def _reusable_rows(
         return empty
     existing = read_parquet(path, columns=list(CHAIN_SCHEMA)).cast(CHAIN_SCHEMA)
     expected = {
-        job.chain_id: _job_columns(job, prompt_token_ids(lm.tokenizer, job.prompt)) for job in jobs
+        job.chain_id: _job_columns(job, prompt_token_ids(lm.tokenizer, job.prompt, prompt_template))
+        for job in jobs
     }
     dropped = existing.filter(~pl.col("chain_id").is_in(list(expected))).height
     if dropped:

@@ -3,9 +3,9 @@
 A reply is accepted only when its spans with known labels cover :data:`MIN_COVERAGE`
 of the reasoning; a text whose replies are not (or whose response is malformed) is
 reported as failed, is not cached, and is asked again on the next run. Accepted replies
-are cached on disk per (model, prompt version, text), so a rerun never pays twice; the
-``openai`` client retries 429, 5xx and timeouts with exponential backoff. Error text is
-scrubbed of keys before it is stored or printed.
+are cached on disk per (model, prompt version or hash, text), so a rerun never pays
+twice; the ``openai`` client retries 429, 5xx and timeouts with exponential backoff.
+Error text is scrubbed of keys before it is stored or printed.
 The key comes from ``OPENAI_API_KEY`` only. Requests ask for temperature 0; a model that
 refuses it (reasoning models such as ``gpt-5``) is asked at its default temperature
 instead, with one line on stderr.
@@ -64,6 +64,26 @@ PROMPT = (
 )
 
 
+#: Where a prompt given by the user (``--annotator-prompt FILE``) wants the reasoning: the
+#: released code's placeholder. A prompt without it is sent as the system message.
+TEXT_PLACEHOLDER = "{thinking}"
+
+
+def prompt_digest(prompt: str) -> str:
+    """A short SHA-256 of a user-given prompt: its cache key and its name in metadata."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def prompt_messages(text: str, prompt: str | None = None) -> list[dict[str, str]]:
+    """The Chat Completions messages for ``text``: nnsteer's :data:`PROMPT` as the system
+    message, or ``prompt`` (the reasoning in place of :data:`TEXT_PLACEHOLDER`, if any)."""
+    if prompt is None:
+        prompt = PROMPT
+    elif TEXT_PLACEHOLDER in prompt:
+        return [{"role": "user", "content": prompt.replace(TEXT_PLACEHOLDER, text)}]
+    return [{"role": "system", "content": prompt}, {"role": "user", "content": text}]
+
+
 @dataclass(frozen=True)
 class Failed:
     """A text the annotator could not annotate, and why."""
@@ -76,8 +96,10 @@ class LLMAnnotator:
 
     def __init__(self, model: str = DEFAULT_MODEL, *, base_url: str | None = None,
                  cache_dir: Path | None = None, max_retries: int = DEFAULT_RETRIES,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, prompt: str | None = None) -> None:
         self.model = model
+        self.prompt = prompt
+        self.prompt_key = f"v{PROMPT_VERSION}" if prompt is None else f"p{prompt_digest(prompt)}"
         self.base_url = base_url
         self.cache_dir = cache_dir
         self.max_retries = max_retries
@@ -90,7 +112,7 @@ class LLMAnnotator:
         if self.cache_dir is None:
             return None
         digest = hashlib.sha256(text.encode()).hexdigest()
-        return Path(self.cache_dir) / model_slug(self.model) / f"v{PROMPT_VERSION}-{digest}.json"
+        return Path(self.cache_dir) / model_slug(self.model) / f"{self.prompt_key}-{digest}.json"
 
     def cached(self, text: str) -> str | None:
         """The cached reply for ``text``, if any."""
@@ -123,7 +145,7 @@ class LLMAnnotator:
         try:
             reply = self._client.chat.completions.create(
                 model=self.model,
-                messages=[{"role": "system", "content": PROMPT}, {"role": "user", "content": text}],
+                messages=prompt_messages(text, self.prompt),
                 **options,
             )
         except openai.BadRequestError as exc:
@@ -176,7 +198,7 @@ class LLMAnnotator:
                 path = self.cache_path(text)
                 if path is not None:
                     write_json(path, {"model": self.model, "prompt_version": PROMPT_VERSION,
-                                      "reply": reply})
+                                      "prompt_key": self.prompt_key, "reply": reply})
                 return spans
         return Failed(scrub(f"{problem}: {reply[:80]!r}" if reply else problem)[:200])
 
@@ -214,16 +236,16 @@ def unacceptable(spans: Sequence[Span], text: str) -> str | None:
 def annotate_texts(
     texts: Sequence[str], *, model: str = DEFAULT_MODEL, base_url: str | None = None,
     workers: int = 8, cache_dir: Path | None = None, progress: bool = True,
-    retries: int = DEFAULT_RETRIES, timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES, timeout: float = DEFAULT_TIMEOUT, prompt: str | None = None,
 ) -> list[list[Span] | Failed]:
     """Annotate ``texts`` concurrently (``workers`` requests at a time), in input order.
 
     Each request waits ``timeout`` seconds at most and is retried ``retries`` times after
     a 429, a 5xx or a timeout. Ctrl-C cancels the requests not yet made and aborts those
-    in flight.
+    in flight. ``prompt`` replaces nnsteer's (see :func:`prompt_messages`).
     """
     annotator = LLMAnnotator(model, base_url=base_url, cache_dir=cache_dir,
-                             max_retries=retries, timeout=timeout)
+                             max_retries=retries, timeout=timeout, prompt=prompt)
     if any(annotator.cached(t) is None for t in texts):
         annotator.connect()
     results: list[list[Span] | Failed] = [Failed("not run")] * len(texts)

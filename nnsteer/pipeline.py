@@ -42,6 +42,7 @@ from typing import Any
 
 from nnsteer.errors import BadInput
 from nnsteer.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
+from nnsteer.released import apply_released
 from nnsteer.store import (
     RunDir, file_digest, fingerprint, now_iso, read_json, run_lock, write_json,
 )
@@ -63,14 +64,16 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("tasks", "nnsteer.tasks", "write_tasks", (), ("tasks",), file_options=("path",)),
     Stage("generate", "nnsteer.generation", "generate_chains", ("tasks",), ("chains",)),
-    Stage("annotate", "nnsteer.annotate", "annotate_chains", ("chains",), ("annotations",)),
+    Stage("annotate", "nnsteer.annotate", "annotate_chains", ("chains",), ("annotations",),
+          file_options=("annotator_prompt",)),
     Stage("extract", "nnsteer.vectors", "extract_vectors", ("chains", "annotations"), ("vectors",)),
     Stage("attribute", "nnsteer.attribution", "attribute",
           ("chains", "annotations", "vectors"), ("attribution",)),
     Stage("select", "nnsteer.select", "select_layers", ("vectors", "attribution"), ("layers",)),
     Stage("steer", "nnsteer.steer", "steer_chains", ("tasks", "layers", "vectors"), ("steered",)),
     Stage("evaluate", "nnsteer.evaluate", "evaluate",
-          ("steered", "annotations"), ("steered_annotations", "evaluation")),
+          ("steered", "annotations"), ("steered_annotations", "evaluation"),
+          file_options=("annotator_prompt",)),
     Stage("report", "nnsteer.report", "write_report",
           ("tasks", "annotations", "vectors", "attribution", "layers", "evaluation"), ("report",)),
 )
@@ -102,6 +105,8 @@ class Config:
     model: ModelConfig = ModelConfig()
     run_dir: Path | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Every choice as the authors' released code made it (:mod:`nnsteer.released`).
+    released_code: bool = False
 
     def run(self, run_dir: Path | None = None) -> RunDir:
         """``run_dir`` if given, else the config's, else ``runs/<model-slug>``."""
@@ -121,12 +126,14 @@ def load_config(path: Path | str) -> Config:
         raise BadInput(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise BadInput(f"{path}: invalid TOML: {exc}") from None
-    known = {"run_dir", "model", *STAGE_NAMES}
+    known = {"run_dir", "released_code", "model", *STAGE_NAMES}
     for key, value in raw.items():
         if key not in known:
-            raise BadInput(f"{path}: unknown key {key!r} (expected run_dir, [model] or a "
-                           f"stage table: {', '.join(STAGE_NAMES)})")
-        if key != "run_dir" and not isinstance(value, dict):
+            raise BadInput(f"{path}: unknown key {key!r} (expected run_dir, released_code, "
+                           f"[model] or a stage table: {', '.join(STAGE_NAMES)})")
+        if key == "released_code" and not isinstance(value, bool):
+            raise BadInput(f"{path}: released_code must be true or false")
+        if key not in ("run_dir", "released_code") and not isinstance(value, dict):
             raise BadInput(f"{path}: {key!r} must be a table ([{key}])")
     model = raw.get("model", {})
     for key in model:
@@ -143,6 +150,7 @@ def load_config(path: Path | str) -> Config:
         model=ModelConfig(**model),
         run_dir=Path(run_dir) if run_dir else None,
         options={name: dict(raw.get(name, {})) for name in STAGE_NAMES},
+        released_code=raw.get("released_code", False),
     )
 
 
@@ -435,6 +443,7 @@ def run_pipeline(
     log: Callable[[str], None] = _stderr,
 ) -> RunDir:
     """Run the selected stages in order; ``force`` reruns them even when up to date."""
+    config = apply_released(config, log)
     run = config.run(run_dir)
     selected = {s.name for s in select_stages(from_stage, only)}
     plan = []

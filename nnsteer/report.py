@@ -224,7 +224,7 @@ def attribution_section(run: RunDir) -> Section:
     df = read_parquet(_need(run.attribution), columns=["label", "layer", "effect"])
     chart = _stage_function("nnsteer.attribution", "attribution_chart")(df)
     metric = ", ".join(sorted(df["metric"].unique().to_list())) if "metric" in df.columns else "?"
-    return Section(CHARTS["attribution"], f"<p>Metric: <code>{html.escape(metric)}</code>.</p>",
+    return Section(CHARTS["attribution"], f"<p>Metric: <code>{html.escape(metric)}</code>; averaged over <code>{html.escape(str(read_metadata(run.attribution).get('options', {}).get('aggregate', 'spans')))}</code> (<code>attribute --aggregate</code>).</p>",
                    "attribution", chart.to_dict())
 
 

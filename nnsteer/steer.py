@@ -21,7 +21,10 @@ import polars as pl
 import torch
 
 from nnsteer.errors import BadInput
-from nnsteer.generation import ChainJob, SteeringSpec, run_chain_jobs, split_tasks
+from nnsteer.generation import (
+    DEFAULT_PROMPT_TEMPLATE, ChainJob, SteeringSpec, check_prompt_template, run_chain_jobs,
+    split_tasks,
+)
 from nnsteer.models import LoadedModel
 from nnsteer.select import check_coefficient
 from nnsteer.store import RunDir, provenance, read_json
@@ -121,12 +124,15 @@ def steer_chains(
     max_new_tokens: int = 500,
     batch_size: int = 8,
     seed: int = 0,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> pl.DataFrame:
     """The ``steer`` stage: baseline, positive and negative chains per eval task (``run.steered``).
 
     ``coefficients`` (a sweep) replaces each behaviour's ``layers.json`` coefficient;
-    ``random_control`` adds chains steered by a norm-matched random vector. Resumable.
+    ``random_control`` adds chains steered by a norm-matched random vector;
+    ``prompt_template`` names the user-turn preset (``generation.PROMPT_TEMPLATES``). Resumable.
     """
+    check_prompt_template(prompt_template)
     for c in coefficients or []:
         check_coefficient(c, "--coefficients")
     tasks = split_tasks(run, "eval", limit)
@@ -166,6 +172,7 @@ def steer_chains(
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
         "seed": seed,
+        "prompt_template": prompt_template,
     }
     used = {b: {k: _digest(v) for k, v in kinds.items()} for b, kinds in vectors.items()}
     return run_chain_jobs(
@@ -176,6 +183,7 @@ def steer_chains(
         used,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        prompt_template=prompt_template,
     )
 
 

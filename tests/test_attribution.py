@@ -409,3 +409,31 @@ def test_damaged_attribute_partial_file_is_ignored(llama, three_chains, tmp_path
     warning = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
     assert len(warning) == 1 and str(partial) in warning[0]
     assert run.attribution.is_file() and not partial.exists()
+
+
+def test_chain_aggregation_is_the_mean_of_chain_means():
+    from nnsteer.attribution import Probe, summarize
+
+    probes = [Probe("a", "backtracking", "deduction", 3, 0), Probe("a", "backtracking", "x", 5, 0),
+              Probe("b", "backtracking", "x", 4, 0), Probe("b", "example-testing", "x", 4, 0)]
+    effects = torch.tensor([[1.0, -2.0], [3.0, 4.0], [-5.0, 0.0], [2.0, 2.0]])
+    chains = summarize(probes, effects, "released-code", "chains")
+    rows = chains.filter(pl.col("label") == "backtracking").sort("layer")
+    # chain a: (1 + 3) / 2 = 2 and (2 + 4) / 2 = 3; chain b: 5 and 0
+    assert rows["effect"].to_list() == pytest.approx([3.5, 1.5])
+    assert rows["std"].to_list() == pytest.approx([1.5, 1.5])  # ddof 0 over the 2 chains
+    assert rows["n_spans"].to_list() == [3, 3] and rows["n_chains"].to_list() == [2, 2]
+    pooled = summarize(probes, effects, "released-code").filter(pl.col("label") == "backtracking")
+    assert pooled.sort("layer")["effect"].to_list() == pytest.approx([3.0, 2.0])
+    with pytest.raises(BadInput, match="--aggregate 'chain'"):
+        summarize(probes, effects, "nll", "chain")
+
+
+def test_limit_attributes_the_first_chains(llama, tokenizer, tmp_path):
+    chains = [_chain(tokenizer, "a"), _chain(tokenizer, "b")]
+    run = _write_run(tmp_path, llama, chains)
+    first = attribute(run, llama, metric="nll", limit=1, aggregate="chains",
+                      labels=["backtracking"])
+    assert first["n_chains"].unique().to_list() == [1] and first["n_spans"][0] == 2
+    assert set(pl.read_parquet(run.path(SPANS_FILE))["chain_id"]) == {"a"}
+    assert read_metadata(run.attribution)["options"]["aggregate"] == "chains"

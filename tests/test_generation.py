@@ -194,6 +194,33 @@ def test_thinking_template_opens_think(tiny_qwen2, tiny_llama):
     assert "x" in chat_prompt(tiny_llama.tokenizer, "x")
 
 
+@pytest.mark.parametrize("preset, user_turn", [
+    ("released-thinking", "Name a prime."),
+    ("released-comparison", "Please answer the following question:\n\nName a prime."),
+    ("step-by-step", "Please answer the following question:\n\nName a prime.\n\nIt requires a "
+                     "few steps of reasoning. So first, think step by step, and only then give "
+                     "the final answer."),
+])
+def test_prompt_template_presets(tiny_qwen2, preset, user_turn):
+    tok = tiny_qwen2.tokenizer
+    expected = tok.apply_chat_template([{"role": "user", "content": user_turn}], tokenize=False,
+                                       add_generation_prompt=True)
+    assert chat_prompt(tok, "Name a prime.", preset) == expected
+    assert prompt_token_ids(tok, "Name a prime.", preset) == tok(expected, add_special_tokens=False)["input_ids"]
+
+
+def test_prompt_template_is_recorded_and_checked(tiny_llama, tmp_path):
+    run = RunDir(tmp_path)
+    write_parquet(pl.DataFrame({"task_id": ["t0"], "category": ["c"], "prompt": [PROMPTS[2]],
+                                "split": ["train"], "source": ["builtin"]}), run.tasks, {})
+    chains = generate_chains(run, tiny_llama, max_new_tokens=3, prompt_template="released-thinking")
+    assert chains["prompt_ids"][0].to_list() == prompt_token_ids(
+        tiny_llama.tokenizer, PROMPTS[2], "released-thinking")
+    assert read_metadata(run.chains)["options"]["prompt_template"] == "released-thinking"
+    with pytest.raises(BadInput, match="--prompt-template 'bare'"):
+        generate_chains(run, tiny_llama, max_new_tokens=3, prompt_template="bare")
+
+
 @pytest.mark.parametrize(
     "prompts, spec, message",
     [

@@ -199,3 +199,28 @@ def test_other_bad_requests_are_not_retried_without_temperature(serve, tmp_path)
     [result] = annotate_texts(TEXTS[:1], base_url=server.url, cache_dir=tmp_path, progress=False)
     assert "context length" in result.reason
     assert len(server.requests) == 1 and server.requests[0]["temperature"] == 0
+
+
+def test_annotator_prompt_file_replaces_the_prompt_and_keys_the_cache(serve, tmp_path):
+    from nnsteer.annotate import read_annotator_prompt
+
+    server = serve(lambda body, n: (200, labelled(body["messages"][-1]["content"].split("|")[1])))
+    ours = "Label this: |{thinking}| and nothing else."
+    [spans] = annotate_texts(TEXTS[:1], model="gpt-4.1", base_url=server.url,
+                             cache_dir=tmp_path, progress=False, prompt=ours)
+    assert server.requests[0]["messages"] == [
+        {"role": "user", "content": ours.replace("{thinking}", TEXTS[0])}]
+    assert [s.label for s in spans] == ["initializing", "deduction"]
+    annotate_texts(TEXTS[:1], model="gpt-4.1", base_url=server.url, cache_dir=tmp_path,
+                   progress=False, prompt=ours)
+    assert len(server.requests) == 1  # cached under the prompt's hash
+    other = "Label this: |{thinking}| now."
+    annotate_texts(TEXTS[:1], model="gpt-4.1", base_url=server.url, cache_dir=tmp_path,
+                   progress=False, prompt=other)
+    assert len(server.requests) == 2  # another prompt: not the cached reply
+    assert len(list((tmp_path / "gpt-4.1").glob("p*.json"))) == 2
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(BadInput, match="--annotator-prompt .*empty.txt: the file is empty"):
+        read_annotator_prompt(tmp_path / "empty.txt", "openai:gpt-4.1")
+    with pytest.raises(BadInput, match="rules annotator takes no prompt"):
+        read_annotator_prompt(tmp_path / "empty.txt", "rules")

@@ -20,6 +20,10 @@ from nnsteer.models import DEFAULT_MODEL
 @click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True,
               help="Concurrent LLM requests.")
 @llm_limits
+@click.option("--annotator-prompt", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="A file whose text replaces the LLM annotator's prompt (e.g. the authors'); "
+                   "the reasoning goes where it says {thinking}, else it is the user message.")
 @click.option("--source", type=click.Choice(["chains", "steered"]), default="chains",
               show_default=True, help="Annotate chains.parquet or steered.parquet.")
 @click.option("--agreement", "agreement_files", multiple=True,
@@ -28,7 +32,8 @@ from nnsteer.models import DEFAULT_MODEL
                    "of FILE (annotated-chains JSON). Repeatable.")
 @click.pass_context
 def command(ctx: click.Context, model: str, annotator: str, base_url: str | None, workers: int,
-            timeout: float, retries: int, source: str, agreement_files: tuple[Path, ...]) -> None:
+            timeout: float, retries: int, annotator_prompt: str | None, source: str,
+            agreement_files: tuple[Path, ...]) -> None:
     """Annotate chains into behaviour spans (annotations.parquet)."""
     if agreement_files:
         from nnsteer.agreement import file_agreement
@@ -43,7 +48,8 @@ def command(ctx: click.Context, model: str, annotator: str, base_url: str | None
 
     run = run_dir(ctx, model)
     summary = annotate_chains(run, annotator=annotator, base_url=base_url, workers=workers,
-                              source=source, timeout=timeout, retries=retries)
+                              source=source, timeout=timeout, retries=retries,
+                              annotator_prompt=annotator_prompt)
     out = run.annotations if source == "chains" else run.steered_annotations
     click.echo(f"wrote {out}")
     click.echo(f"{'label':<24}{'spans':>7}{'tokens':>8}{'unaligned':>11}{'unknown':>9}")

@@ -32,9 +32,17 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def generation_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``--limit --max-new-tokens``, as the stages that generate take; ``what`` names the tasks."""
+    """``--limit --max-new-tokens --prompt-template``, as the stages that generate take;
+    ``what`` names the tasks."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        from nnsteer.generation import DEFAULT_PROMPT_TEMPLATE, PROMPT_TEMPLATES
+
+        func = click.option("--prompt-template", type=click.Choice(list(PROMPT_TEMPLATES)),
+                            default=DEFAULT_PROMPT_TEMPLATE, show_default=True,
+                            help="The user turn around each task: step-by-step (nnsteer), "
+                                 "released-thinking (the bare task, as the released steering "
+                                 "code), released-comparison (its comparison script).")(func)
         func = click.option("--max-new-tokens", type=click.IntRange(min=1), default=500,
                             show_default=True, help="Greedy tokens per chain at most.")(func)
         return click.option("--limit", type=click.IntRange(min=1), default=None,

@@ -15,6 +15,11 @@ from nnsteer.models import DEFAULT_MODEL
 @click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True,
               help="Parallel annotation requests.")
 @llm_limits
+@click.option("--annotator-prompt", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="A file whose text replaces the LLM annotator's prompt (default: that of "
+                   "annotations.parquet, for the same annotator); the reasoning goes "
+                   "where it says {thinking}, else it is the user message.")
 @click.option("--denominator", type=click.Choice(["labelled", "steered"]), default="labelled",
               show_default=True,
               help="Shares of all labelled tokens, or of the four steered labels (released code).")
@@ -25,13 +30,15 @@ from nnsteer.models import DEFAULT_MODEL
               help="Only picks the default run directory, runs/<model-slug>.")
 @click.pass_context
 def command(ctx: click.Context, annotator: str | None, base_url: str | None, workers: int,
-            timeout: float, retries: int, denominator: str, n_boot: int, seed: int, model: str) -> None:
+            timeout: float, retries: int, annotator_prompt: str | None, denominator: str,
+            n_boot: int, seed: int, model: str) -> None:
     """Annotate steered chains and measure behaviour shares (evaluation.parquet, chart, summary)."""
     from nnsteer.cli.common import run_dir
     from nnsteer.evaluate import CHART_FILE, SUMMARY_FILE, evaluate
 
     run = run_dir(ctx, model)
     evaluate(run, annotator=annotator, base_url=base_url, workers=workers, timeout=timeout,
-             retries=retries, denominator=denominator, n_boot=n_boot, seed=seed)
+             retries=retries, denominator=denominator, n_boot=n_boot, seed=seed,
+             annotator_prompt=annotator_prompt)
     click.echo((run.root / SUMMARY_FILE).read_text(), nl=False)
     click.echo(f"wrote {run.evaluation}, {run.charts / CHART_FILE}, {run.root / SUMMARY_FILE}")

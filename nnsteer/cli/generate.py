@@ -28,6 +28,7 @@ def command(
     split: str,
     limit: int | None,
     max_new_tokens: int,
+    prompt_template: str,
 ) -> None:
     """Generate greedy reasoning chains (chains.parquet); a rerun continues where it stopped."""
     from nnsteer.generation import generate_chains
@@ -37,6 +38,7 @@ def command(
     require(run.tasks)  # before loading the model
     lm = open_model(model, remote, device, dtype)
     chains = generate_chains(
-        run, lm, split=split, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size
+        run, lm, split=split, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        prompt_template=prompt_template,
     )
     click.echo(f"{run.chains}: {chains.height} chains")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -17,12 +18,16 @@ from nnsteer.pipeline import STAGE_NAMES, load_config, run_pipeline
               help="Start at this stage (earlier stages are not checked).")
 @click.option("--only", multiple=True, type=click.Choice(STAGE_NAMES),
               help="Run only this stage (repeatable).")
+@click.option("--released-code", is_flag=True,
+              help="Make every choice as the authors' released code (prompt, 1000 tokens, "
+                   "gpt-4.1, released-code vectors and metric, --spans others on 50 chains, "
+                   "chain aggregation, their layers); the config's own values still win.")
 @click.option("--force", is_flag=True,
               help="Rerun the chosen stages from scratch, even if up to date; finished "
                    "batches are not reused, so after Ctrl-C rerun without --force to continue.")
 @click.pass_context
 def command(ctx: click.Context, config_path: Path, from_stage: str | None,
-            only: tuple[str, ...], force: bool) -> None:
+            only: tuple[str, ...], released_code: bool, force: bool) -> None:
     """Run tasks → generate → annotate → extract → attribute → select → steer → evaluate → report.
 
     A stage is skipped when its outputs are up to date (same options, model and
@@ -30,6 +35,8 @@ def command(ctx: click.Context, config_path: Path, from_stage: str | None,
     where it stopped: with --force the chosen stages start from scratch again.
     """
     config = load_config(config_path)
+    if released_code:
+        config = dataclasses.replace(config, released_code=True)
     run = run_pipeline(config, run_dir=given_run_dir(ctx),
                        from_stage=from_stage, only=only, force=force)
     if run.report.exists():

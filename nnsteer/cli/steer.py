@@ -56,6 +56,7 @@ def command(
     seed: int,
     limit: int | None,
     max_new_tokens: int,
+    prompt_template: str,
 ) -> None:
     """Generate steered chains (positive, negative) and baselines on the eval tasks."""
     from nnsteer.steer import steer_chains
@@ -72,5 +73,6 @@ def command(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         seed=seed,
+        prompt_template=prompt_template,
     )
     click.echo(f"{run.steered}: {chains.height} chains")
