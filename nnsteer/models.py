@@ -265,12 +265,18 @@ class ModelSource:
     embedded: bool = False
 
 
+def model_name(name: str) -> str:
+    """The name outputs record for a model: a local path made absolute (so later stages
+    find it from any directory, and it is one name however it is typed), others as given."""
+    if name in EMBEDDED_MODELS:
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def resolve_source(name: str) -> ModelSource:
     """Interpret a model name; :class:`BadInput` for names that cannot be a model.
-
-    A local path's name is made absolute, so that outputs record a model that later
-    stages find from any directory, and the same model is one name however it is typed.
-    """
+    A local path's ``name`` is :func:`model_name`'s absolute one."""
     if name in EMBEDDED_MODELS:
         spec_ = EMBEDDED_MODELS[name]
         return ModelSource(
@@ -284,12 +290,11 @@ def resolve_source(name: str) -> ModelSource:
         if not path.is_file():
             raise BadInput(f"{name}: no such GGUF file")
         _check_gguf(path)
-        path = path.resolve()
-        return ModelSource(str(path), str(path.parent), gguf_file=path.name)
+        return ModelSource(model_name(name), str(path.parent), gguf_file=path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BadInput(f"{name}: directory has no config.json, so it is not a model")
-        return ModelSource(str(path.resolve()), str(path.resolve()))
+        return ModelSource(model_name(name), str(path))
     if path.exists():
         raise BadInput(f"{name}: not a model directory or .gguf file")
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name):
