@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -222,6 +223,13 @@ def _batch(probes: list[Probe], ids: torch.Tensor, index: dict[str, int], n_laye
     }
 
 
+def kv_cache_argument(hf_model: Any) -> str:
+    """What the model's forward calls its KV cache, argument and output: ``cache`` from
+    transformers 5.24 (``past_key_values`` warns there, and goes in 5.40), before that
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+
+
 def _chain_effects(lm: LoadedModel, ids: torch.Tensor, batches: list[dict],
                    table: torch.Tensor, metric: str) -> torch.Tensor:
     """The effects of every probe of one chain: ``[n_probes, n_layers]``.
@@ -237,11 +245,12 @@ def _chain_effects(lm: LoadedModel, ids: torch.Tensor, batches: list[dict],
     released, second_order = metric == "released-code", metric == "kl2"
     first_order = metric in FIRST_ORDER
     width = max(b["width"] for b in batches)
+    cache_name = kv_cache_argument(lm.hf_model)
     # The remote path re-reads this block's source: no comment lines or multi-line statements
     # before a nested `with`. kl2's JVP needs a second derivative that fused attention lacks.
     with m.session(remote=lm.remote):
         with m.trace(input_ids=ids[:, :width]):
-            cache = m.output.past_key_values
+            cache = getattr(m.output, cache_name)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         attention = torch.nn.attention
         results = nnsight.save([])
@@ -250,7 +259,7 @@ def _chain_effects(lm: LoadedModel, ids: torch.Tensor, batches: list[dict],
             past = DynamicCache(ddp_cache_data=[(k[0][:, index.to(k.device)].transpose(0, 1), v[0][:, index.to(v.device)].transpose(0, 1)) for k, v in kv])
             kernels = attention.sdpa_kernel(attention.SDPBackend.MATH) if second_order else nullcontext()
             with kernels:
-                with m.trace(**batch["inputs"], past_key_values=past):
+                with m.trace(**batch["inputs"], **{cache_name: past}):
                     if first_order:
                         embed.output.requires_grad_(True)
                         hs = [layers[i].output for i in range(n_layers)]

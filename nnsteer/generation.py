@@ -180,6 +180,37 @@ def reasoning_span(response: str) -> tuple[int, int]:
     return start, end
 
 
+def thinking_span(tokenizer: Any, output_ids: Sequence[int], response: str) -> tuple[int, int]:
+    """Char offsets of the reasoning in ``response``, the decoded ``output_ids``.
+
+    Where the tokenizer has a ``</think>`` token, the reasoning ends where that token
+    stands in the ids (so a tokenizer that marks the tag special, which decoding leaves
+    out, still ends it) and starts after a ``<think>`` token before it, else at 0.
+    Otherwise the tags are found in the text (:func:`reasoning_span`).
+    """
+    close = _tag_id(tokenizer, THINK_CLOSE)
+    if close is None:
+        return reasoning_span(response)
+    ids = list(output_ids)
+    if close not in ids:
+        end_index, end = len(ids), len(response)
+    else:
+        end_index = ids.index(close)
+        end = len(decode_response(tokenizer, ids[:end_index]))
+    opening = _tag_id(tokenizer, THINK_OPEN)
+    opened = [i for i in range(end_index) if ids[i] == opening]
+    start = len(decode_response(tokenizer, ids[: opened[-1] + 1])) if opened else 0
+    return start, end
+
+
+def _tag_id(tokenizer: Any, tag: str) -> int | None:
+    """The id of the token that is exactly ``tag``, if the tokenizer has one."""
+    token_id = tokenizer.convert_tokens_to_ids(tag)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        return None
+    return token_id if tokenizer.convert_ids_to_tokens(token_id) == tag else None
+
+
 def eos_ids(lm: LoadedModel) -> set[int]:
     """Token ids that end a chain: the generation config's EOS, else the tokenizer's."""
     eos = lm.hf_model.generation_config.eos_token_id
@@ -345,7 +376,7 @@ def _finish(
     cut = next((i + 1 for i, t in enumerate(new_ids) if t in stop), None)
     output_ids = new_ids[:cut]
     response = decode_response(tokenizer, output_ids)
-    start, end = reasoning_span(response)
+    start, end = thinking_span(tokenizer, output_ids, response)
     return Generation(
         prompt_ids=list(prompt_ids),
         output_ids=output_ids,

@@ -265,8 +265,18 @@ class ModelSource:
     embedded: bool = False
 
 
+def model_name(name: str) -> str:
+    """The name outputs record for a model: a local path made absolute (so later stages
+    find it from any directory, and it is one name however it is typed), others as given."""
+    if name in EMBEDDED_MODELS:
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def resolve_source(name: str) -> ModelSource:
-    """Interpret a model name; :class:`BadInput` for names that cannot be a model."""
+    """Interpret a model name; :class:`BadInput` for names that cannot be a model.
+    A local path's ``name`` is :func:`model_name`'s absolute one."""
     if name in EMBEDDED_MODELS:
         spec_ = EMBEDDED_MODELS[name]
         return ModelSource(
@@ -280,11 +290,11 @@ def resolve_source(name: str) -> ModelSource:
         if not path.is_file():
             raise BadInput(f"{name}: no such GGUF file")
         _check_gguf(path)
-        return ModelSource(name, str(path.parent), gguf_file=path.name)
+        return ModelSource(model_name(name), str(path.parent), gguf_file=path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BadInput(f"{name}: directory has no config.json, so it is not a model")
-        return ModelSource(name, str(path))
+        return ModelSource(model_name(name), str(path))
     if path.exists():
         raise BadInput(f"{name}: not a model directory or .gguf file")
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name):
@@ -371,6 +381,7 @@ def load_model(
 
         check_remote(model)
         nn = TransformersModel(model)
+        check_tokenizer(nn.tokenizer, model)
         arch = Architecture.from_config(nn._module.config, model)
         return LoadedModel(nn, nn.tokenizer, arch, model, revision="main", remote=True)
 
@@ -383,7 +394,7 @@ def load_model(
     return wrap_model(
         hf_model,
         tokenizer,
-        name=model,
+        name=source.name,
         revision=source.revision or getattr(config, "_commit_hash", None),
         remote=remote,
     )
@@ -395,9 +406,34 @@ def load_tokenizer(model: str = DEFAULT_MODEL) -> Any:
 
     source = resolve_source(model)
     try:
-        return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     except OSError as exc:
         raise BadInput(f"cannot load the tokenizer of {model!r}: {first_line(exc)}") from None
+    return check_tokenizer(tokenizer, source.name)
+
+
+#: Text every tokenizer must give back unchanged after encoding it: the prompt wording
+#: (spaces, blank lines, punctuation), where a mis-loaded tokenizer loses spaces.
+ROUND_TRIP_SAMPLE = (
+    "Please answer the following question:\n\nWhat is 17 * 23? It requires a few steps "
+    "of reasoning.\n  So first, think step by step."
+)
+
+
+def check_tokenizer(tokenizer: Any, name: str) -> Any:
+    """``tokenizer``, unless encoding then decoding a sample text changes it: then a
+    :class:`BadInput` naming the transformers version (before 5.22 some versions load
+    R1-Distill-Llama's tokenizer without its spaces)."""
+    ids = tokenizer(ROUND_TRIP_SAMPLE, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    if decoded != ROUND_TRIP_SAMPLE:
+        version = importlib.metadata.version("transformers")
+        raise BadInput(
+            f"{name}: the tokenizer loaded by transformers {version} does not give text back "
+            f"({ROUND_TRIP_SAMPLE[:36]!r} decodes as {decoded[:36]!r}); nnsteer needs "
+            "transformers >= 5.22 (pip install 'transformers>=5.22,<5.25')"
+        )
+    return tokenizer
 
 
 def _load_weights(source: ModelSource, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -405,7 +441,9 @@ def _load_weights(source: ModelSource, device: str, dtype: torch.dtype) -> tuple
 
     placement = {"device_map": "auto"} if device == "auto" else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        tokenizer = check_tokenizer(
+            AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file), source.name
+        )
         hf_model = AutoModelForCausalLM.from_pretrained(
             source.path, gguf_file=source.gguf_file, dtype=dtype, **placement
         )

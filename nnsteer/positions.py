@@ -20,30 +20,58 @@ def decode_response(tokenizer: Any, output_ids: Sequence[int]) -> str:
 def token_offsets(tokenizer: Any, output_ids: Sequence[int]) -> list[tuple[int, int]]:
     """Character range ``[start, end)`` of each generated token inside the decoded response.
 
-    A token that only completes a multi-byte character, or a special token, may get an
-    empty range. Ranges are contiguous, ordered and end at ``len(response)``.
+    A token covers every character one of its bytes belongs to: a token that completes a
+    multi-byte character begun before it shares that character with the token before it.
+    A special token that decoding leaves out gets an empty range. Ranges are ordered, start
+    at 0 and end at ``len(response)``; one starts where the previous one ends, or one
+    character earlier where the two share a character.
     """
     ids = list(output_ids)
-    lengths = _windowed_prefix_lengths(tokenizer, ids)
-    if lengths is None:
-        lengths = [len(decode_response(tokenizer, ids[: i + 1])) for i in range(len(ids))]
+    prefixes = _windowed_prefix_lengths(tokenizer, ids)
+    if prefixes is None:
+        prefixes = _exact_prefix_lengths(tokenizer, ids)
+    lengths, completes = [n for n, _ in prefixes], [c for _, c in prefixes]
     # A prefix that ends inside a multi-byte character decodes to a replacement char
     # that a later token removes: take the running minimum from the end.
     ends = lengths[:]
     for i in range(len(ends) - 2, -1, -1):
         ends[i] = min(ends[i], ends[i + 1])
-    starts = [0] + ends[:-1]
-    return list(zip(starts, ends))
+    text = decode_response(tokenizer, ids) if any(completes) else ""
+    offsets = []
+    for i, end in enumerate(ends):
+        start = ends[i - 1] if i else 0
+        # The character the previous prefix left unfinished is one this token completes,
+        # unless it never became one (invalid bytes stay a replacement char).
+        if completes[i] and start and text[start - 1] != _REPLACEMENT:
+            start -= 1
+        offsets.append((start, end))
+    return offsets
 
 
 _REPLACEMENT = "\ufffd"
 _CONTEXT = 4  # tokens of look-back kept in front of a decoding window
 _MAX_WINDOW = 256  # tokens; a window that does not settle by then is given up on
 
+#: Per generated token: the length of the decoded prefix that ends with it, and whether
+#: it continues a prefix that ended inside a character (a token decoding does not skip).
+PrefixLengths = list[tuple[int, bool]]
 
-def _windowed_prefix_lengths(tokenizer: Any, ids: list[int]) -> list[int] | None:
-    """``len(decode_response(tokenizer, ids[: i + 1]))`` for each ``i``; None where the
-    lengths cannot be checked against the whole decoded response."""
+
+def _exact_prefix_lengths(tokenizer: Any, ids: list[int]) -> PrefixLengths:
+    """:data:`PrefixLengths` by decoding every prefix whole (quadratic, always right)."""
+    skipped = _skipped_ids(tokenizer, ids)
+    out: PrefixLengths = []
+    previous = ""
+    for i, token in enumerate(ids):
+        prefix = decode_response(tokenizer, ids[: i + 1])
+        out.append((len(prefix), token not in skipped and previous.endswith(_REPLACEMENT)))
+        previous = prefix
+    return out
+
+
+def _windowed_prefix_lengths(tokenizer: Any, ids: list[int]) -> PrefixLengths | None:
+    """:data:`PrefixLengths` decoded a window at a time; None where the lengths cannot be
+    checked against the whole decoded response."""
     # A prefix's text is taken as ``committed + decode(kept[start:])``. The window starts
     # a few tokens back at a boundary where the text had settled (a trailing replacement
     # char may be an unfinished multi-byte character), so how a decoder treats a first
@@ -53,20 +81,22 @@ def _windowed_prefix_lengths(tokenizer: Any, ids: list[int]) -> list[int] | None
     text = decode_response(tokenizer, ids)
     skipped = _skipped_ids(tokenizer, ids)
     kept: list[int] = []
-    lengths: list[int] = []
+    lengths: PrefixLengths = []
     boundaries = deque([0])  # where in ``kept`` a window may start
     start = committed = 0  # the window's start; the length of the text before it
+    unfinished = False  # the text decoded so far ends inside a character
     for token in ids:
         if token in skipped:
-            lengths.append(lengths[-1] if lengths else 0)
+            lengths.append((lengths[-1][0] if lengths else 0, False))
             continue
         kept.append(token)
         end = len(kept)
         if end - start > _MAX_WINDOW:
             return None
         window = decode_response(tokenizer, kept[start:])
-        lengths.append(committed + len(window))
-        if window.endswith(_REPLACEMENT):
+        lengths.append((committed + len(window), unfinished))
+        unfinished = window.endswith(_REPLACEMENT)
+        if unfinished:
             continue
         boundaries.append(end)
         while len(boundaries) > 1 and boundaries[1] <= end - _CONTEXT:

@@ -231,6 +231,8 @@ def attribution_section(run: RunDir) -> Section:
 def similarity_section(run: RunDir) -> Section:
     """Cosine similarity between the labels' vectors, one layer at a time (slider)."""
     vs = _stage_function("nnsteer.vectors", "load_vectors")(_need(run.vectors))
+    if not vs.labels:
+        raise _Unavailable(f"{run.vectors.name} holds only the overall mean: no behaviour to compare.")
     df = _stage_function("nnsteer.vectors", "cosine_similarity")(vs)
     layers = read_json(run.layers) if run.layers.exists() else {}
     chosen = sorted({v["vector_layer"] for v in layers.values()}) or [vs.n_layers // 2]

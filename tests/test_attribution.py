@@ -27,6 +27,10 @@ from nnsteer.store import RunDir, read_metadata, write_parquet
 from nnsteer.vectors import VectorSet, save_vectors
 from conftest import FaultAfter, make_tiny
 
+#: The KV cache goes in and out under the name the installed transformers uses
+#: (``attribution.kv_cache_argument``): the deprecated one fails the tests.
+pytestmark = pytest.mark.filterwarnings("error:`past_key_values` is deprecated:FutureWarning")
+
 REASONING = (
     "Okay, so I need to find the number. Let me think. Wait, maybe it is seven. "
     "For example, if x is 3 then 2x is 6. Hmm, I am not sure about that. "

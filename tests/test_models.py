@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nnsteer.errors import BadInput
-from nnsteer.models import Architecture, describe_model, load_model, resolve_source
+from nnsteer.models import Architecture, describe_model, load_model, model_name, resolve_source
 
 
 def _layer_outputs(lm, ids, mask):
@@ -140,3 +140,12 @@ def test_embedded_model_equals_gguf():
     ids = lm.tokenizer("Let me think about this step by step.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(lm.hf_model(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+def test_local_model_paths_are_recorded_absolute(tmp_path, monkeypatch):
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    for typed in ("tiny", "./tiny/", str(tmp_path / "tiny")):
+        assert model_name(typed) == resolve_source(typed).name == str(tmp_path / "tiny")
+    assert model_name("org/Model-1B") == "org/Model-1B" and model_name("smollm2-135m") == "smollm2-135m"

@@ -113,30 +113,11 @@ RECITED = ("Let me read this. Okay! By definition squares have four sides... Wai
 
 
 def reciting_model(tokenizer):
-    """A tiny random Llama whose greedy output cycles through :data:`RECITED`.
+    """A tiny random Llama whose greedy output cycles through :data:`RECITED`, so that
+    annotation finds behaviours and every stage has work to do."""
+    from conftest import reciting_hf
 
-    The blocks' writes to the residual stream are scaled down, and the embedding and
-    unembedding map each token of the text to its successor: a bigram model with some
-    per-layer noise, so that annotation finds behaviours and every stage has work to do.
-    """
-    import torch
-
-    from conftest import build_tiny_hf
-
-    ids = tokenizer.encode(RECITED, add_special_tokens=False)
-    assert len(set(ids)) == len(ids)
-    model = build_tiny_hf("llama", len(tokenizer))
-    width = model.config.hidden_size
-    keys = torch.nn.functional.normalize(torch.randn(len(ids), width, generator=torch.Generator().manual_seed(1)), dim=1)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.mul_(0.1)
-            layer.mlp.down_proj.weight.mul_(0.1)
-        model.lm_head.weight.zero_()
-        for i, token in enumerate(ids):
-            model.model.embed_tokens.weight[token] = keys[i]
-            model.lm_head.weight[ids[(i + 1) % len(ids)]] = 10 * keys[i]
-    return model
+    return reciting_hf("llama", tokenizer, tokenizer.encode(RECITED, add_special_tokens=False))
 
 
 PIPELINE_CONFIG = """

@@ -190,3 +190,14 @@ def test_analysis_scripts_write_figures(full_report, tmp_path, script, name):
         empty = subprocess.run([sys.executable, str(analysis / script), str(tmp_path)],
                                capture_output=True, text=True, timeout=120)
         assert empty.returncode == 2 and "Not run yet" in empty.stderr
+
+
+def test_vectors_with_only_overall(tmp_path):
+    """Extract on chains where annotation found no behaviour keeps only ``overall``."""
+    run = RunDir(tmp_path)
+    meta = provenance("extract", {"variant": "paper"}, MODEL)
+    save_file({OVERALL: torch.randn(N_LAYERS, D_MODEL)}, str(run.vectors),
+              metadata={"nnsteer": json.dumps(meta)})
+    result = CliRunner().invoke(cli, ["--run-dir", str(run.root), "report"])
+    assert result.exit_code == 0, result.output
+    assert "holds only the overall mean" in run.report.read_text()

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from nnsteer.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
+from nnsteer.models import DEFAULT_MODEL, LoadedModel, load_model, model_name, model_slug
 from nnsteer.pipeline import create_run_dir
 from nnsteer.store import RunDir, run_lock
 
@@ -18,6 +18,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """``--model --remote --device --dtype --batch-size``, as every model stage takes."""
     options = [
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                     callback=lambda ctx, param, value: model_name(value),
                      help="HF id, local directory, .gguf file, or embedded model name."),
         click.option("--remote", is_flag=True, help="Run on NDIF (needs NDIF_API_KEY)."),
         click.option("--device", default=None,
