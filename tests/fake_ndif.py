@@ -38,6 +38,7 @@ import queue
 import socket
 import struct
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -67,6 +68,8 @@ class FakeNdif:
     #: ``{model_key: state}`` for /status beyond the served models (RUNNING).
     extra_deployments: dict[str, str] = field(default_factory=dict)
     drop_polls: int = 0
+    #: Seconds a job waits in the queue before it runs (for deadline tests).
+    queue_delay: float = 0.0
     host: str = ""
     requests: list[RequestRecord] = field(default_factory=list)
     statuses: list[tuple[str, str]] = field(default_factory=list)
@@ -75,6 +78,10 @@ class FakeNdif:
     results: dict[str, bytes] = field(default_factory=dict)
     sockets: dict[str, _WebSocket] = field(default_factory=dict)
     jobs: queue.Queue = field(default_factory=queue.Queue)
+
+    def submitted(self) -> int:
+        """How many jobs were sent (each one paid for)."""
+        return sum(status == "RECEIVED" for _, status in self.statuses)
 
     def fail_jobs(self, *descriptions: str) -> None:
         """Answer the next jobs with ERROR and these descriptions (a server traceback)."""
@@ -143,6 +150,7 @@ class FakeNdif:
             job_id, metadata, blob = job
             session = metadata.get("session_id", "")
             self.respond(job_id, session, "QUEUED", "Your job has been queued.")
+            time.sleep(self.queue_delay)
             self.respond(job_id, session, "RUNNING", "Your job has started running.")
             if self.failures:
                 self.respond(job_id, session, "ERROR", self.failures.pop(0))

@@ -239,3 +239,69 @@ def test_generate_resumes_at_the_batch_ndif_kept_dropping(study, lm, tmp_path, m
         chains = generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS, batch_size=1)
     assert len(server.requests) == 1
     _same_chains(pl.read_parquet(study.chains), chains)
+
+
+# --- long jobs on the loopback NDIF: retries, one-line errors, re-attaching, deadline ------
+
+EXTRACT_INPUTS = ("tasks.parquet", "chains.parquet", "annotations.parquet")
+
+
+def _extract(run, lm):
+    return vectors.extract_vectors(run, lm, batch_size=1)
+
+
+def test_extract_reattaches_to_its_job_after_dropped_polls(study, lm, tmp_path, monkeypatch):
+    """Polls that lose the connection are retried on the same job: no job is paid twice."""
+    monkeypatch.setattr(remote, "RETRY_BASE_DELAY", 0.0)
+    run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
+    with ndif_remote(lm, drop_polls=2) as ndif:
+        remote_set = _extract(run, lm)
+    n_batches = len(ndif.requests)
+    assert ndif.submitted() == n_batches == 2  # 2 chains, batch size 1
+    local = vectors.load_vectors(study.vectors)
+    assert set(remote_set.vectors) == set(local.vectors)
+    assert not list(run.root.glob("*.jobs.json"))  # nothing left pending
+
+
+def test_extract_rerun_reattaches_after_the_retries_ran_out(study, lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "RETRY_BASE_DELAY", 0.0)
+    run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
+    with ndif_remote(lm, drop_polls=5) as ndif:
+        with pytest.raises(NnsteerError, match="extract batch 1/2 failed 5 times on NDIF"):
+            _extract(run, lm)
+        (pending,) = run.root.glob("*.jobs.json")
+        assert ndif.submitted() == 1
+        _extract(run, lm)  # the rerun: batch 1 re-attaches, batch 2 is sent
+        assert ndif.submitted() == 2 and len(ndif.requests) == 2
+    assert not pending.exists()
+
+
+def test_evicted_job_is_sent_again_and_a_failed_one_is_one_line(study, lm, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setattr(remote, "RETRY_BASE_DELAY", 0.0)
+    run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
+    with ndif_remote(lm) as ndif:
+        ndif.fail_jobs("Traceback (most recent call last):\n  ...\nRuntimeError: Your job "
+                       "was evicted by a higher-priority deployment. Please try again later.")
+        _extract(run, lm)
+        assert ndif.submitted() == 3  # batch 1 twice
+        ndif.fail_jobs("Traceback (most recent call last):\n  File \"x\", line 1\n"
+                       "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")
+        (tmp_path / "again").mkdir()
+        with pytest.raises(NnsteerError) as err:
+            _extract(_inputs(study, tmp_path / "again", *EXTRACT_INPUTS), lm)
+    assert str(err.value) == ("extract batch 1/2 failed on NDIF: torch.OutOfMemoryError: CUDA "
+                              "out of memory. Tried to allocate 2 GiB; lower --batch-size "
+                              "and rerun")
+
+
+def test_deadline_stops_waiting_and_a_rerun_reattaches(study, lm, tmp_path, monkeypatch):
+    run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
+    with ndif_remote(lm, queue_delay=1.0) as ndif:
+        monkeypatch.setattr(lm, "ndif_deadline", 0.2)
+        with pytest.raises(NnsteerError, match=r"extract batch 1/2: NDIF job \w+ not done "
+                                               r"after 0.2 s \(the deadline"):
+            _extract(run, lm)
+        monkeypatch.setattr(lm, "ndif_deadline", None)
+        _extract(run, lm)
+        assert ndif.submitted() == 2
