@@ -185,10 +185,15 @@ def probe_effects(
             tqdm(chains[done:], initial=done, total=len(chains), desc=f"attribute ({metric})",
                  unit="chain", disable=not progress, file=sys.stderr), start=done + 1):
         ids = torch.tensor([list(sequences[chain_id])])
-        batches = [_batch([probes[i] for i in members[s:s + per_trace]], ids, index,
+        # Only the vectors of this chain's labels travel with its request (NDIF payload).
+        present = sorted({probes[i].label for i in members})
+        chain_index = {label: j for j, label in enumerate(present)}
+        chain_table = table[[index[label] for label in present]]
+        batches = [_batch([probes[i] for i in members[s:s + per_trace]], ids, chain_index,
                           lm.arch.n_layers, per_layer) for s in range(0, len(members), per_trace)]
-        chain_effects = with_retries(lambda: _chain_effects(lm, ids, batches, table, metric),
-                                     what=f"attribute chain {chain_id}", jobs=partial.jobs())
+        chain_effects = with_retries(
+            lambda: _chain_effects(lm, ids, batches, chain_table, metric),
+            what=f"attribute chain {chain_id}", jobs=partial.jobs())
         effects[members] = chain_effects.float().cpu()
         partial.save({"effects": effects, "chains": k})
     return effects

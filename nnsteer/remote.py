@@ -337,6 +337,17 @@ def ndif_backend(model_key: str, *, deadline: float | None = None) -> Any:
             self._push(result, tracer)
             return result
 
+        def download_result(self, url: Any) -> Any:
+            """nnsight's download and load, for a URL on ``NDIF_HOST`` or over https only
+            (nnsight unpickles what it loads)."""
+            if isinstance(url, str) and not trusted_result_url(url, self.host):
+                raise NnsteerError(
+                    f"NDIF answered with a result at {url.split('?')[0]}, neither on "
+                    f"NDIF_HOST ({self.host}) nor over https: not loaded (results are "
+                    "unpickled); check NDIF_HOST"
+                )
+            return super().download_result(url)
+
         def _wait(self, what: str, jobs: JobBook | None) -> Any:
             from nnsight.intervention.backends.remote import RemoteError
 
@@ -364,6 +375,15 @@ def ndif_backend(model_key: str, *, deadline: float | None = None) -> Any:
                 interval = min(MAX_POLL_INTERVAL, 2 * interval)
 
     return NdifBackend()
+
+
+def trusted_result_url(url: str, host: str) -> bool:
+    """Whether a result may be loaded from ``url``: on the NDIF host itself, or over https
+    (NDIF stages large results on its object store, behind presigned https URLs)."""
+    from urllib.parse import urlsplit
+
+    where, ours = urlsplit(url), urlsplit(host)
+    return where.scheme == "https" or (where.scheme, where.netloc) == (ours.scheme, ours.netloc)
 
 
 def _warn(message: str) -> None:

@@ -71,6 +71,8 @@ class FakeNdif:
     #: Seconds a job waits in the queue before it runs (for deadline tests).
     queue_delay: float = 0.0
     host: str = ""
+    #: Where COMPLETED says the result is (default: ``host``).
+    result_host: str = ""
     requests: list[RequestRecord] = field(default_factory=list)
     statuses: list[tuple[str, str]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -128,7 +130,7 @@ class FakeNdif:
         self.statuses.append((job_id, status))
         if result is not None:
             self.results[job_id] = result
-            response["data"] = f"{self.host}/results/{job_id}"
+            response["data"] = f"{self.result_host or self.host}/results/{job_id}"
         self.responses[job_id] = response
         connection = self.sockets.get(session_id)
         if connection is not None and status != "RECEIVED":

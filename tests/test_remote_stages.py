@@ -183,9 +183,9 @@ def test_attribute_remote_equals_local(study, lm, tmp_path, remote_run):
     with remote_run(lm) as server:
         remote = stage(run)
     assert_frame_equal(remote, _local_bf16(stage, study, tmp_path, *inputs),
-                       check_exact=False, rtol=1e-5, atol=1e-6)
+                       check_exact=False, rel_tol=1e-5, abs_tol=1e-6)
     assert_frame_equal(remote, pl.read_parquet(study.attribution), check_exact=False,
-                       rtol=0, atol=EFFECT_BF16_ATOL)
+                       rel_tol=0, abs_tol=EFFECT_BF16_ATOL)
     # Budget: per chain, per-span per-layer effects [n_spans, n_layers] and nothing else.
     spans = pl.read_parquet(study.path(attribution.SPANS_FILE))
     assert len(server.requests) == spans["chain_id"].n_unique()
@@ -305,3 +305,12 @@ def test_deadline_stops_waiting_and_a_rerun_reattaches(study, lm, tmp_path, monk
         monkeypatch.setattr(lm, "ndif_deadline", None)
         _extract(run, lm)
         assert ndif.submitted() == 2
+
+
+def test_a_result_on_another_host_is_not_loaded(study, lm, tmp_path):
+    run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
+    with ndif_remote(lm) as ndif:
+        ndif.result_host = ndif.host.replace("127.0.0.1", "localhost")
+        with pytest.raises(NnsteerError, match=r"result at http://localhost:\d+/results/\w+, "
+                                               r"neither on NDIF_HOST"):
+            _extract(run, lm)
