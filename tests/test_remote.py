@@ -488,3 +488,36 @@ def test_is_transient_server_side_job_error_is_not():
     assert not is_transient(RemoteError("CUDA out of memory"))
     assert is_transient(TimeoutError("read timed out"))
 
+
+
+def test_config_model_table_takes_the_ndif_options(tmp_path):
+    from nnsteer.pipeline import load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\nname = 'org/big-model'\nremote = true\nhot_swap = true\n"
+                    "ndif_deadline = 900.0\n")
+    model = load_config(path).model
+    assert model.hot_swap is True and model.ndif_deadline == 900.0
+    path.write_text("[model]\nhot_swap = 'yes'\n")
+    with pytest.raises(BadInput, match=r"\[model\] hot_swap = 'yes': expected bool"):
+        load_config(path)
+
+
+def test_cli_options_reach_load_model(monkeypatch):
+    """--hot-swap and --ndif-deadline, given with the model options, reach load_model."""
+    import click
+
+    import nnsteer.cli.common as common
+
+    seen = {}
+    monkeypatch.setattr(common, "load_model", lambda model, **options: seen.update(options))
+
+    @click.command()
+    @common.model_options
+    def stage(model, remote, device, dtype, batch_size):
+        common.open_model(model, remote, device, dtype)
+
+    result = CliRunner().invoke(stage, ["--model", "org/big", "--remote", "--hot-swap",
+                                        "--ndif-deadline", "600"])
+    assert result.exit_code == 0, result.output
+    assert seen["hot_swap"] is True and seen["ndif_deadline"] == 600.0 and seen["remote"]

@@ -250,8 +250,10 @@ def _extract(run, lm):
     return vectors.extract_vectors(run, lm, batch_size=1)
 
 
-def test_extract_reattaches_to_its_job_after_dropped_polls(study, lm, tmp_path, monkeypatch):
-    """Polls that lose the connection are retried on the same job: no job is paid twice."""
+def test_extract_reattaches_to_its_job_after_dropped_polls(study, lm, tmp_path, monkeypatch,
+                                                            capfd):
+    """Polls that lose the connection are retried on the same job: no job is paid twice.
+    nnsight's status display stays off: only nnsteer's one-line notes, on stderr."""
     monkeypatch.setattr(remote, "RETRY_BASE_DELAY", 0.0)
     run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
     with ndif_remote(lm, drop_polls=2) as ndif:
@@ -261,6 +263,10 @@ def test_extract_reattaches_to_its_job_after_dropped_polls(study, lm, tmp_path, 
     local = vectors.load_vectors(study.vectors)
     assert set(remote_set.vectors) == set(local.vectors)
     assert not list(run.root.glob("*.jobs.json"))  # nothing left pending
+    out, err = capfd.readouterr()
+    assert out == "" and "re-attaching to NDIF job" in err
+    assert all(line.startswith("nnsteer: ") for line in err.splitlines()
+               if "NDIF" in line and "residuals" not in line)
 
 
 def test_extract_rerun_reattaches_after_the_retries_ran_out(study, lm, tmp_path, monkeypatch):
