@@ -1,8 +1,12 @@
-"""NDIF: is a model served now, and running requests that survive a flaky network.
+"""NDIF: can a model run there now, and running requests that survive long jobs.
 
-:func:`check_remote` is what ``--remote`` checks before any work (``load_model`` calls it);
-:func:`with_retries` runs one batch's request again after a connection error, a timeout
-or a 5xx answer, with exponential backoff, and names the batch when it gives up.
+:func:`check_remote` is what ``--remote`` checks before any work (``load_model`` calls it):
+the API key, NDIF's environment against this one (``/env``), the key (``/whoami``) and
+the served models (``/status``); :func:`check_route` compares the full model key nnsight
+sends. :func:`with_retries` runs one batch's request again after a connection error, a
+timeout, a 5xx answer or an evicted job, with exponential backoff, and names the batch
+when it gives up. :func:`ndif_backend` is the nnsight backend stages send NDIF requests
+with: submitted without blocking, polled, re-attached by job id, bounded by a deadline.
 
 Example:
     >>> check_remote("meta-llama/Llama-3.1-8B")          # doctest: +SKIP
