@@ -41,7 +41,6 @@ import inspect
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +71,11 @@ SPAN_SOURCES: tuple[str, ...] = ("own", "others")
 AGGREGATIONS: tuple[str, ...] = ("spans", "chains")
 
 SPANS_FILE = "attribution_spans.parquet"
+#: Attention kernels per trace: every fused one by default; kl2's JVP needs a second
+#: derivative that only the math kernel has.
+#: Names of ``torch.nn.attention.SDPBackend`` members (the enum itself cannot be pickled).
+ALL_KERNELS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+SECOND_ORDER_KERNELS = ("MATH",)
 
 
 @dataclass(frozen=True)
@@ -186,10 +190,15 @@ def probe_effects(
             tqdm(chains[done:], initial=done, total=len(chains), desc=f"attribute ({metric})",
                  unit="chain", disable=not progress, file=sys.stderr), start=done + 1):
         ids = torch.tensor([list(sequences[chain_id])])
-        batches = [_batch([probes[i] for i in members[s:s + per_trace]], ids, index,
+        # Only the vectors of this chain's labels travel with its request (NDIF payload).
+        present = sorted({probes[i].label for i in members})
+        chain_index = {label: j for j, label in enumerate(present)}
+        chain_table = table[[index[label] for label in present]]
+        batches = [_batch([probes[i] for i in members[s:s + per_trace]], ids, chain_index,
                           lm.arch.n_layers, per_layer) for s in range(0, len(members), per_trace)]
-        chain_effects = with_retries(lambda: _chain_effects(lm, ids, batches, table, metric),
-                                     what=f"attribute chain {chain_id}")
+        chain_effects = with_retries(
+            lambda: _chain_effects(lm, ids, batches, chain_table, metric),
+            what=f"attribute chain {chain_id}", jobs=partial.jobs())
         effects[members] = chain_effects.float().cpu()
         partial.save({"effects": effects, "chains": k})
     return effects
@@ -237,28 +246,27 @@ def _chain_effects(lm: LoadedModel, ids: torch.Tensor, batches: list[dict],
     One session: a clean forward over the chain fills the KV cache, then one one-token
     trace per batch (see :func:`_batch` for its rows).
     """
-    import nnsight
-    from transformers import DynamicCache
-
     m, layers, n_layers = lm.nn, lm.layers, lm.arch.n_layers
     embed = lm.arch.embed(m)
     released, second_order = metric == "released-code", metric == "kl2"
     first_order = metric in FIRST_ORDER
     width = max(b["width"] for b in batches)
     cache_name = kv_cache_argument(lm.hf_model)
+    kernels = SECOND_ORDER_KERNELS if second_order else ALL_KERNELS
+    options = lm.remote_options()
     # The remote path re-reads this block's source: no comment lines or multi-line statements
-    # before a nested `with`. kl2's JVP needs a second derivative that fused attention lacks.
-    with m.session(remote=lm.remote):
+    # before a nested `with`. Only torch and builtins inside: NDIF's allow-list refuses
+    # transformers (the per-batch cache is the server's own cache class, rebuilt).
+    with m.session(**options):
         with m.trace(input_ids=ids[:, :width]):
             cache = getattr(m.output, cache_name)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         attention = torch.nn.attention
-        results = nnsight.save([])
+        results = [].save()
         for batch in batches:
             index = batch["cache_index"]
-            past = DynamicCache(ddp_cache_data=[(k[0][:, index.to(k.device)].transpose(0, 1), v[0][:, index.to(v.device)].transpose(0, 1)) for k, v in kv])
-            kernels = attention.sdpa_kernel(attention.SDPBackend.MATH) if second_order else nullcontext()
-            with kernels:
+            past = type(cache)(ddp_cache_data=[(k[0][:, index.to(k.device)].transpose(0, 1), v[0][:, index.to(v.device)].transpose(0, 1)) for k, v in kv])
+            with attention.sdpa_kernel([getattr(attention.SDPBackend, name) for name in kernels]):
                 with m.trace(**batch["inputs"], **{cache_name: past}):
                     if first_order:
                         embed.output.requires_grad_(True)

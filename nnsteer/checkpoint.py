@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import warnings
 from dataclasses import dataclass
@@ -78,12 +79,63 @@ class Checkpoint:
         say(f"warning: {self.path}: damaged partial file ignored ({problem}); starting over")
         return initial
 
+    def jobs(self) -> JobBook:
+        """The NDIF jobs sent for this checkpoint's stage and not yet answered."""
+        return JobBook(None if self.path is None else self.path.with_name(self.path.name + ".jobs.json"),
+                       self.key)
+
     def save(self, state: State) -> None:
         """Replace the saved state with ``state``, atomically (nothing when ``path`` is None)."""
         if self.path is None:
             return
         with atomic_path(self.path) as tmp:
             torch.save({**state, KEY: self.key}, tmp)
+
+
+@dataclass(frozen=True)
+class JobBook:
+    """Ids of NDIF jobs a stage sent and has no answer for yet, by request (``"extract
+    batch 3/12"``), in a JSON file beside its checkpoint (``path``; None keeps none).
+
+    A rerun after a dropped connection finds the job there and re-attaches to it
+    instead of paying for it again. Entries left under another checkpoint key (other
+    inputs or options) are ignored; the file goes once no job is pending.
+    """
+
+    path: Path | None
+    key: str = ""
+
+    def _read(self) -> dict[str, str]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(saved, dict) or saved.get(KEY) != self.key:
+            return {}
+        return {k: v for k, v in saved.items() if k != KEY and isinstance(v, str)}
+
+    def pending(self, what: str) -> str | None:
+        """The id of the job sent for ``what`` and not yet answered, if any."""
+        return self._read().get(what)
+
+    def remember(self, what: str, job_id: str) -> None:
+        self._write({**self._read(), what: job_id})
+
+    def forget(self, what: str) -> None:
+        jobs = self._read()
+        if jobs.pop(what, None) is not None:
+            self._write(jobs)
+
+    def _write(self, jobs: dict[str, str]) -> None:
+        if self.path is None:
+            return
+        if not jobs:
+            self.path.unlink(missing_ok=True)
+            return
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps({**jobs, KEY: self.key}))
 
 
 def announce_resume(stage: str, unit: str, done: int, total: int) -> None:

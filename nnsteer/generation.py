@@ -340,14 +340,16 @@ def _generate_batch(
     batch = lm.tokenizer.pad(
         {"input_ids": prompt_ids}, padding=True, padding_side="left", return_tensors="pt"
     )
-    width = batch["input_ids"].shape[1]
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    width = input_ids.shape[1]
     steer = _batch_deltas(specs, lm.arch.d_model)
     layers = lm.layers
     # An open-ended ``tracer.iter[:]`` ends by design with a "never reached" warning.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached.*")
-        with lm.nn.generate(max_new_tokens=max_new_tokens, remote=lm.remote, **GREEDY) as tracer:
-            with tracer.invoke(dict(batch)):
+        with lm.nn.generate(max_new_tokens=max_new_tokens, **lm.remote_options(),
+                             **GREEDY) as tracer:
+            with tracer.invoke(input_ids=input_ids, attention_mask=attention_mask):
                 if steer:
                     for _ in tracer.iter[:]:
                         for layer, delta in steer:

@@ -124,8 +124,9 @@ def _resolve(obj: Any, path: str) -> Any:
 class LoadedModel:
     """An nnsight model with its tokenizer, adapter and provenance.
 
-    ``remote`` is what every trace of a stage receives: ``False`` (local), ``True``
-    (NDIF) or ``"local"`` (nnsight's local simulation of the remote path, for tests).
+    ``remote`` says where every trace of a stage runs (:meth:`remote_options`): ``False``
+    (local), ``True`` (NDIF) or ``"local"`` (nnsight's local simulation of the remote
+    path, for tests). ``ndif_deadline``: on NDIF, the seconds one request may take.
     """
 
     nn: Any
@@ -135,6 +136,16 @@ class LoadedModel:
     revision: str | None = None
     remote: Remote = False
     extra: dict[str, Any] = field(default_factory=dict)
+    ndif_deadline: float | None = None
+
+    def remote_options(self) -> dict[str, Any]:
+        """The keyword arguments of a stage's ``trace``, ``generate`` or ``session``: on NDIF
+        nnsteer's backend (:func:`nnsteer.remote.ndif_backend`), else ``remote=``."""
+        if self.remote is True:
+            from nnsteer.remote import ndif_backend
+
+            return {"backend": ndif_backend(self.nn.to_model_key(), deadline=self.ndif_deadline)}
+        return {"remote": self.remote}
 
     @property
     def layers(self) -> Any:
@@ -368,22 +379,28 @@ def load_model(
     device: str | None = None,
     dtype: str | None = None,
     remote: Remote = False,
+    hot_swap: bool = False,
+    ndif_deadline: float | None = None,
 ) -> LoadedModel:
     """Load ``model`` for local execution, or its config and tokenizer for NDIF.
 
     ``device="auto"`` spreads the layers over all GPUs (``device_map="auto"``).
-    With ``remote=True`` the weights stay on NDIF; :func:`check_remote` runs first.
+    With ``remote=True`` the weights stay on NDIF; :func:`check_remote` runs first, then
+    :func:`check_route` with the model key nnsight will send (``hot_swap`` skips the
+    checks that NDIF runs the model now). ``ndif_deadline``: seconds per request at most.
     """
     from nnsight.modeling.transformers import TransformersModel
 
     if remote is True:
-        from nnsteer.remote import check_remote
+        from nnsteer.remote import check_remote, check_route
 
-        check_remote(model)
+        check_remote(model, hot_swap=hot_swap)
         nn = TransformersModel(model)
+        check_route(nn.to_model_key(), hot_swap=hot_swap)
         check_tokenizer(nn.tokenizer, model)
         arch = Architecture.from_config(nn._module.config, model)
-        return LoadedModel(nn, nn.tokenizer, arch, model, revision="main", remote=True)
+        return LoadedModel(nn, nn.tokenizer, arch, model, revision="main", remote=True,
+                           ndif_deadline=ndif_deadline)
 
     source = resolve_source(model)
     config = load_config(source)
@@ -478,12 +495,13 @@ def describe_model(
     device: str | None = None,
     dtype: str | None = None,
     remote: bool = False,
+    hot_swap: bool = False,
 ) -> dict[str, Any]:
     """What a model is and where it would run, read from its config alone (fast)."""
     if remote:
         from nnsteer.remote import check_remote
 
-        status = check_remote(model)
+        status = check_remote(model, hot_swap=hot_swap)
         from transformers import AutoConfig
 
         try:

@@ -79,7 +79,7 @@ STAGES: tuple[Stage, ...] = (
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
-MODEL_KEYS = ("name", "remote", "device", "dtype", "batch_size")
+MODEL_KEYS = ("name", "remote", "device", "dtype", "batch_size", "hot_swap", "ndif_deadline")
 #: Options that change how fast a stage runs, not what it writes: not fingerprinted.
 EXECUTION_OPTIONS = frozenset({"batch_size", "workers", "device", "remote"})
 #: Parameters the pipeline itself supplies to stage functions.
@@ -95,6 +95,8 @@ class ModelConfig:
     device: str | None = None
     dtype: str = "auto"
     batch_size: int = 8
+    hot_swap: bool = False
+    ndif_deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -424,7 +426,8 @@ class _LazyModel:
     def get(self) -> LoadedModel:
         if self._lm is None:
             c = self.config
-            self._lm = load_model(c.name, device=c.device, dtype=c.dtype, remote=c.remote)
+            self._lm = load_model(c.name, device=c.device, dtype=c.dtype, remote=c.remote,
+                                  hot_swap=c.hot_swap, ndif_deadline=c.ndif_deadline)
         return self._lm
 
     def identity(self) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def sum_sample_means(
             if len(batch_inputs.rows):  # else no sample reads this batch
                 layer_sums = with_retries(
                     lambda: _reduce_batch(lm, batch_inputs),
-                    what=f"extract batch {k}/{len(batches)}",
+                    what=f"extract batch {k}/{len(batches)}", jobs=partial.jobs(),
                 )
                 totals += layer_sums.to("cpu", torch.float64).transpose(0, 1)
             partial.save({"totals": totals, "batches": k})
@@ -162,22 +162,26 @@ def _batch_inputs(selections: Sequence[Selection], groups: Sequence[str]) -> _Ba
 
 
 def _reduce_batch(lm: LoadedModel, batch: _Batch) -> torch.Tensor:
-    """``[n_layers, n_groups, d_model]``: ``weightsᵀ · h_l[rows]`` for every block output ``h_l``."""
+    """``[n_layers, n_groups, d_model]``: ``weightsᵀ · h_l[rows]`` for every block output ``h_l``.
+
+    float32, contracted in float64: autocast (NDIF runs every request under bf16 autocast)
+    leaves float64 matmuls alone, so only the activations themselves are bf16 there.
+    """
     layers = [lm.layers[i] for i in range(lm.arch.n_layers)]
     rows, weights = batch.rows, batch.weights
     with lm.nn.trace(
         input_ids=batch.ids,
         attention_mask=batch.mask,
         position_ids=batch.position_ids,
-        remote=lm.remote,
+        **lm.remote_options(),
     ) as tracer:
         sums = []
         for layer in layers:
             h = layer.output
             rows = rows.to(h.device)
-            weights = weights.to(h.device)
-            picked = h.reshape(-1, h.shape[-1]).index_select(0, rows).float()
-            sums.append(weights.T @ picked)
+            weights = weights.to(h.device, torch.float64)
+            picked = h.reshape(-1, h.shape[-1]).index_select(0, rows).double()
+            sums.append((weights.T @ picked).float())
         reduced = torch.stack([s.to(h.device) for s in sums]).save()
         tracer.stop()
     return reduced

@@ -11,8 +11,13 @@ does instead:
    plus accelerate) can be imported; nnsteer, the tests and every other client module
    are removed from ``sys.modules`` and blocked, unless the request carries them by
    value (``nnsight.register``);
-3. runs the deserialised tracer (never the caller's), still in that interpreter;
-4. returns only the values the block ``.save()``-d, through ``torch.save``/``torch.load``
+3. enforces the real server's allow-lists (:data:`DESERIALISATION_MODULES` while
+   unpickling, :data:`EXECUTION_MODULES` and :data:`SERVER_BUILTINS` while running):
+   a request that references a ``transformers`` class, ``contextlib`` or any other
+   module outside them fails with :class:`AllowListError`, as NDIF refuses it;
+4. runs the deserialised tracer (never the caller's), still in that interpreter, inside
+   ``torch.autocast(bfloat16)`` on the model's device type, as NDIF runs every request;
+5. returns only the values the block ``.save()``-d, through ``torch.save``/``torch.load``
    bytes, and writes them into the caller's frame as ``RemoteBackend`` does.
 
 Every request is logged with its request and response sizes and the saved values'
@@ -22,6 +27,9 @@ like a flaky network. Use it through :func:`strict_remote`::
     with strict_remote(lm) as server:
         chains = generate(lm, prompts, ...)   # stage code passes remote=lm.remote
     assert server.requests[0].response_bytes < 10_000
+
+:func:`serve_request` is the server side alone (bytes in, result bytes out), which the
+loopback NDIF of ``fake_ndif.py`` runs behind its HTTP and websocket endpoints.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from nnsight.tracing.util import Scope
 from packaging.requirements import Requirement
 
 #: Distributions an NDIF server runs; everything they require (transitively) is there too.
@@ -131,6 +140,119 @@ def server_interpreter(allowed: frozenset[str]) -> Iterator[None]:
             cache.update(saved)
 
 
+#: Modules a request may use while it runs on NDIF: ``(name, submodules too)``. From
+#: ndif-team/ndif ``src/services/ray/src/ray/nn/security/protected_environment.py``
+#: (``WHITELISTED_MODULES``, read 2026-12-01).
+EXECUTION_MODULES: tuple[tuple[str, bool], ...] = (
+    ("builtins", False), ("torch", True), ("collections", True), ("time", True),
+    ("numpy", True), ("sympy", True), ("nnterp", True), ("math", True), ("einops", True),
+    ("urllib3", True), ("typing", True), ("_operator", False), ("operator", False),
+    ("pandas", True), ("enum", True), ("nnsight.intervention.envoy", True),
+)
+
+#: Modules a request's pickle may name while NDIF deserialises it: the execution list,
+#: pickle's own helpers and nnsight's protocol classes. The server lists the nnsight
+#: modules by their pre-0.8 paths (``nnsight.intervention.tracing.base``, ...); the
+#: entries after ``nnsight.modeling`` are where nnsight 0.8.1 keeps the same classes.
+DESERIALISATION_MODULES: tuple[tuple[str, bool], ...] = (
+    ("pickle", True), ("cloudpickle", True), ("copyreg", True),
+    ("nnsight.schema.request", False), ("nnsight.intervention.interleaver", False),
+    ("nnsight.intervention.batching", False), ("nnsight.modeling", True),
+    ("nnsight.intervention.tracer", False), ("nnsight.tracing.tracer", False),
+    ("nnsight.tracing.util", False), ("nnsight.intervention.serialization", False),
+    *EXECUTION_MODULES,
+)
+
+#: The builtins a request may call on NDIF (the server's ``WHITELISTED_BUILTINS``): every
+#: exception and warning class, plus these names. ``open``, ``exec``, ``compile``,
+#: ``locals``, ``breakpoint`` and the rest are gone while a request runs.
+SERVER_BUILTINS = frozenset("""
+    Ellipsis False None NotImplemented True __build_class__ __doc__ __import__ __loader__
+    __name__ __package__ __spec__ abs aiter all anext any ascii bool bytearray bytes
+    callable chr classmethod complex copyright credits delattr dict dir divmod enumerate
+    eval filter float format frozenset getattr globals hasattr hash hex id input int
+    isinstance issubclass iter len list map max memoryview min next object oct ord pow
+    print property range repr reversed round set setattr slice sorted staticmethod str
+    sum super tuple type vars zip
+""".split())
+
+
+class AllowListError(ImportError):
+    """The request references a module that NDIF's allow-list refuses."""
+
+
+def allowed_by(module: str, entries: tuple[tuple[str, bool], ...]) -> bool:
+    """Whether ``module`` is one of ``entries`` (or inside one that admits submodules)."""
+    return any(module == name or (deep and module.startswith(name + "."))
+               for name, deep in entries)
+
+
+def _refuse(module: str, when: str) -> AllowListError:
+    return AllowListError(
+        f"NDIF refuses {module!r} while {when} a request (not on its allow-list): keep "
+        "that module's classes and functions out of the traced block and what it captures",
+        name=module,
+    )
+
+
+def _allow_listed_unpickler(base: type) -> type:
+    """``base`` (nnsight's unpickler), refusing any class outside the server's lists."""
+
+    class AllowListedUnpickler(base):
+        def find_class(self, module: str, name: str) -> Any:
+            if not allowed_by(module, DESERIALISATION_MODULES):
+                raise _refuse(module, "deserialising")
+            return super().find_class(module, name)
+
+    return AllowListedUnpickler
+
+
+def _is_request_code(frame_globals: Any, request_globals: Any) -> bool:
+    """Whether an import comes from the request (its block, or a pickle helper loading it).
+
+    The libraries' own imports are not checked: a server has them loaded already.
+    """
+    if frame_globals is None or frame_globals is request_globals:
+        return True
+    if isinstance(frame_globals, Scope):  # the block itself runs in a Scope
+        return True
+    return frame_globals.get("__name__", "").partition(".")[0] in {"cloudpickle", "pickle"}
+
+
+@contextlib.contextmanager
+def allow_list(entries: tuple[tuple[str, bool], ...], when: str,
+               request_globals: Any = None) -> Iterator[None]:
+    """Refuse imports of modules outside ``entries`` by the request's code."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def guarded(name: str, globals: Any = None, locals: Any = None,
+                fromlist: Any = (), level: int = 0) -> Any:
+        if level == 0 and _is_request_code(globals, request_globals) \
+                and not allowed_by(name, entries):
+            raise _refuse(name, when)
+        return real_import(name, globals, locals, fromlist, level)
+
+    builtins.__import__ = guarded
+    try:
+        yield
+    finally:
+        builtins.__import__ = real_import
+
+
+def server_builtins() -> dict[str, Any]:
+    """The builtins a request's code sees on NDIF: :data:`SERVER_BUILTINS`, every exception
+    and warning class, and an ``__import__`` that honours :func:`allow_list`."""
+    import builtins
+
+    names = {key: value for key, value in vars(builtins).items()
+             if key in SERVER_BUILTINS
+             or (isinstance(value, type) and issubclass(value, BaseException))}
+    names["__import__"] = lambda *args, **kwargs: builtins.__import__(*args, **kwargs)
+    return names
+
+
 class _PushedLocals(dict):
     """The deserialised frame's locals, remembering what the trace pushed back (its saves)."""
 
@@ -180,6 +302,21 @@ def _leaves(name: str, value: Any, record: RequestRecord) -> None:
         record.others.append(f"{name}: {type(value).__name__}")
 
 
+def record_response(kind: str, request: bytes, response: bytes,
+                    compress: bool = False) -> RequestRecord:
+    """What one answered request sent and got back (``response``: the result blob)."""
+    data = response
+    if compress:
+        import zstandard
+
+        data = zstandard.ZstdDecompressor().decompress(response)
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    record = RequestRecord(kind, len(request), len(response), tuple(saved))
+    for name, value in saved.items():
+        _leaves(name, value, record)
+    return record
+
+
 @dataclass
 class StrictServer:
     """The strict server's state: the modules it can import and the requests it answered."""
@@ -188,6 +325,9 @@ class StrictServer:
     requests: list[RequestRecord] = field(default_factory=list)
     running: bool = False
     failures: list[BaseException | None] = field(default_factory=list)
+    #: Enforce NDIF's allow-lists; run under bf16 autocast (both as the real server does).
+    strict: bool = True
+    bf16: bool = True
 
     def backend(self, model: Any) -> StrictBackend:
         return StrictBackend(self, model)
@@ -224,42 +364,92 @@ class StrictBackend:
         error = self.server.failures.pop(0) if self.server.failures else None
         if error is not None:
             raise error
-        response = self._serve(request, tracer.info.frame.f_code.co_filename)
+        response = self._serve(request)
         saved = torch.load(io.BytesIO(response), map_location="cpu", weights_only=False)
-        record = RequestRecord(type(tracer).__name__, len(request), len(response), tuple(saved))
-        for name, value in saved.items():
-            _leaves(name, value, record)
-        self.server.requests.append(record)
+        self.server.requests.append(record_response(type(tracer).__name__, request, response))
         for value in saved.values():
             save(value)
         push(tracer.info.frame, saved)
 
-    def _serve(self, request: bytes, filename: str) -> bytes:
-        """The server side: deserialise, run the restored tracer, return its saves as bytes."""
-        from nnsight.schema.request import RequestModel
+    def _serve(self, request: bytes) -> bytes:
+        from concurrent.futures import ThreadPoolExecutor
 
-        persistent = self.model._remoteable_persistent_objects()
-        cached_source = linecache.cache.get(filename)
         self.server.running = True
-        try:
-            with server_interpreter(self.server.allowed):
-                restored = RequestModel.deserialize(request, persistent)
-                frame = restored.info.frame
-                frame.f_locals = _PushedLocals(frame.f_locals)
-                restored.execute(restored.info.code)
-                buffer = io.BytesIO()
-                torch.save(frame.f_locals.pushed, buffer)
+        try:  # in a thread of its own: a server has none of the client's trace state
+            with ThreadPoolExecutor(1) as pool:
+                return pool.submit(serve_request, self.model, request,
+                                   allowed=self.server.allowed, strict=self.server.strict,
+                                   bf16=self.server.bf16).result()
         finally:
             self.server.running = False
-            if cached_source is not None:
-                linecache.cache[filename] = cached_source
-            else:
-                linecache.cache.pop(filename, None)
-        return buffer.getvalue()
+
+
+def serve_request(model: Any, request: bytes, *, allowed: frozenset[str] | None = None,
+                  strict: bool = True, bf16: bool = True, compress: bool = False) -> bytes:
+    """The server side of one request: deserialise, run, return ``torch.save`` of its saves.
+
+    ``model`` is the nnsight model the request runs on. With ``strict``, the server's
+    allow-lists are enforced (module doc, step 3); with ``bf16`` the request runs
+    under ``torch.autocast(bfloat16)``. ``compress``: the request and the answer are
+    zstd-compressed, as nnsight does when ``CONFIG.API.COMPRESS`` is set.
+    """
+    from nnsight.intervention.serialization import CustomCloudUnpickler
+    from nnsight.schema.request import RequestModel
+
+    persistent = model._remoteable_persistent_objects()
+    unpickler = _allow_listed_unpickler(CustomCloudUnpickler) if strict else CustomCloudUnpickler
+    checked = allow_list if strict else _unchecked
+    device_type = next(model._module.parameters()).device.type
+    client_sources = dict(linecache.cache)  # deserialising registers the request's source
+    with server_interpreter(allowed or server_modules()), _restored(linecache.cache, client_sources):
+        with checked(DESERIALISATION_MODULES, "deserialising"):
+            restored = RequestModel.deserialize(request, persistent, compress, unpickler)
+        frame = restored.info.frame
+        frame.f_locals = _PushedLocals(frame.f_locals)
+        if strict:  # the block, and functions it defines, see only the server's builtins
+            frame.f_locals["__builtins__"] = frame.f_globals["__builtins__"] = server_builtins()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            with checked(EXECUTION_MODULES, "running", frame.f_globals), _trace_scope():
+                restored.execute(restored.info.code)
+        buffer = io.BytesIO()
+        torch.save(frame.f_locals.pushed, buffer)
+    data = buffer.getvalue()
+    if compress:
+        import zstandard
+
+        data = zstandard.ZstdCompressor(level=6).compress(data)
+    return data
 
 
 @contextlib.contextmanager
-def strict_remote(lm: Any) -> Iterator[StrictServer]:
+def _trace_scope() -> Iterator[None]:
+    """This thread is inside one trace (nnsight's depth 1) while the request runs."""
+    from nnsight.tracing.tracer import dec, inc
+
+    inc()
+    try:
+        yield
+    finally:
+        dec()
+
+
+@contextlib.contextmanager
+def _restored(cache: dict, saved: dict) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        cache.clear()
+        cache.update(saved)
+
+
+@contextlib.contextmanager
+def _unchecked(*args: Any, **kwargs: Any) -> Iterator[None]:
+    yield
+
+
+@contextlib.contextmanager
+def strict_remote(lm: Any, *, bf16: bool = True,
+                  allow_lists: bool = True) -> Iterator[StrictServer]:
     """Route every trace, generate and session of ``lm`` through a :class:`StrictBackend`.
 
     Sets ``lm.remote`` to ``"strict"`` (stage code passes it on unchanged) and teaches
@@ -267,7 +457,7 @@ def strict_remote(lm: Any) -> Iterator[StrictServer]:
     """
     from nnsight.modeling.mixins.remotable import Remotable
 
-    server = StrictServer()
+    server = StrictServer(strict=allow_lists, bf16=bf16)
     original_backend = Remotable._remote_backend
     original_remote = lm.remote
 

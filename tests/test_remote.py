@@ -1,7 +1,7 @@
 """The strict remote backend, NDIF readiness checks and request retries.
 
 References are plain: transformers' ``output_hidden_states``, the same block run locally,
-and hand-built ``/status`` answers from a server on 127.0.0.1.
+and the loopback NDIF of ``fake_ndif.py`` for the readiness checks.
 """
 
 from __future__ import annotations
@@ -10,9 +10,6 @@ import contextlib
 import json
 import socket
 import sys
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import nnsight
@@ -25,8 +22,9 @@ from conftest import make_tiny
 from nnsteer import positions
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput, NnsteerError
-from nnsteer.remote import check_remote, is_transient, with_retries
-from strict_remote import RemoteImportError, strict_remote
+from nnsteer.remote import check_remote, check_route, is_transient, with_retries
+from fake_ndif import fake_ndif
+from strict_remote import AllowListError, strict_remote
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [2, 2, 50, 51, 52, 53, 54, 55]])
 MASK = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
@@ -56,7 +54,7 @@ def test_strict_trace_equals_hidden_states_and_returns_only_saves(lm):
             output_hidden_states=True,
         ).hidden_states
     reference = torch.stack([h.sum(1) for h in hidden[1:4]])
-    with strict_remote(lm) as server:
+    with strict_remote(lm, bf16=False) as server:
         sums = _layer_sums(lm, lm.remote)
     assert lm.remote is False
     torch.testing.assert_close(sums[:3], reference, rtol=1e-5, atol=1e-5)
@@ -81,7 +79,7 @@ def test_strict_generate_with_steering_at_every_step_equals_local(lm):
                     ids = tracer.result.save()
         return ids
 
-    with strict_remote(lm) as server:
+    with strict_remote(lm, bf16=False) as server:
         remote_ids = steered(lm.remote)
     assert torch.equal(remote_ids, steered(False))
     assert not torch.equal(remote_ids[:, 8:], lm.hf_model.generate(
@@ -114,13 +112,13 @@ def test_strict_gradient_trace_equals_autograd(lm):
     loss = -torch.log_softmax(logits[0, position], -1)[target]
     reference = torch.stack([g[0, position].norm() for g in
                              torch.autograd.grad(loss, [outputs[i] for i in range(4)])])
-    with strict_remote(lm):
+    with strict_remote(lm, bf16=False):
         norms = grad_norms(lm.remote)
     torch.testing.assert_close(norms, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_strict_session_with_kv_cache_equals_full_forward(lm):
-    from transformers import DynamicCache
+    """The cache is rebuilt from the server's own cache class: no transformers reference."""
 
     def next_token_logits(remote):
         m = lm.nn
@@ -129,23 +127,23 @@ def test_strict_session_with_kv_cache_equals_full_forward(lm):
                 with m.trace(input_ids=IDS[:1, :5]):
                     cache = m.output.past_key_values
             kv = [(layer.keys, layer.values) for layer in cache.layers]
-            results = nnsight.save([])
+            results = [].save()
             for p in (3, 4):
                 with m.trace(input_ids=IDS[:1, p:p + 1], position_ids=torch.tensor([[p]]),
-                             past_key_values=DynamicCache(
+                             past_key_values=type(cache)(
                                  ddp_cache_data=[(k[:, :, :p], v[:, :, :p]) for k, v in kv])):
                     results.append(m.output.logits[0, -1])
         return torch.stack(list(results))
 
     with torch.no_grad():
         reference = lm.hf_model(input_ids=IDS[:1, :5]).logits[0, 3:5]
-    with strict_remote(lm) as server:
+    with strict_remote(lm, bf16=False) as server:
         logits = next_token_logits(lm.remote)
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
     assert len(server.requests) == 1 and server.requests[0].kind == "Tracer"
 
 
-def test_installed_helper_fails_strict_until_registered(lm):
+def test_installed_helper_fails_strict_even_registered(lm):
     """The check has teeth: nnsteer is installed here, not on the server."""
 
     def with_helper(remote):
@@ -158,17 +156,86 @@ def test_installed_helper_fails_strict_until_registered(lm):
     local = with_helper(False)
     # nnsight's own simulation misses it: installed packages stay importable there.
     assert torch.equal(with_helper("local"), local)
-    with strict_remote(lm), pytest.raises(RemoteImportError, match="'nnsteer"):
+    with strict_remote(lm, bf16=False), pytest.raises(AllowListError, match="'nnsteer"):
         with_helper(lm.remote)
     assert sys.modules["nnsteer.positions"] is positions  # the client's modules are back
     nnsight.register(positions)
     try:
-        with strict_remote(lm):
+        # By value, the helper still names importlib's loader, which NDIF's lists refuse.
+        with strict_remote(lm, bf16=False), pytest.raises(AllowListError, match="importlib"):
+            with_helper(lm.remote)
+        with strict_remote(lm, bf16=False, allow_lists=False):
             assert torch.equal(with_helper(lm.remote), local)
     finally:
         import cloudpickle
 
         cloudpickle.unregister_pickle_by_value(positions)
+
+
+def test_strict_bf16_autocast_like_ndif(lm):
+    """Layer outputs come back as a local bf16 autocast run gives them, not as float32."""
+    with strict_remote(lm) as server:
+        sums = _layer_sums(lm, lm.remote)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        local_bf16 = _layer_sums(lm, False)
+    local = _layer_sums(lm, False)
+    assert sums.dtype == local_bf16.dtype
+    assert torch.equal(sums, local_bf16)
+    assert not torch.equal(sums.float(), local)
+    torch.testing.assert_close(sums.float(), local, rtol=0.05, atol=0.3)
+    assert server.requests[0].tensors[0].dtype == str(sums.dtype).removeprefix("torch.")
+
+
+def _with_dynamic_cache(m, remote):
+    from transformers import DynamicCache
+
+    with m.trace(input_ids=IDS[:1], remote=remote):
+        out = m.output.logits.sum().save()
+        DynamicCache()
+    return out
+
+
+def _with_batch_encoding(m, remote):
+    from transformers import BatchEncoding
+
+    with m.trace(remote=remote) as tracer:
+        with tracer.invoke(BatchEncoding({"input_ids": IDS[:1]})):
+            out = m.output.logits.sum().save()
+    return out
+
+
+def _with_nullcontext(m, remote):
+    import contextlib as client_contextlib
+
+    with m.trace(input_ids=IDS[:1], remote=remote):
+        with client_contextlib.nullcontext():
+            out = m.output.logits.sum().save()
+    return out
+
+
+def _with_nnsight_save(m, remote):
+    with m.trace(input_ids=IDS[:1], remote=remote):
+        out = nnsight.save(m.output.logits.sum())
+    return out
+
+
+def _with_open(m, remote):
+    with m.trace(input_ids=IDS[:1], remote=remote):
+        out = m.output.logits.sum().save()
+        open("/dev/null").close()
+    return out
+
+
+@pytest.mark.parametrize(("block", "refused"), [
+    (_with_dynamic_cache, "'transformers"), (_with_batch_encoding, "'transformers"),
+    (_with_nullcontext, "'contextlib'"), (_with_nnsight_save, "'nnsight'"),
+    (_with_open, "name 'open' is not defined"),
+])
+def test_strict_refuses_references_outside_ndif_lists(lm, block, refused):
+    """Each of these passes nnsight's ``remote="local"`` and fails NDIF's allow-lists."""
+    block(lm.nn, "local")
+    with strict_remote(lm, bf16=False), pytest.raises(Exception, match=refused):
+        block(lm.nn, lm.remote)
 
 
 def test_strict_tensors_are_copies_on_the_server(lm):
@@ -183,7 +250,7 @@ def test_strict_tensors_are_copies_on_the_server(lm):
         return out
 
     assert fill(False).abs().sum() > 0
-    with strict_remote(lm):
+    with strict_remote(lm, bf16=False):
         assert fill(lm.remote).abs().sum() == 0
 
 
@@ -195,61 +262,28 @@ def test_strict_rejects_remote_inside_a_remote_session(lm):
                 total = m.model.layers[0].output.sum().save()
         return total
 
-    with strict_remote(lm), pytest.raises(RuntimeError, match="outer session only"):
+    with strict_remote(lm, bf16=False), pytest.raises(RuntimeError, match="outer session only"):
         nested(lm.remote)
 
 
-# --- readiness: NDIF's /status answered by a server on 127.0.0.1 ----------------------
+# --- readiness: /env, /whoami and /status answered by the loopback NDIF ---------------
 
 
-def _status(*deployments: tuple[str, str]) -> dict:
-    return {"deployments": {
-        f"{repo}-{i}": {"repo_id": repo, "application_state": state, "deployment_level": "HOT"}
-        for i, (repo, state) in enumerate(deployments)
-    }}
-
-
-@contextlib.contextmanager
-def _http_server(routes: dict[str, tuple[int, object]]) -> Iterator[str]:
-    """Serve ``{path: (status, json body)}`` on 127.0.0.1; any other path gets 404."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            status, body = routes.get(self.path, (404, {"detail": "not found"}))
-            payload = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    watchdog = threading.Timer(60, server.shutdown)
-    thread.start()
-    watchdog.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        watchdog.cancel()
-        server.shutdown()
-        server.server_close()
+def _key(repo: str, revision: str = "main") -> str:
+    """A full model key as nnsight 0.8 sends it."""
+    suffix = json.dumps({"repo_id": repo, "revision": revision, "task": "text-generation"})
+    return f"nnsight.modeling.transformers.TransformersModel:{suffix}"
 
 
 @pytest.fixture()
-def ndif(monkeypatch):
-    """Point nnsight at a local /status server: ``ndif(status_json, key=...)``."""
+def ndif():
+    """``ndif(deployments={key: state}, **FakeNdif options)``: a loopback NDIF serving none
+    of them for real (readiness checks only read /env, /whoami and /status)."""
     stack = contextlib.ExitStack()
 
-    def serve(status: dict, key: str | None = "test-key", code: int = 200) -> str:
-        host = stack.enter_context(_http_server({"/status": (code, status)}))
-        monkeypatch.setattr(CONFIG.API, "HOST", host)
-        monkeypatch.setattr(CONFIG.API, "APIKEY", key)
-        return host
+    def serve(deployments: dict[str, str] | None = None, **options):
+        return stack.enter_context(fake_ndif({}, extra_deployments=deployments or {},
+                                             **options))
 
     with stack:
         yield serve
@@ -262,41 +296,82 @@ def _closed_port() -> int:
 
 
 def test_check_remote_running(ndif):
-    ndif(_status(("org/big-model", "DEPLOYING"), ("org/big-model", "RUNNING")))
+    ndif({_key("org/big-model") + " ": "DEPLOYING", _key("org/big-model"): "RUNNING"})
     assert check_remote("org/big-model") == "running"
 
 
 def test_check_remote_not_served_lists_running_models(ndif):
-    ndif(_status(("org/Big-Model", "RUNNING"), ("org/other", "DEPLOYING")))
+    ndif({_key("org/Big-Model"): "RUNNING", _key("org/other"): "DEPLOYING"})
     with pytest.raises(BadInput) as err:
         check_remote("org/big-model")
     message = str(err.value)
     assert "\n" not in message
     assert "not deployed" in message and "it runs: org/Big-Model." in message
     assert "Did you mean org/Big-Model?" in message and "without --remote" in message
+    assert "--hot-swap" in message
     with pytest.raises(BadInput, match=r"org/other right now \(deploying\)"):
         check_remote("org/other")
+    with pytest.raises(BadInput, match=r"org/Big-Model at revision v2 right now \(not deployed"):
+        check_remote("org/Big-Model", revision="v2")
+
+
+def test_check_remote_hot_swap_skips_the_running_check(ndif):
+    ndif({})
+    assert check_remote("org/cold-model", hot_swap=True) == "hot-swap"
+    check_route(_key("org/cold-model"), hot_swap=True)
+
+
+def test_check_route_compares_the_full_model_key(ndif):
+    """Served under another task or revision is not served: NDIF routes by the whole key."""
+    ndif({_key("org/big-model"): "RUNNING"})
+    check_route(_key("org/big-model"))
+    other_task = _key("org/big-model").replace("text-generation", "text-classification")
+    with pytest.raises(BadInput, match="no deployment with the model key") as err:
+        check_route(other_task)
+    assert "\n" not in str(err.value) and "text-generation" in str(err.value)
+
+
+@pytest.mark.parametrize(("env", "fix"), [
+    ({"python": "3.99"}, "NDIF runs Python 3.99 and refuses requests from Python 3.11: run "
+                         "nnsteer in a Python 3.99 environment"),
+    ({"env_packages": {"nnsight": "0.9.0"}}, "NDIF runs nnsight 0.9.0, this environment has "
+                                             "0.8.1: pip install 'nnsight==0.9.0'"),
+    ({"env_packages": {"nnsight": "0.7.2"}}, "pip install 'nnsight==0.7.2'"),
+    ({"env_packages": {"transformers": "4.57.1"}}, "pip install 'transformers==4.57.1'"),
+])
+def test_check_remote_environment_mismatch_says_what_to_install(ndif, env, fix):
+    ndif({_key("org/big-model"): "RUNNING"}, **env)
+    with pytest.raises(BadInput) as err:
+        check_remote("org/big-model")
+    assert fix in str(err.value) and "\n" not in str(err.value)
+
+
+def test_check_remote_same_minor_newer_patch_is_fine(ndif):
+    ndif({_key("org/big-model"): "RUNNING"}, env_packages={"nnsight": "0.8.0"})
+    assert check_remote("org/big-model") == "running"
 
 
 def test_check_remote_service_down(monkeypatch):
     monkeypatch.setattr(CONFIG.API, "HOST", f"http://127.0.0.1:{_closed_port()}")
     monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key")
-    with pytest.raises(NnsteerError, match="cannot reach NDIF at .*/status") as err:
+    with pytest.raises(NnsteerError, match="cannot reach NDIF at .*/env") as err:
         check_remote("org/big-model")
     assert "\n" not in str(err.value)
 
 
-def test_check_remote_server_error(ndif):
-    ndif({"detail": "maintenance"}, code=503)
-    with pytest.raises(NnsteerError, match=r"cannot reach NDIF .*HTTPStatusError"):
-        check_remote("org/big-model")
-
-
-def test_check_remote_needs_api_key(ndif):
-    ndif(_status(("org/big-model", "RUNNING")), key=None)
+def test_check_remote_needs_api_key(ndif, monkeypatch):
+    ndif({_key("org/big-model"): "RUNNING"})
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     with pytest.raises(BadInput, match="NDIF_API_KEY") as err:
         check_remote("org/big-model")
     assert "\n" not in str(err.value)
+
+
+def test_check_remote_unknown_api_key(ndif, monkeypatch):
+    ndif({_key("org/big-model"): "RUNNING"})
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "mistyped-key")
+    with pytest.raises(BadInput, match="does not recognise this NDIF_API_KEY"):
+        check_remote("org/big-model")
 
 
 def test_check_remote_needs_a_hub_id(tmp_path, monkeypatch):
@@ -308,24 +383,43 @@ def test_check_remote_needs_a_hub_id(tmp_path, monkeypatch):
 
 
 def test_cli_models_remote_not_served(ndif):
-    ndif(_status(("org/big-model", "RUNNING")))
+    ndif({_key("org/big-model"): "RUNNING"})
     result = CliRunner().invoke(cli, ["models", "--model", "org/small-model", "--remote"])
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("nnsteer: error: NDIF does not serve org/small-model")
 
 
+def test_cli_models_remote_unreachable_is_one_line_exit_1(monkeypatch):
+    monkeypatch.setattr(CONFIG.API, "HOST", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key")
+    result = CliRunner().invoke(cli, ["models", "--model", "org/big-model", "--remote"])
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("nnsteer: error: cannot reach NDIF at http://127.0.0.1:")
+
+
 def test_cli_models_remote_served_without_hub_access(ndif, monkeypatch):
     """NDIF serves it, but its config cannot be fetched here: still one clean line."""
     import huggingface_hub.constants
 
-    ndif(_status(("org/big-model", "RUNNING")))
+    ndif({_key("org/big-model"): "RUNNING"})
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = CliRunner().invoke(cli, ["models", "--model", "org/big-model", "--remote"])
     assert result.exit_code == 1, result.output
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("nnsteer: error: cannot read the config of 'org/big-model'")
+
+
+def test_cli_models_remote_hot_swap(ndif, monkeypatch):
+    import huggingface_hub.constants
+
+    ndif({})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(cli, ["models", "--model", "org/cold", "--remote", "--hot-swap"])
+    assert "cannot read the config of 'org/cold'" in result.stderr  # got past the NDIF checks
 
 
 # --- retries --------------------------------------------------------------------------
@@ -394,3 +488,36 @@ def test_is_transient_server_side_job_error_is_not():
     assert not is_transient(RemoteError("CUDA out of memory"))
     assert is_transient(TimeoutError("read timed out"))
 
+
+
+def test_config_model_table_takes_the_ndif_options(tmp_path):
+    from nnsteer.pipeline import load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\nname = 'org/big-model'\nremote = true\nhot_swap = true\n"
+                    "ndif_deadline = 900.0\n")
+    model = load_config(path).model
+    assert model.hot_swap is True and model.ndif_deadline == 900.0
+    path.write_text("[model]\nhot_swap = 'yes'\n")
+    with pytest.raises(BadInput, match=r"\[model\] hot_swap = 'yes': expected bool"):
+        load_config(path)
+
+
+def test_cli_options_reach_load_model(monkeypatch):
+    """--hot-swap and --ndif-deadline, given with the model options, reach load_model."""
+    import click
+
+    import nnsteer.cli.common as common
+
+    seen = {}
+    monkeypatch.setattr(common, "load_model", lambda model, **options: seen.update(options))
+
+    @click.command()
+    @common.model_options
+    def stage(model, remote, device, dtype, batch_size):
+        common.open_model(model, remote, device, dtype)
+
+    result = CliRunner().invoke(stage, ["--model", "org/big", "--remote", "--hot-swap",
+                                        "--ndif-deadline", "600"])
+    assert result.exit_code == 0, result.output
+    assert seen["hot_swap"] is True and seen["ndif_deadline"] == 600.0 and seen["remote"]

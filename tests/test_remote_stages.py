@@ -2,8 +2,10 @@
 
 One small study (tiny Llama, 2 train + 1 eval task, hand-placed spans) is run locally
 once; each stage then runs again on a copy of its inputs with ``lm.remote`` routed
-through :mod:`strict_remote`, and its output must equal the local one. The same runs
-check the payload budgets: what each response may hold.
+through :mod:`strict_remote` (NDIF's allow-lists, bf16 autocast). Its output must equal
+the same stage run locally under the same bf16 autocast, and stay within the stated bf16
+tolerance of the float32 local study. The same runs check the payload budgets: what
+each response may hold.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from nnsteer.labels import LABELS
 from nnsteer import remote
 from nnsteer.errors import NnsteerError
 from nnsteer.store import RunDir, provenance, write_json, write_parquet
+from fake_ndif import ndif_remote
 from strict_remote import strict_remote
 
 generation = pytest.importorskip("nnsteer.generation")
@@ -34,11 +37,35 @@ BATCH = 2
 BEHAVIOUR = "backtracking"
 #: The envelope torch.save adds around the tensors of a response (zip headers, pickle).
 ENVELOPE = 2_000
+#: bf16 tolerance of extract's vectors against float32: ``‖remote − fp32‖ / ‖fp32‖`` per
+#: behaviour (bf16 keeps 8 significant bits; the reduction itself runs in float64).
+VECTOR_BF16_RTOL = 3e-2
+#: bf16 tolerance of attribute's effects against float32 (absolute, in nats per unit
+#: vector; the tiny model's effects are about 0.1).
+EFFECT_BF16_ATOL = 1e-2
+
+
+def _local_bf16(stage, study: RunDir, tmp_path, *files: str):
+    """``stage(run)`` run locally on a copy of ``files`` under the server's bf16 autocast."""
+    run = RunDir(tmp_path / "local-bf16")
+    run.root.mkdir()
+    for name in files:
+        shutil.copy(study.path(name), run.path(name))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return stage(run)
 
 
 @pytest.fixture(scope="module")
 def lm(tokenizer):
     return make_tiny("llama", tokenizer)
+
+
+@pytest.fixture(params=["strict", "ndif"])
+def remote_run(request):
+    """Where the stages' requests go: ``strict``, the in-process strict backend, or
+    ``ndif``, nnsight's real RemoteBackend against the loopback NDIF of ``fake_ndif.py``.
+    Both run NDIF's allow-lists and bf16 autocast; both log the requests they answered."""
+    return strict_remote if request.param == "strict" else ndif_remote
 
 
 @pytest.fixture(scope="module")
@@ -107,24 +134,34 @@ def _assert_token_ids_only(server, chains: pl.DataFrame) -> None:
         assert record.response_bytes < BATCH * (longest_prompt + MAX_NEW_TOKENS) * 8 + ENVELOPE
 
 
-def test_generate_strict_equals_local(study, lm, tmp_path):
+def test_generate_remote_equals_local(study, lm, tmp_path, remote_run):
+    def stage(run):
+        return generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS,
+                                          batch_size=BATCH)
+
     run = _inputs(study, tmp_path, "tasks.parquet")
-    with strict_remote(lm) as server:
-        chains = generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS,
-                                            batch_size=BATCH)
-    _same_chains(pl.read_parquet(study.chains), chains)
+    with remote_run(lm) as server:
+        chains = stage(run)
+    _same_chains(_local_bf16(stage, study, tmp_path, "tasks.parquet"), chains)
     assert len(server.requests) == 1  # 2 tasks, one batch
     _assert_token_ids_only(server, chains)
 
 
-def test_extract_strict_equals_local(study, lm, tmp_path):
-    run = _inputs(study, tmp_path, "tasks.parquet", "chains.parquet", "annotations.parquet")
-    with strict_remote(lm) as server:
+def test_extract_remote_equals_local(study, lm, tmp_path, remote_run):
+    inputs = ("tasks.parquet", "chains.parquet", "annotations.parquet")
+    run = _inputs(study, tmp_path, *inputs)
+    with remote_run(lm) as server:
         remote = vectors.extract_vectors(run, lm, batch_size=BATCH)
     local = vectors.load_vectors(study.vectors)
+    local_bf16 = _local_bf16(lambda r: vectors.extract_vectors(r, lm, batch_size=BATCH),
+                             study, tmp_path, *inputs)
     assert set(remote.vectors) == set(local.vectors)
     for label, vector in local.vectors.items():
-        assert torch.equal(remote.vectors[label], vector), label
+        assert remote.vectors[label].dtype == torch.float32
+        torch.testing.assert_close(remote.vectors[label], local_bf16.vectors[label],
+                                   rtol=1e-6, atol=1e-7)
+        error = (remote.vectors[label] - vector).norm() / vector.norm()
+        assert 0 < error < VECTOR_BF16_RTOL, (label, float(error))
     # Budget: per batch, one [n_layers, n_groups, d_model] float32 sum; no [T, D] activations.
     n_groups = len(local.vectors)
     longest = max(len(p) + len(o) for p, o in
@@ -136,13 +173,19 @@ def test_extract_strict_equals_local(study, lm, tmp_path):
         assert record.response_bytes < BATCH * longest * 64 * 4  # less than one layer's [T, D]
 
 
-def test_attribute_strict_equals_local(study, lm, tmp_path):
-    run = _inputs(study, tmp_path, "chains.parquet", "annotations.parquet",
-                  "vectors.safetensors")
-    with strict_remote(lm) as server:
-        remote = attribution.attribute(run, lm, metric="nll", batch_size=BATCH,
-                                       labels=[BEHAVIOUR])
-    assert_frame_equal(remote, pl.read_parquet(study.attribution))
+def test_attribute_remote_equals_local(study, lm, tmp_path, remote_run):
+    def stage(run):
+        return attribution.attribute(run, lm, metric="nll", batch_size=BATCH,
+                                     labels=[BEHAVIOUR])
+
+    inputs = ("chains.parquet", "annotations.parquet", "vectors.safetensors")
+    run = _inputs(study, tmp_path, *inputs)
+    with remote_run(lm) as server:
+        remote = stage(run)
+    assert_frame_equal(remote, _local_bf16(stage, study, tmp_path, *inputs),
+                       check_exact=False, rel_tol=1e-5, abs_tol=1e-6)
+    assert_frame_equal(remote, pl.read_parquet(study.attribution), check_exact=False,
+                       rel_tol=0, abs_tol=EFFECT_BF16_ATOL)
     # Budget: per chain, per-span per-layer effects [n_spans, n_layers] and nothing else.
     spans = pl.read_parquet(study.path(attribution.SPANS_FILE))
     assert len(server.requests) == spans["chain_id"].n_unique()
@@ -156,13 +199,17 @@ def test_attribute_strict_equals_local(study, lm, tmp_path):
     assert max(r.response_bytes for r in server.requests) < spans.height * 4 * 4 + ENVELOPE
 
 
-def test_steer_strict_equals_local(study, lm, tmp_path):
-    run = _inputs(study, tmp_path, "tasks.parquet", "vectors.safetensors", "layers.json")
-    with strict_remote(lm) as server:
-        remote = steer.steer_chains(run, lm, behaviours=[BEHAVIOUR], limit=1,
-                                    random_control=False, max_new_tokens=MAX_NEW_TOKENS,
-                                    batch_size=BATCH)
-    local = pl.read_parquet(study.steered)
+def test_steer_remote_equals_local(study, lm, tmp_path, remote_run):
+    def stage(run):
+        return steer.steer_chains(run, lm, behaviours=[BEHAVIOUR], limit=1,
+                                  random_control=False, max_new_tokens=MAX_NEW_TOKENS,
+                                  batch_size=BATCH)
+
+    inputs = ("tasks.parquet", "vectors.safetensors", "layers.json")
+    run = _inputs(study, tmp_path, *inputs)
+    with remote_run(lm) as server:
+        remote = stage(run)
+    local = _local_bf16(stage, study, tmp_path, *inputs)
     _same_chains(local, remote)
     (baseline,) = local.filter(pl.col("direction") == "none")["output_ids"].to_list()
     steered = local.filter(pl.col("direction") != "none")["output_ids"].to_list()
@@ -173,7 +220,7 @@ def test_steer_strict_equals_local(study, lm, tmp_path):
 def test_generate_retries_a_dropped_batch(study, lm, tmp_path, monkeypatch):
     monkeypatch.setattr(remote, "RETRY_BASE_DELAY", 0.0)
     run = _inputs(study, tmp_path, "tasks.parquet")
-    with strict_remote(lm) as server:
+    with strict_remote(lm, bf16=False) as server:
         server.fail_next(None, httpx.ConnectError("connection reset"))  # batch 2, first try
         chains = generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS, batch_size=1)
     assert len(server.requests) == 2 and not server.failures  # the dropped try was re-sent
@@ -183,12 +230,93 @@ def test_generate_retries_a_dropped_batch(study, lm, tmp_path, monkeypatch):
 def test_generate_resumes_at_the_batch_ndif_kept_dropping(study, lm, tmp_path, monkeypatch):
     monkeypatch.setattr(remote, "RETRY_BASE_DELAY", 0.0)
     run = _inputs(study, tmp_path, "tasks.parquet")
-    with strict_remote(lm) as server:
+    with strict_remote(lm, bf16=False) as server:
         server.fail_next(None, *[httpx.ConnectError("connection reset")] * 5)  # batch 2 of 2
         with pytest.raises(NnsteerError, match="generate batch 2/2 failed 5 times"):
             generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS, batch_size=1)
     assert pl.read_parquet(run.chains).height == 1
-    with strict_remote(lm) as server:
+    with strict_remote(lm, bf16=False) as server:
         chains = generation.generate_chains(run, lm, max_new_tokens=MAX_NEW_TOKENS, batch_size=1)
     assert len(server.requests) == 1
     _same_chains(pl.read_parquet(study.chains), chains)
+
+
+# --- long jobs on the loopback NDIF: retries, one-line errors, re-attaching, deadline ------
+
+EXTRACT_INPUTS = ("tasks.parquet", "chains.parquet", "annotations.parquet")
+
+
+def _extract(run, lm):
+    return vectors.extract_vectors(run, lm, batch_size=1)
+
+
+def test_extract_reattaches_to_its_job_after_dropped_polls(study, lm, tmp_path, monkeypatch,
+                                                            capfd):
+    """Polls that lose the connection are retried on the same job: no job is paid twice.
+    nnsight's status display stays off: only nnsteer's one-line notes, on stderr."""
+    monkeypatch.setattr(remote, "RETRY_BASE_DELAY", 0.0)
+    run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
+    with ndif_remote(lm, drop_polls=2) as ndif:
+        remote_set = _extract(run, lm)
+    n_batches = len(ndif.requests)
+    assert ndif.submitted() == n_batches == 2  # 2 chains, batch size 1
+    local = vectors.load_vectors(study.vectors)
+    assert set(remote_set.vectors) == set(local.vectors)
+    assert not list(run.root.glob("*.jobs.json"))  # nothing left pending
+    out, err = capfd.readouterr()
+    assert out == "" and "re-attaching to NDIF job" in err
+    assert all(line.startswith("nnsteer: ") for line in err.splitlines()
+               if "NDIF" in line and "residuals" not in line)
+
+
+def test_extract_rerun_reattaches_after_the_retries_ran_out(study, lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "RETRY_BASE_DELAY", 0.0)
+    run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
+    with ndif_remote(lm, drop_polls=5) as ndif:
+        with pytest.raises(NnsteerError, match="extract batch 1/2 failed 5 times on NDIF"):
+            _extract(run, lm)
+        (pending,) = run.root.glob("*.jobs.json")
+        assert ndif.submitted() == 1
+        _extract(run, lm)  # the rerun: batch 1 re-attaches, batch 2 is sent
+        assert ndif.submitted() == 2 and len(ndif.requests) == 2
+    assert not pending.exists()
+
+
+def test_evicted_job_is_sent_again_and_a_failed_one_is_one_line(study, lm, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setattr(remote, "RETRY_BASE_DELAY", 0.0)
+    run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
+    with ndif_remote(lm) as ndif:
+        ndif.fail_jobs("Traceback (most recent call last):\n  ...\nRuntimeError: Your job "
+                       "was evicted by a higher-priority deployment. Please try again later.")
+        _extract(run, lm)
+        assert ndif.submitted() == 3  # batch 1 twice
+        ndif.fail_jobs("Traceback (most recent call last):\n  File \"x\", line 1\n"
+                       "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")
+        (tmp_path / "again").mkdir()
+        with pytest.raises(NnsteerError) as err:
+            _extract(_inputs(study, tmp_path / "again", *EXTRACT_INPUTS), lm)
+    assert str(err.value) == ("extract batch 1/2 failed on NDIF: torch.OutOfMemoryError: CUDA "
+                              "out of memory. Tried to allocate 2 GiB; lower --batch-size "
+                              "and rerun")
+
+
+def test_deadline_stops_waiting_and_a_rerun_reattaches(study, lm, tmp_path, monkeypatch):
+    run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
+    with ndif_remote(lm, queue_delay=1.0) as ndif:
+        monkeypatch.setattr(lm, "ndif_deadline", 0.2)
+        with pytest.raises(NnsteerError, match=r"extract batch 1/2: NDIF job \w+ not done "
+                                               r"after 0.2 s \(the deadline"):
+            _extract(run, lm)
+        monkeypatch.setattr(lm, "ndif_deadline", None)
+        _extract(run, lm)
+        assert ndif.submitted() == 2
+
+
+def test_a_result_on_another_host_is_not_loaded(study, lm, tmp_path):
+    run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
+    with ndif_remote(lm) as ndif:
+        ndif.result_host = ndif.host.replace("127.0.0.1", "localhost")
+        with pytest.raises(NnsteerError, match=r"result at http://localhost:\d+/results/\w+, "
+                                               r"neither on NDIF_HOST"):
+            _extract(run, lm)

@@ -97,10 +97,12 @@ def test_remote_local_equals_local(tokenizer, tiny_llama, selections):
 
 
 def test_strict_server_returns_only_layer_sums(tokenizer, tiny_llama, selections):
-    """Through a stand-in NDIF server: same sums, and each response is about one [L, K, H] tensor."""
+    """Through a stand-in NDIF server: the sums of a local run under the server's bf16
+    autocast, and each response is about one [L, K, H] tensor."""
     strict = pytest.importorskip("strict_remote")
     lm = make_tiny("llama", tokenizer)
-    local = sum_sample_means(tiny_llama, selections, GROUPS, batch_size=8, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        local = sum_sample_means(tiny_llama, selections, GROUPS, batch_size=8, progress=False)
     with strict.strict_remote(lm) as server:
         remote = sum_sample_means(lm, selections, GROUPS, batch_size=8, progress=False)
     for group in GROUPS:

@@ -26,10 +26,23 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--dtype", default="auto", show_default=True,
                      help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--hot-swap", is_flag=True, expose_value=False, callback=_keep_ndif_option,
+                     help="With --remote: skip the check that NDIF runs the model now (for "
+                          "keys that may load models on demand)."),
+        click.option("--ndif-deadline", type=click.FloatRange(min=1), default=None,
+                     expose_value=False, callback=_keep_ndif_option,
+                     help="With --remote: seconds one NDIF request may take (default: no "
+                          "limit); a rerun re-attaches to the job."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _keep_ndif_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Keep ``--hot-swap`` / ``--ndif-deadline`` for :func:`open_model` (not a command argument)."""
+    ctx.meta[f"nnsteer.{param.name}"] = value
+    return value
 
 
 def generation_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -65,8 +78,11 @@ def llm_limits(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def open_model(model: str, remote: bool, device: str | None, dtype: str) -> LoadedModel:
-    """Load the model named by the common options."""
-    return load_model(model, device=device, dtype=dtype, remote=remote)
+    """Load the model named by the common options (and ``--hot-swap``, ``--ndif-deadline``)."""
+    meta = click.get_current_context().meta
+    return load_model(model, device=device, dtype=dtype, remote=remote,
+                      hot_swap=meta.get("nnsteer.hot_swap", False),
+                      ndif_deadline=meta.get("nnsteer.ndif_deadline"))
 
 
 def given_run_dir(ctx: click.Context) -> Path | None:

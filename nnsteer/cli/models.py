@@ -13,7 +13,8 @@ def command(model: str, remote: bool, device: str | None, dtype: str, batch_size
     """What a model is: architecture, layers, width, dtype, and where it runs."""
     from nnsteer.models import describe_model
 
-    info = describe_model(model, device=device, dtype=dtype, remote=remote)
+    hot_swap = click.get_current_context().meta.get("nnsteer.hot_swap", False)
+    info = describe_model(model, device=device, dtype=dtype, remote=remote, hot_swap=hot_swap)
     width = max(len(k) for k in info)
     for key, value in info.items():
         click.echo(f"{key:<{width}}  {value}")
