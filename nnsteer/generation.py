@@ -441,7 +441,7 @@ def run_chain_jobs(
     so that later stages refuse a file whose batches are still to come. Returns the
     table in job order.
     """
-    resume_key = fingerprint(lm.identity(), max_new_tokens, resume_inputs)
+    resume_key = chains_resume_key(lm, max_new_tokens, resume_inputs)
     metadata = {**metadata, "resume_key": resume_key}
     done = _reusable_rows(lm, path, resume_key, jobs)
     finished = set(done["chain_id"])
@@ -472,6 +472,11 @@ def run_chain_jobs(
     return table
 
 
+def chains_resume_key(lm: LoadedModel, max_new_tokens: int, resume_inputs: Any) -> str:
+    """What a chains file's rows must have been generated with to be kept on a rerun."""
+    return fingerprint(lm.identity(), max_new_tokens, resume_inputs)
+
+
 def _reusable_rows(
     lm: LoadedModel, path: Path, resume_key: str, jobs: list[ChainJob]
 ) -> pl.DataFrame:
@@ -494,7 +499,7 @@ def _reusable_rows(
     if dropped:
         say(
             f"dropping {dropped} chains of {path} that are not in this run "
-            "(--limit or tasks changed)"
+            "(other tasks, --limit, behaviours or layers)"
         )
     keep = [
         row

@@ -21,10 +21,12 @@ import polars as pl
 import torch
 
 from nnsteer.errors import BadInput
-from nnsteer.generation import ChainJob, SteeringSpec, run_chain_jobs, split_tasks
+from nnsteer.generation import (
+    ChainJob, SteeringSpec, chains_resume_key, run_chain_jobs, split_tasks,
+)
 from nnsteer.models import LoadedModel
 from nnsteer.select import check_coefficient
-from nnsteer.store import RunDir, provenance, read_json
+from nnsteer.store import RunDir, provenance, read_json, read_metadata, read_parquet
 from nnsteer.vectors import VectorSet, load_vectors
 
 DIRECTIONS = ("positive", "negative")
@@ -126,6 +128,8 @@ def steer_chains(
 
     ``coefficients`` (a sweep) replaces each behaviour's ``layers.json`` coefficient;
     ``random_control`` adds chains steered by a norm-matched random vector. Resumable.
+    A sweep adds conditions: chains already in ``run.steered`` at other coefficients,
+    with the same vectors, layers and settings, are kept (and stay in the table).
     """
     for c in coefficients or []:
         check_coefficient(c, "--coefficients")
@@ -133,12 +137,16 @@ def steer_chains(
     choices = read_layer_choices(run, behaviours, lm)
     behaviours = list(choices)
     vectors = _behaviour_vectors(load_vectors(run.vectors), choices, lm, seed, random_control)
+    used = {b: {k: _digest(v) for k, v in kinds.items()} for b, kinds in vectors.items()}
+    earlier = _earlier_coefficients(run, chains_resume_key(lm, max_new_tokens, used), choices)
+    plan = {behaviour: sorted({*(coefficients or [choice.coefficient]), *earlier.get(behaviour, ())})
+            for behaviour, choice in choices.items()}
     jobs = []
     for task in tasks.iter_rows(named=True):
         task_id, prompt = task["task_id"], task["prompt"]
         jobs.append(ChainJob(baseline_chain_id(task_id), task_id, "eval", prompt))
         for behaviour, choice in choices.items():
-            for coefficient in coefficients or [choice.coefficient]:
+            for coefficient in plan[behaviour]:
                 for direction in DIRECTIONS:
                     for kind, vector in vectors[behaviour].items():
                         spec = SteeringSpec(
@@ -167,7 +175,6 @@ def steer_chains(
         "batch_size": batch_size,
         "seed": seed,
     }
-    used = {b: {k: _digest(v) for k, v in kinds.items()} for b, kinds in vectors.items()}
     return run_chain_jobs(
         lm,
         jobs,
@@ -177,6 +184,23 @@ def steer_chains(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
     )
+
+
+def _earlier_coefficients(
+    run: RunDir, resume_key: str, choices: dict[str, LayerChoice]
+) -> dict[str, set[float]]:
+    """Per behaviour, the coefficients ``run.steered`` already holds chains for at the
+    behaviour's current layers, if its rows are reusable (same ``resume_key``)."""
+    path = run.steered
+    if not path.exists() or read_metadata(path).get("resume_key") != resume_key:
+        return {}
+    rows = read_parquet(path, columns=["behaviour", "coefficient", "layers", "vector"])
+    earlier: dict[str, set[float]] = {}
+    for row in rows.filter(pl.col("vector") == "behaviour").iter_rows(named=True):
+        choice = choices.get(row["behaviour"])
+        if choice is not None and tuple(row["layers"]) == choice.layers:
+            earlier.setdefault(row["behaviour"], set()).add(float(row["coefficient"]))
+    return earlier
 
 
 def _behaviour_vectors(
