@@ -208,9 +208,11 @@ def steering_chart(summary: pl.DataFrame) -> alt.LayerChart:
         x=x, xOffset=offset,
         y=alt.Y("share_low:Q", title=f"{unit} (%)"), y2=alt.Y2("share_high:Q"),
     )
-    return (bars + intervals).properties(
+    ticks = alt.Chart(data).mark_tick(color="black", thickness=2).encode(  # shows a 0% bar
+        x=x, xOffset=offset, y=alt.Y("share:Q", title=f"{unit} (%)"))
+    return (bars + ticks + intervals).properties(
         title=alt.Title("Behaviour shares with and without steering",
-                        subtitle=f"{unit}; bars: mean over eval tasks; whiskers: 95% bootstrap interval"),
+                        subtitle=f"{unit}; bars and ticks: mean over eval tasks; whiskers: 95% bootstrap interval"),
         width=alt.Step(16),
     )
 

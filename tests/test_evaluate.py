@@ -240,8 +240,9 @@ def test_summary_flags_a_random_control_that_moves_and_averages_chains_of_a_task
 def test_chart_fields_and_unit():
     summary = summarise(_evaluation_rows(HAND), n_boot=200, min_tasks=2)
     spec = steering_chart(summary).to_dict()
-    bars, intervals = spec["layer"]
+    bars, ticks, intervals = spec["layer"]
     assert bars["mark"]["type"] == "bar" and intervals["mark"]["type"] == "errorbar"
+    assert ticks["mark"]["type"] == "tick" and ticks["encoding"]["y"]["field"] == "share"
     enc = bars["encoding"]
     assert enc["x"]["field"] == "behaviour" and enc["xOffset"]["field"] == "condition"
     assert enc["color"]["field"] == "condition" and enc["y"]["field"] == "share"
