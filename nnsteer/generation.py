@@ -234,11 +234,12 @@ def generate_batches(
     stop = eos_ids(lm)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
     bar = tqdm(total=len(prompts), unit="chain", desc=desc, disable=not progress)
-    started, n_tokens = time.perf_counter(), 0
+    seconds, n_tokens = 0.0, 0  # generating only: not the caller's work between batches
     try:
         n_batches = -(-len(order) // batch_size)
         for k, first in enumerate(range(0, len(order), batch_size), start=1):
             indices = order[first : first + batch_size]
+            started = time.perf_counter()
             new_ids = with_retries(
                 lambda: _generate_batch(
                     lm, [prompt_ids[i] for i in indices], [specs[i] for i in indices],
@@ -249,17 +250,16 @@ def generate_batches(
             generations = [
                 _finish(tokenizer, prompt_ids[i], row, stop) for i, row in zip(indices, new_ids)
             ]
+            seconds += time.perf_counter() - started
             n_tokens += sum(len(g.output_ids) for g in generations)
-            bar.update(len(indices))
-            bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - started):.1f}")
+            bar.update(len(indices))  # no tokens/s on the bar: it would stand still mid-batch
             yield indices, generations
     finally:
         bar.close()
     if progress:
-        seconds = time.perf_counter() - started
         tqdm.write(
             f"generated {len(prompts)} chains, {n_tokens} tokens in {seconds:.1f} s "
-            f"({n_tokens / seconds:.1f} tokens/s)",
+            f"({n_tokens / max(seconds, 1e-9):.1f} tokens/s)",
             file=sys.stderr,
         )
 

@@ -14,8 +14,8 @@ from nnsteer.pipeline import create_run_dir
 from nnsteer.store import RunDir
 
 
-def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``--model --remote --device --dtype --batch-size``, as every model stage takes."""
+def model_choice_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--model --remote --device --dtype``: which model, and where it runs."""
     options = [
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="HF id, local directory, .gguf file, or embedded model name."),
@@ -24,11 +24,18 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="cpu, cuda, cuda:1, or auto (all GPUs). Default: cuda if present."),
         click.option("--dtype", default="auto", show_default=True,
                      help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--model --remote --device --dtype --batch-size``, as every model stage takes."""
+    func = click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                        help="Chains (spans for attribute) per forward pass or NDIF request; "
+                             "lower it if memory runs out.")(func)
+    return model_choice_options(func)
 
 
 def generation_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
