@@ -177,7 +177,8 @@ def overview_section(run: RunDir) -> Section:
         skipped = read_metadata(run.vectors).get("skipped_labels", [])
         if skipped:
             note = _stage_function("nnsteer.vectors", "missing_vectors_note")
-            lines.append(note(skipped, run.annotations.name).capitalize() + ".")
+            text = note(skipped, run.annotations.name)
+            lines.append(text[:1].upper() + text[1:] + ".")
     if run.evaluation.exists():
         text = _stage_function("nnsteer.evaluate", "summary_text")(steering_summary(run))
         lines += [line for line in text.splitlines() if line.endswith("conditions.")]
