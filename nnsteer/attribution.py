@@ -369,23 +369,42 @@ def validation_sample(probes: Sequence[Probe], n: int) -> list[int]:
     return sorted(chosen)
 
 
+#: Metrics that ``--validate`` always compares with exact patching, besides the chosen one.
+VALIDATION_REFERENCES = ("nll", "released-code")
+
+
 def validate_against_exact(
     lm: LoadedModel, sequences: dict[str, Sequence[int]], probes: Sequence[Probe],
     effects: torch.Tensor, vectors: dict[str, torch.Tensor], n: int, metric: str,
     batch_size: int = 8,
-) -> dict[str, float]:
-    """Spearman correlation per label, over layers, of ``metric``'s mean ``|ΔL|`` and exact KL.
+) -> dict[str, Any]:
+    """The per-layer profiles of ``metric``, ``released-code`` and exact patching on the
+    same ``n`` probes per label, and the Spearman correlation over layers of each
+    estimate's mean ``|ΔL|`` with the exact KL.
 
-    Both profiles are averaged over the same ``n`` probes per label.
+    Returns ``{"spearman": {metric: {label: rho}}, "profiles": [{label, layer, metric,
+    effect, n_spans}, ...]}``; the metrics of :data:`VALIDATION_REFERENCES` are added, to
+    show whether the released code's metric tracks the real patching effect.
     """
     chosen = validation_sample(probes, n)
     sample = [probes[i] for i in chosen]
-    exact = probe_effects(lm, sequences, sample, vectors, "exact", batch_size)
-    estimate = summarize(sample, effects[chosen], metric)
-    truth = summarize(sample, exact, "exact")
-    return {label: spearman(estimate.filter(pl.col("label") == label)["effect"].to_list(),
+    estimates = {metric: effects[chosen]}
+    for other in VALIDATION_REFERENCES:
+        if other not in estimates:
+            estimates[other] = probe_effects(lm, sequences, sample, vectors, other, batch_size)
+    truth = summarize(sample, probe_effects(lm, sequences, sample, vectors, "exact", batch_size),
+                      "exact")
+    profiles = [truth]
+    spearmans: dict[str, dict[str, float]] = {}
+    for name, values in estimates.items():
+        estimate = summarize(sample, values, name)
+        profiles.append(estimate)
+        spearmans[name] = {
+            label: spearman(estimate.filter(pl.col("label") == label)["effect"].to_list(),
                             truth.filter(pl.col("label") == label)["effect"].to_list())
             for label in dict.fromkeys(p.label for p in sample)}
+    rows = pl.concat(profiles).select("label", "layer", "metric", "effect", "n_spans")
+    return {"spearman": spearmans, "profiles": rows.to_dicts()}
 
 
 def attribute(
@@ -407,7 +426,9 @@ def attribute(
     ``aggregate`` says how the per-span effects are averaged (:func:`summarize`);
     ``limit`` probes only the first N chains of ``chains.parquet``.
     ``validate=N`` also runs ``exact`` on N probes per label and records the Spearman
-    correlation of the two per-layer profiles in the metadata (``validation``).
+    correlation of the two per-layer profiles in the metadata (``validation``), and in
+    ``validation_detail`` the profiles, with ``released-code``'s too
+    (:func:`validate_against_exact`).
     Resumable: the finished chains are kept in ``run.partial("attribute")`` until both
     files are written.
     """
@@ -444,8 +465,10 @@ def attribute(
                "labels": asked, "aggregate": aggregate, "limit": limit}
     meta = provenance("attribute", options, lm.provenance())
     if validate:
-        meta["validation"] = validate_against_exact(lm, sequences, probes, effects, vs.vectors,
-                                                    validate, metric, batch_size)
+        detail = validate_against_exact(lm, sequences, probes, effects, vs.vectors,
+                                        validate, metric, batch_size)
+        meta["validation"] = detail["spearman"][metric]
+        meta["validation_detail"] = detail
     df = summarize(probes, effects, metric, aggregate)
     write_parquet(_span_table(probes, effects, metric), run.path(SPANS_FILE), meta)
     write_parquet(df, run.attribution, meta)

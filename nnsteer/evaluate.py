@@ -42,6 +42,11 @@ UNITS: dict[str, str] = {
     "labelled": "share of labelled tokens",
     "steered": "share of tokens with one of the four steered labels",
 }
+#: Fewest tasks for an interval and a verdict. A percentile bootstrap over n tasks is
+#: no 95% interval for small n: simulated on normal data, its coverage is 50% at n = 2,
+#: 76% at 3, 83% at 5, 86% at 6 and 89% at 8 (and still 89% at 10). Below this, means
+#: are shown without intervals and no verdict is drawn.
+MIN_TASKS_FOR_INTERVAL = 8
 DIRECTIONS = ("none", "positive", "negative")
 VECTORS = ("none", "behaviour", "random")
 SUMMARY_FILE = "summary.txt"
@@ -98,14 +103,16 @@ def bootstrap_interval(
     return float(low), float(high)
 
 
-def summarise(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0) -> pl.DataFrame:
+def summarise(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
+              min_tasks: int = MIN_TASKS_FOR_INTERVAL) -> pl.DataFrame:
     """Per behaviour and condition: the share of that behaviour's label over tasks.
 
     Columns: ``behaviour``, ``direction``, ``vector``, ``coefficient`` (null for the
     baseline), ``n_tasks``, ``mean``, ``ci_low``, ``ci_high`` (bootstrap over tasks),
     ``n_pairs`` (tasks that also have a baseline), ``diff``, ``diff_low``, ``diff_high``
     (paired difference steered − baseline on the same task; null for the baseline),
-    ``n_unlabelled`` (chains with no labelled token, left out), ``unit``. Several
+    ``n_unlabelled`` (chains with no labelled token, left out), ``unit``. Intervals are
+    null below :data:`MIN_TASKS_FOR_INTERVAL` tasks (or pairs). Several
     chains of one task and condition are averaged first. Shares are fractions (0–1).
     """
     denominators = evaluation["denominator"].unique().to_list()
@@ -121,13 +128,13 @@ def summarise(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0) -> pl
     for behaviour in _ordered(steered_chains["behaviour"].drop_nulls().unique().to_list()):
         baseline = _per_task(baseline_chains, behaviour)
         rows.append({"behaviour": behaviour, "direction": "none", "vector": "none",
-                     "coefficient": None, **_share_stats(baseline, n_boot, seed),
+                     "coefficient": None, **_share_stats(baseline, n_boot, seed, min_tasks),
                      "n_unlabelled": _unlabelled(baseline_chains, behaviour)})
         steered = steered_chains.filter(pl.col("behaviour") == behaviour)
         for key, group in sorted(steered.group_by(conditions), key=lambda kv: _condition_order(*kv[0])):
             shares = _per_task(group, behaviour)
             rows.append({"behaviour": behaviour, **dict(zip(conditions, key)),
-                         **_share_stats(shares, n_boot, seed, baseline),
+                         **_share_stats(shares, n_boot, seed, min_tasks, baseline),
                          "n_unlabelled": _unlabelled(group, behaviour)})
     schema = {"behaviour": pl.String, "direction": pl.String, "vector": pl.String,
               "coefficient": pl.Float64, "n_tasks": pl.Int64, "mean": pl.Float64,
@@ -146,7 +153,8 @@ def summary_text(summary: pl.DataFrame) -> str:
     baselines = summary.filter(pl.col("direction") == "none")
     lines = [
         f"Unit: {unit}. Means over eval tasks with percentile-bootstrap 95% intervals; "
-        "differences are paired with the unsteered chain of the same task, in percentage points (pp).",
+        "differences are paired with the unsteered chain of the same task, in percentage points (pp). "
+        f"Intervals and verdicts need at least {MIN_TASKS_FOR_INTERVAL} tasks.",
     ]
     verdicts: dict[str, list[bool]] = {"positive": [], "negative": []}
     for base in baselines.iter_rows(named=True):
@@ -157,7 +165,7 @@ def summary_text(summary: pl.DataFrame) -> str:
         steered = summary.filter((pl.col("behaviour") == behaviour) & (pl.col("direction") != "none"))
         for row in steered.iter_rows(named=True):
             verdict, achieved = _verdict(row)
-            if row["vector"] == "behaviour":
+            if row["vector"] == "behaviour" and row["diff_low"] is not None:
                 verdicts[row["direction"]].append(achieved)
             lines.append(f"  {_condition_name(row)}: {_pct(row)}; {_diff(row)} vs baseline over "
                          f"{row['n_pairs']} tasks: {verdict}{_unlabelled_note(row)}")
@@ -200,9 +208,11 @@ def steering_chart(summary: pl.DataFrame) -> alt.LayerChart:
         x=x, xOffset=offset,
         y=alt.Y("share_low:Q", title=f"{unit} (%)"), y2=alt.Y2("share_high:Q"),
     )
-    return (bars + intervals).properties(
+    ticks = alt.Chart(data).mark_tick(color="black", thickness=2).encode(  # shows a 0% bar
+        x=x, xOffset=offset, y=alt.Y("share:Q", title=f"{unit} (%)"))
+    return (bars + ticks + intervals).properties(
         title=alt.Title("Behaviour shares with and without steering",
-                        subtitle=f"{unit}; bars: mean over eval tasks; whiskers: 95% bootstrap interval"),
+                        subtitle=f"{unit}; bars and ticks: mean over eval tasks; whiskers: 95% bootstrap interval"),
         width=alt.Step(16),
     )
 
@@ -333,20 +343,27 @@ def _unlabelled(chains: pl.DataFrame, behaviour: str) -> int:
     return chains.filter((pl.col("label") == behaviour) & pl.col("fraction").is_null()).height
 
 
-def _share_stats(shares: pl.DataFrame, n_boot: int, seed: int,
+def _share_stats(shares: pl.DataFrame, n_boot: int, seed: int, min_tasks: int,
                  baseline: pl.DataFrame | None = None) -> dict[str, Any]:
     values = shares["share"].to_numpy()
-    low, high = bootstrap_interval(values, n_boot, seed)
+    low, high = _interval(values, n_boot, seed, min_tasks)
     stats = {"n_tasks": len(values), "mean": float(values.mean()) if len(values) else None,
              "ci_low": _finite(low), "ci_high": _finite(high),
              "n_pairs": None, "diff": None, "diff_low": None, "diff_high": None}
     if baseline is not None:
         paired = shares.join(baseline, on="task_id", suffix="_baseline")
         diffs = (paired["share"] - paired["share_baseline"]).to_numpy()
-        diff_low, diff_high = bootstrap_interval(diffs, n_boot, seed)
+        diff_low, diff_high = _interval(diffs, n_boot, seed, min_tasks)
         stats.update(n_pairs=len(diffs), diff=float(diffs.mean()) if len(diffs) else None,
                      diff_low=_finite(diff_low), diff_high=_finite(diff_high))
     return stats
+
+
+def _interval(values: np.ndarray, n_boot: int, seed: int, min_tasks: int) -> tuple[float, float]:
+    """The bootstrap interval, or NaNs below ``min_tasks`` values."""
+    if len(values) < min_tasks:
+        return math.nan, math.nan
+    return bootstrap_interval(values, n_boot, seed)
 
 
 def _finite(value: float) -> float | None:
@@ -376,13 +393,17 @@ def _pct(row: dict[str, Any]) -> str:
 def _diff(row: dict[str, Any]) -> str:
     if row["diff"] is None:
         return "no paired difference"
+    if row["diff_low"] is None:
+        return f"{100 * row['diff']:+.1f} pp"
     return f"{100 * row['diff']:+.1f} pp [{100 * row['diff_low']:+.1f}, {100 * row['diff_high']:+.1f}]"
 
 
 def _verdict(row: dict[str, Any]) -> tuple[str, bool]:
     """A sentence on the paired change, and whether the intended change happened."""
-    if row["diff"] is None or row["n_pairs"] < 2:
-        return "too few paired tasks to tell", False
+    if row["diff"] is None:
+        return "no paired task to tell", False
+    if row["diff_low"] is None:
+        return f"too few tasks for an interval ({row['n_pairs']}): no verdict", False
     up, down = row["diff_low"] > 0, row["diff_high"] < 0
     if row["vector"] == "random":
         if up or down:

@@ -291,11 +291,12 @@ def generate_batches(
     stop = eos_ids(lm)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
     bar = tqdm(total=len(prompts), unit="chain", desc=desc, disable=not progress)
-    started, n_tokens = time.perf_counter(), 0
+    seconds, n_tokens = 0.0, 0  # generating only: not the caller's work between batches
     try:
         n_batches = -(-len(order) // batch_size)
         for k, first in enumerate(range(0, len(order), batch_size), start=1):
             indices = order[first : first + batch_size]
+            started = time.perf_counter()
             new_ids = with_retries(
                 lambda: _generate_batch(
                     lm, [prompt_ids[i] for i in indices], [specs[i] for i in indices],
@@ -306,17 +307,16 @@ def generate_batches(
             generations = [
                 _finish(tokenizer, prompt_ids[i], row, stop) for i, row in zip(indices, new_ids)
             ]
+            seconds += time.perf_counter() - started
             n_tokens += sum(len(g.output_ids) for g in generations)
-            bar.update(len(indices))
-            bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - started):.1f}")
+            bar.update(len(indices))  # no tokens/s on the bar: it would stand still mid-batch
             yield indices, generations
     finally:
         bar.close()
     if progress:
-        seconds = time.perf_counter() - started
         tqdm.write(
             f"generated {len(prompts)} chains, {n_tokens} tokens in {seconds:.1f} s "
-            f"({n_tokens / seconds:.1f} tokens/s)",
+            f"({n_tokens / max(seconds, 1e-9):.1f} tokens/s)",
             file=sys.stderr,
         )
 
@@ -507,7 +507,7 @@ def run_chain_jobs(
     so that later stages refuse a file whose batches are still to come. Returns the
     table in job order.
     """
-    resume_key = fingerprint(lm.identity(), max_new_tokens, resume_inputs)
+    resume_key = chains_resume_key(lm, max_new_tokens, resume_inputs)
     metadata = {**metadata, "resume_key": resume_key}
     done = _reusable_rows(lm, path, resume_key, jobs, prompt_template)
     finished = set(done["chain_id"])
@@ -552,6 +552,9 @@ def check_lengths(lm: LoadedModel, jobs: list[ChainJob], max_new_tokens: int) ->
             raise BadInput(f"task {job.task_id}: its prompt of {n} tokens and max_new_tokens "
                            f"{max_new_tokens} exceed the {limit} positions of {lm.name}: "
                            "shorten the task or lower max_new_tokens")
+def chains_resume_key(lm: LoadedModel, max_new_tokens: int, resume_inputs: Any) -> str:
+    """What a chains file's rows must have been generated with to be kept on a rerun."""
+    return fingerprint(lm.identity(), max_new_tokens, resume_inputs)
 
 
 def _reusable_rows(
@@ -577,7 +580,7 @@ def _reusable_rows(
     if dropped:
         say(
             f"dropping {dropped} chains of {path} that are not in this run "
-            "(--limit or tasks changed)"
+            "(other tasks, --limit, behaviours or layers)"
         )
     keep = [
         row

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -274,6 +275,63 @@ class ModelSource:
     gguf_file: str | None = None
     revision: str | None = None
     embedded: bool = False
+    #: Load from the local Hugging Face cache only (the hub is offline or unreachable).
+    local_only: bool = False
+
+    @property
+    def load_kwargs(self) -> dict[str, Any]:
+        """What every ``from_pretrained`` of this source takes."""
+        return {"gguf_file": self.gguf_file, "local_files_only": self.local_only}
+
+
+#: Seconds to wait for the Hugging Face hub before treating it as unreachable.
+HUB_PROBE_TIMEOUT = 3.0
+
+
+@functools.cache
+def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether ``endpoint`` answers an HTTP request within ``timeout`` seconds (DNS included)."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
+            answered.append(True)
+        except urllib.error.HTTPError:  # an answer, even if not 200
+            answered.append(True)
+        except (OSError, ValueError):
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered and answered[0])
+
+
+def _hub_source(name: str) -> ModelSource:
+    """A Hugging Face id: from the hub, or from the local cache alone when the hub is offline
+    (``HF_HUB_OFFLINE``) or unreachable; :class:`BadInput` in one line, without retries,
+    when it is unreachable and the model is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        if not cached:
+            raise BadInput(f"{name}: not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                           "set: download it on a connected machine, or give a local directory")
+        return ModelSource(name, name, local_only=True)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if hub_reachable(endpoint):
+        return ModelSource(name, name)
+    if cached:
+        return ModelSource(name, name, local_only=True)
+    raise BadInput(f"{name}: the Hugging Face hub ({endpoint}) did not answer within "
+                   f"{HUB_PROBE_TIMEOUT:g} s and the model is not in the local cache: connect, or "
+                   "give a local model directory or .gguf file")
 
 
 def model_name(name: str) -> str:
@@ -309,7 +367,7 @@ def resolve_source(name: str) -> ModelSource:
     if path.exists():
         raise BadInput(f"{name}: not a model directory or .gguf file")
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name):
-        return ModelSource(name, name)
+        return _hub_source(name)
     raise BadInput(
         f"unknown model {name!r}: give a Hugging Face id (org/name), a local model directory, "
         f"a .gguf file, or an embedded model ({', '.join(EMBEDDED_MODELS)})"
@@ -330,7 +388,7 @@ def load_config(source: ModelSource) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+        return AutoConfig.from_pretrained(source.path, **source.load_kwargs)
     except OSError as exc:
         raise BadInput(f"cannot load the config of {source.name!r}: {first_line(exc)}") from None
     except ValueError as exc:
@@ -423,7 +481,7 @@ def load_tokenizer(model: str = DEFAULT_MODEL) -> Any:
 
     source = resolve_source(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.load_kwargs)
     except OSError as exc:
         raise BadInput(f"cannot load the tokenizer of {model!r}: {first_line(exc)}") from None
     return check_tokenizer(tokenizer, source.name)
@@ -459,10 +517,10 @@ def _load_weights(source: ModelSource, device: str, dtype: torch.dtype) -> tuple
     placement = {"device_map": "auto"} if device == "auto" else {}
     try:
         tokenizer = check_tokenizer(
-            AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file), source.name
+            AutoTokenizer.from_pretrained(source.path, **source.load_kwargs), source.name
         )
         hf_model = AutoModelForCausalLM.from_pretrained(
-            source.path, gguf_file=source.gguf_file, dtype=dtype, **placement
+            source.path, **source.load_kwargs, dtype=dtype, **placement
         )
     except Exception as exc:  # missing, damaged or unsafe (not plain weights) files
         raise BadInput(f"cannot load {source.name!r}: {first_line(exc)}") from None

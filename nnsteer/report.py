@@ -39,9 +39,16 @@ from nnsteer.store import (
 #: Chart name → section title, in page order.
 CHARTS = {
     "attribution": "Attribution per layer (Figure 3)",
+    "validation": "Does the attribution metric track real patching?",
     "similarity": "Cosine similarity of the vectors",
     "steering": "Steering on unseen tasks (Figure 4)",
+    "forest": "Steering effects against the baseline, with the random control",
 }
+#: One colour per condition kind, the same in every steering chart.
+CONDITION_COLOURS = {"baseline": "#888888", "behaviour": "#1f77b4", "random": "#ff7f0e"}
+#: One colour per attribution metric in the validation chart (``exact`` is the truth).
+METRIC_COLOURS = {"exact": "#222222", "nll": "#1f77b4", "kl2": "#2ca02c",
+                  "released-code": "#d62728"}
 
 
 @dataclass
@@ -162,6 +169,25 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def overview_section(run: RunDir) -> Section:
+    """The first lines: behaviours that got no vector (so were not steered), and the
+    verdicts of the evaluation."""
+    lines = []
+    if run.vectors.exists():
+        skipped = read_metadata(run.vectors).get("skipped_labels", [])
+        if skipped:
+            note = _stage_function("nnsteer.vectors", "missing_vectors_note")
+            text = note(skipped, run.annotations.name)
+            lines.append(text[:1].upper() + text[1:] + ".")
+    if run.evaluation.exists():
+        text = _stage_function("nnsteer.evaluate", "summary_text")(steering_summary(run))
+        lines += [line for line in text.splitlines() if line.endswith("conditions.")]
+    if not lines:
+        raise _Unavailable("Nothing to say yet: run the vectors and steering stages.")
+    return Section("At a glance", "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+                   + "</ul>")
+
+
 def provenance_section(run: RunDir) -> Section:
     """Who made each file: stage, model and revision, options, nnsteer version, time."""
     rows = []
@@ -220,12 +246,169 @@ def label_counts_section(run: RunDir) -> Section:
 
 
 def attribution_section(run: RunDir) -> Section:
-    """The per-layer attribution chart (mean |ΔL| per label)."""
-    df = read_parquet(_need(run.attribution), columns=["label", "layer", "effect"])
-    chart = _stage_function("nnsteer.attribution", "attribution_chart")(df)
+    """Figure 3: mean |ΔL| per layer and label, with the layers ``select`` skipped,
+    chose and ranked second."""
+    df = read_parquet(_need(run.attribution))
     metric = ", ".join(sorted(df["metric"].unique().to_list())) if "metric" in df.columns else "?"
-    return Section(CHARTS["attribution"], f"<p>Metric: <code>{html.escape(metric)}</code>; averaged over <code>{html.escape(str(read_metadata(run.attribution).get('options', {}).get('aggregate', 'spans')))}</code> (<code>attribute --aggregate</code>).</p>",
-                   "attribution", chart.to_dict())
+    marks = layer_marks(run, df)
+    skipped = marks.first_allowed
+    aggregate = read_metadata(run.attribution).get("options", {}).get("aggregate", "spans")
+    over = ("the label's spans" if aggregate == "spans"
+            else "the chains of each chain's mean over its spans")
+    body = (f"<p>Metric: <code>{html.escape(metric)}</code>; averaged over "
+            f"<code>{html.escape(str(aggregate))}</code> (<code>attribute --aggregate</code>). "
+            f"Line: mean |ΔL| over {over} at each layer; band: ±1 standard deviation over "
+            "the same, clipped at 0 "
+            "(|ΔL| cannot be negative): the spread of single spans or chains, not an interval of the mean. "
+            "Every panel has the same y scale, so the labels' effects compare directly; "
+            "each panel's title gives its number of spans.")
+    if marks.chosen:
+        body += (" Solid rule: the layer <code>select</code> chose; dashed: the runner-up"
+                 + (f"; grey: layers 0–{skipped - 1}, which select skipped "
+                    f"(<code>skip_fraction</code> {marks.skip_fraction:g})" if skipped else "")
+                 + ".")
+    else:
+        body += " Run <code>nnsteer select</code> to mark the chosen layers."
+    return Section(CHARTS["attribution"], body + "</p>", "attribution",
+                   figure3_chart(df, marks).to_dict())
+
+
+@dataclass(frozen=True)
+class LayerMarks:
+    """What ``select`` made of the attribution: per label the chosen layers and runner-up,
+    and the first layer it could choose (0 when it skipped none or is unknown)."""
+
+    chosen: dict[str, list[int]]
+    runner_up: dict[str, int]
+    first_allowed: int = 0
+    skip_fraction: float = 0.0
+
+
+def layer_marks(run: RunDir, attribution: pl.DataFrame) -> LayerMarks:
+    """The :class:`LayerMarks` of ``layers.json`` (none if ``select`` has not run)."""
+    if not run.layers.exists():
+        return LayerMarks({}, {})
+    entries = read_json(run.layers)
+    select = _stage_function("nnsteer.select", "rank_layers")
+    first_allowed = _stage_function("nnsteer.select", "first_allowed_layer")
+    options = _json_provenance(run.layers).get("options", {})
+    skip_fraction = float(options.get("skip_fraction") or 0.0)
+    n_layers = int(attribution["layer"].max()) + 1 if attribution.height else 0
+    first = first_allowed(n_layers, skip_fraction) if n_layers else 0
+    chosen, runner_up = {}, {}
+    for label, entry in entries.items():
+        chosen[label] = list(entry.get("layers", []))
+        if entry.get("chosen_by") == "attribution" and label in attribution["label"].to_list():
+            ranked = select(attribution, label, first, int(options.get("top_k") or 1))
+            if ranked.runner_up is not None:
+                runner_up[label] = ranked.runner_up
+    return LayerMarks(chosen, runner_up, first, skip_fraction)
+
+
+def figure3_chart(df: pl.DataFrame, marks: LayerMarks) -> Any:
+    """One panel per label, two per row: line, ±1 SD band, skipped layers shaded,
+    chosen layer (solid rule) and runner-up (dashed); one y scale for all panels."""
+    import altair as alt
+
+    data = df.with_columns(low=(pl.col("effect") - pl.col("std")).clip(lower_bound=0),
+                           high=pl.col("effect") + pl.col("std"))
+    metric = data["metric"][0] if "metric" in data.columns and data.height else ""
+    top = float(data["high"].max() or 1.0) * 1.08
+    n_layers = int(data["layer"].max()) + 1 if data.height else 1
+    x_scale = alt.Scale(domain=[-0.5, n_layers - 0.5], nice=False)
+    y = alt.Y("effect:Q", title=f"mean |ΔL| ({metric})", scale=alt.Scale(domain=[0, top]))
+    panels = []
+    for label in dict.fromkeys(data["label"].to_list()):
+        rows = data.filter(pl.col("label") == label)
+        base = alt.Chart(rows).encode(x=alt.X("layer:Q", title="layer", scale=x_scale,
+                                              axis=alt.Axis(tickMinStep=1, format="d")))
+        layers = [
+            base.mark_area(opacity=0.25, color="#1f77b4").encode(y=y, y2="high:Q")
+            .transform_calculate(effect="datum.low"),
+            base.mark_line(point=True, color="#1f77b4").encode(
+                y=y, tooltip=["label", "layer", alt.Tooltip("effect:Q", format=".4g"),
+                              alt.Tooltip("std:Q", format=".4g"), "n_spans"]),
+        ]
+        if marks.first_allowed:
+            layers.insert(0, alt.Chart(pl.DataFrame({"x": [-0.5], "x2": [marks.first_allowed - 0.5]}))
+                          .mark_rect(color="#999999", opacity=0.18)
+                          .encode(x=alt.X("x:Q", scale=x_scale), x2="x2:Q"))
+        rules = [{"layer": layer, "mark": "chosen"} for layer in marks.chosen.get(label, [])]
+        if label in marks.runner_up:
+            rules.append({"layer": marks.runner_up[label], "mark": "runner-up"})
+        if rules:
+            picked = alt.Chart(pl.DataFrame(rules)).encode(x=alt.X("layer:Q", scale=x_scale))
+            layers += [
+                picked.mark_rule(color="black").encode(
+                    strokeDash=alt.StrokeDash("mark:N", scale=alt.Scale(
+                        domain=["chosen", "runner-up"], range=[[1, 0], [5, 3]]), legend=None),
+                    tooltip=["mark", "layer"]),
+                picked.mark_text(align="left", dx=3, dy=-2, baseline="top", fontSize=10).encode(
+                    y=alt.value(2), text=alt.Text("label_text:N"))
+                .transform_calculate(label_text="datum.mark + ' ' + datum.layer"),
+            ]
+        n_spans = int(rows["n_spans"].max()) if "n_spans" in rows.columns else 0
+        panels.append(alt.layer(*layers).properties(
+            width=300, height=170, title=f"{label} ({n_spans} spans)"))
+    return alt.concat(*panels, columns=2).properties(
+        title=alt.Title(f"Attribution per layer ({metric})",
+                        subtitle="line: mean over spans; band: ±1 SD over spans, clipped at 0"))
+
+
+def validation_section(run: RunDir) -> Section:
+    """The attribution metrics against exact patching on the same spans (``--validate``)."""
+    meta = read_metadata(_need(run.attribution))
+    detail = meta.get("validation_detail")
+    if not detail:
+        raise _Unavailable("Not run: attribution was run without validation (run "
+                           "`nnsteer attribute --validate 8`, or set [attribute] validate in the config).")
+    profiles = pl.DataFrame(detail["profiles"])
+    rows = [{"label": label, "metric": name, "Spearman ρ vs exact": rho}
+            for name, by_label in detail["spearman"].items() for label, rho in by_label.items()]
+    n = meta.get("options", {}).get("validate")
+    body = (f"<p>On {n} spans per label, the per-layer profile of each first-order metric "
+            "against <code>exact</code> (the vector really added at each layer, KL of the "
+            "next-token distributions), each scaled to its largest layer so that the shapes "
+            "compare. Spearman ρ over layers: near 1 means the metric ranks the layers as real "
+            "patching does; the layer choice is only as good as this agreement.</p>"
+            + _table(pl.DataFrame(rows)))
+    return Section(CHARTS["validation"], body, "validation",
+                   validation_chart(profiles, detail["spearman"]).to_dict())
+
+
+def validation_chart(profiles: pl.DataFrame, spearmans: dict[str, dict[str, float]]) -> Any:
+    """Per label: each metric's mean |ΔL| per layer, scaled to its maximum, with ``exact``
+    in black; the legend gives each metric's Spearman ρ against ``exact``."""
+    import altair as alt
+
+    scaled = profiles.with_columns(
+        scaled=pl.col("effect") / pl.col("effect").abs().max().over("label", "metric"))
+    metrics = [m for m in METRIC_COLOURS if m in set(scaled["metric"])]
+    panels = []
+    for label in dict.fromkeys(scaled["label"].to_list()):
+        rows = scaled.filter(pl.col("label") == label)
+        names = {m: m if m == "exact" else _rho_name(m, spearmans.get(m, {}).get(label))
+                 for m in metrics}
+        rows = rows.with_columns(series=pl.col("metric").replace_strict(names, default=None))
+        n_spans = int(rows["n_spans"].max())
+        panels.append(alt.Chart(rows).mark_line(point=True).encode(
+            x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
+            y=alt.Y("scaled:Q", title="effect / its largest", scale=alt.Scale(domain=[0, 1.05])),
+            color=alt.Color("series:N", title=None, sort=list(names.values()), scale=alt.Scale(
+                domain=list(names.values()), range=[METRIC_COLOURS[m] for m in metrics]),
+                legend=alt.Legend(orient="bottom", columns=1)),
+            strokeDash=alt.condition(alt.datum.metric == "exact", alt.value([1, 0]), alt.value([4, 2])),
+            tooltip=["metric", "layer", alt.Tooltip("effect:Q", format=".4g")],
+        ).properties(width=300, height=160, title=f"{label} ({n_spans} spans)"))
+    return alt.concat(*panels, columns=2).resolve_scale(color="independent").properties(
+        title=alt.Title("Attribution metrics against exact patching",
+                        subtitle="each curve scaled to its largest layer; ρ: Spearman over layers vs exact"))
+
+
+def _rho_name(metric: str, rho: float | None) -> str:
+    if rho is None or rho != rho:  # NaN: one profile is constant
+        return f"{metric} (ρ undefined)"
+    return f"{metric} (ρ = {rho:+.2f})"
 
 
 def similarity_section(run: RunDir) -> Section:
@@ -262,32 +445,196 @@ def similarity_chart(df: pl.DataFrame, layer: int) -> Any:
 
 
 def layers_section(run: RunDir) -> Section:
-    """The steering layers chosen per behaviour (``layers.json``)."""
+    """The steering layers chosen per behaviour (``layers.json``), and every coefficient
+    the steered chains were generated with."""
     chosen = read_json(_need(run.layers))
+    steered = _coefficients_steered(run)
     rows = [{"behaviour": label, "vector_layer": v["vector_layer"], "layers": v["layers"],
-             "coefficient": float(v["coefficient"]), "chosen by": v.get("chosen_by", "")}
+             "coefficient": float(v["coefficient"]), "chosen by": v.get("chosen_by", ""),
+             "coefficients steered": ", ".join(f"{c:g}" for c in steered.get(label, [])) or "—"}
             for label, v in chosen.items()]
     return Section("Selected layers", _table(pl.DataFrame(rows)))
 
 
-def steering_section(run: RunDir) -> Section:
-    """Behaviour shares with and without steering, with intervals, and the plain summary."""
+def _coefficients_steered(run: RunDir) -> dict[str, list[float]]:
+    """Per behaviour, the coefficients of its steered chains (from the evaluation, or the
+    steered chains if not evaluated yet)."""
+    path = run.evaluation if run.evaluation.exists() else run.steered
+    if not path.exists():
+        return {}
+    table = read_parquet(path, columns=["behaviour", "direction", "coefficient"])
+    steered = table.filter(pl.col("direction") != "none").unique(["behaviour", "coefficient"])
+    return {b: sorted(g["coefficient"].to_list())
+            for (b,), g in steered.group_by(["behaviour"], maintain_order=True)}
+
+
+def steering_summary(run: RunDir) -> pl.DataFrame:
+    """:func:`nnsteer.evaluate.summarise` of the run's evaluation, with the draws it used."""
     evaluation = read_parquet(_need(run.evaluation))
     options = read_metadata(run.evaluation).get("options", {})
     same_draws = {k: options[k] for k in ("n_boot", "seed") if k in options}
-    summary = _stage_function("nnsteer.evaluate", "summarise")(evaluation, **same_draws)
+    return _stage_function("nnsteer.evaluate", "summarise")(evaluation, **same_draws)
+
+
+def steering_section(run: RunDir) -> Section:
+    """Behaviour shares with and without steering, with intervals, and the plain summary;
+    with several coefficients, share against signed coefficient (dose-response)."""
+    summary = steering_summary(run)
     text = _stage_function("nnsteer.evaluate", "summary_text")(summary)
-    chart = _stage_function("nnsteer.evaluate", "steering_chart")(summary)
-    return Section(CHARTS["steering"], f"<pre>{html.escape(text)}</pre>", "steering", chart.to_dict())
+    table = _table(conditions_table(summary, _steering_layers(run)))
+    if _n_coefficients(summary) > 1:
+        chart, note = dose_response_chart(summary), (
+            "<p>Several coefficients were steered: share of each behaviour against the signed "
+            "coefficient (positive steering right of 0, negative left, the baseline at 0), "
+            "with 95% bootstrap intervals.</p>")
+    else:
+        chart = _stage_function("nnsteer.evaluate", "steering_chart")(summary)
+        note = "<p>Absolute shares; a black tick marks each bar's value, so a 0% bar shows.</p>"
+    return Section(CHARTS["steering"], note + table + f"<pre>{html.escape(text)}</pre>",
+                   "steering", chart.to_dict())
+
+
+def conditions_table(summary: pl.DataFrame, layers: dict[str, list[int]]) -> pl.DataFrame:
+    """One row per behaviour and condition: coefficient, layers, tasks, share and paired
+    difference with their intervals (pp)."""
+    rows = []
+    for r in summary.iter_rows(named=True):
+        steered = r["direction"] != "none"
+        rows.append({
+            "behaviour": r["behaviour"], "condition": _condition(r),
+            "coefficient": f"{r['coefficient']:g}" if steered else "—",
+            "layers": ", ".join(map(str, layers.get(r["behaviour"], []))) if steered else "—",
+            "tasks": r["n_tasks"],
+            "share %": _with_interval(r["mean"], r["ci_low"], r["ci_high"], ".1f"),
+            "vs baseline (pp)": _with_interval(r["diff"], r["diff_low"], r["diff_high"], "+.1f")
+            if steered else "—",
+        })
+    return pl.DataFrame(rows)
+
+
+def _with_interval(value: float | None, low: float | None, high: float | None, fmt: str) -> str:
+    if value is None:
+        return "—"
+    if low is None:
+        return f"{100 * value:{fmt}} (too few tasks for an interval)"
+    return f"{100 * value:{fmt}} [{100 * low:{fmt}}, {100 * high:{fmt}}]"
+
+
+def _steering_layers(run: RunDir) -> dict[str, list[int]]:
+    return ({label: list(v.get("layers", [])) for label, v in read_json(run.layers).items()}
+            if run.layers.exists() else {})
+
+
+def _n_coefficients(summary: pl.DataFrame) -> int:
+    return summary.filter(pl.col("direction") != "none")["coefficient"].n_unique()
+
+
+def _condition(row: dict[str, Any]) -> str:
+    """``baseline``, ``positive``, ``negative``, ``random positive``, ``random negative``."""
+    if row["direction"] == "none":
+        return "baseline"
+    return row["direction"] if row["vector"] == "behaviour" else f"random {row['direction']}"
+
+
+def forest_section(run: RunDir) -> Section:
+    """The paired differences the verdicts come from, next to the random control."""
+    summary = steering_summary(run)
+    unit = summary["unit"][0] if summary.height else ""
+    body = (f"<p>Paired difference steered − baseline on the same tasks, in percentage points "
+            f"of the {html.escape(unit)}, with its 95% bootstrap interval; the orange rows are "
+            "the norm-matched random vector at the same layers and coefficient. A verdict needs "
+            "an interval that excludes 0 (the dashed line) for the behaviour vector and not "
+            "for the random one. Points without a bar had too few tasks for an interval.</p>")
+    return Section(CHARTS["forest"], body, "forest",
+                   forest_chart(summary, _steering_layers(run)).to_dict())
+
+
+def forest_chart(summary: pl.DataFrame, layers: dict[str, list[int]]) -> Any:
+    """Per behaviour: one row per steered condition, the paired difference (pp) as a point
+    with its interval, the random control's rows beside the behaviour vector's."""
+    import altair as alt
+
+    steered = summary.filter(pl.col("direction") != "none")
+    rows = [{"behaviour": r["behaviour"], "vector": r["vector"],
+             "condition": f"{_condition(r)} ×{r['coefficient']:g} (n={r['n_pairs']})",
+             "diff": 100 * r["diff"] if r["diff"] is not None else None,
+             "low": 100 * r["diff_low"] if r["diff_low"] is not None else None,
+             "high": 100 * r["diff_high"] if r["diff_high"] is not None else None,
+             "layers": ", ".join(map(str, layers.get(r["behaviour"], [])))}
+            for r in steered.iter_rows(named=True)]
+    data = pl.DataFrame(rows, schema={"behaviour": pl.String, "vector": pl.String,
+                                      "condition": pl.String, "diff": pl.Float64,
+                                      "low": pl.Float64, "high": pl.Float64, "layers": pl.String})
+    colour = alt.Color("vector:N", title="vector", scale=alt.Scale(
+        domain=["behaviour", "random"], range=[CONDITION_COLOURS["behaviour"], CONDITION_COLOURS["random"]]))
+    y = alt.Y("condition:N", title=None, sort=None)
+    title = "steered − baseline (pp), 95% interval"
+    layered = alt.layer(
+        alt.Chart().mark_rule(strokeDash=[4, 3], color="#555555").encode(x=alt.datum(0)),
+        alt.Chart().mark_rule(strokeWidth=2).encode(
+            y=y, x=alt.X("low:Q", title=title), x2="high:Q", color=colour),
+        alt.Chart().mark_point(filled=True, size=60, opacity=1).encode(
+            y=y, x=alt.X("diff:Q", title=title), color=colour,
+            tooltip=["behaviour", "condition", "layers", alt.Tooltip("diff:Q", format="+.1f"),
+                     alt.Tooltip("low:Q", format="+.1f"), alt.Tooltip("high:Q", format="+.1f")]),
+        data=data,
+    ).properties(width=520)
+    behaviours = list(dict.fromkeys(data["behaviour"].to_list()))
+    return layered.facet(row=alt.Row("behaviour:N", title=None, sort=behaviours, header=alt.Header(
+        labelAngle=0, labelAlign="left", labelFontWeight="bold"))).resolve_scale(
+        y="independent").properties(title=alt.Title(
+            "Paired change against the baseline, behaviour vector and random control",
+            subtitle="point: mean over tasks of steered − baseline; bar: 95% bootstrap interval; "
+                     "dashed: no change"))
+
+
+def dose_response_chart(summary: pl.DataFrame) -> Any:
+    """Per behaviour: its share against the signed coefficient (negative steering < 0 <
+    positive), one line for the behaviour vector and one for the random control, with
+    95% bootstrap intervals; the baseline at 0 on both."""
+    import altair as alt
+
+    rows = []
+    for r in summary.iter_rows(named=True):
+        kinds = ["behaviour", "random"] if r["direction"] == "none" else [r["vector"]]
+        sign = {"positive": 1, "negative": -1, "none": 0}[r["direction"]]
+        for kind in kinds:
+            rows.append({"behaviour": r["behaviour"], "vector": kind,
+                         "signed coefficient": sign * (r["coefficient"] or 0.0),
+                         "share": 100 * r["mean"] if r["mean"] is not None else None,
+                         "low": 100 * r["ci_low"] if r["ci_low"] is not None else None,
+                         "high": 100 * r["ci_high"] if r["ci_high"] is not None else None,
+                         "tasks": r["n_tasks"]})
+    data = pl.DataFrame(rows)
+    unit = summary["unit"][0] if summary.height else ""
+    colour = alt.Color("vector:N", title="vector", scale=alt.Scale(
+        domain=["behaviour", "random"], range=[CONDITION_COLOURS["behaviour"], CONDITION_COLOURS["random"]]))
+    base = alt.Chart(data).encode(x=alt.X("signed coefficient:Q", title="signed coefficient"))
+    layered = alt.layer(
+        base.mark_errorbar(ticks=True).encode(y=alt.Y("low:Q", title=f"{unit} (%)"), y2="high:Q",
+                                              color=colour),
+        base.mark_line(point=True).encode(
+            y=alt.Y("share:Q", title=f"{unit} (%)"), color=colour,
+            tooltip=["behaviour", "vector", "signed coefficient",
+                     alt.Tooltip("share:Q", format=".1f"), alt.Tooltip("low:Q", format=".1f"),
+                     alt.Tooltip("high:Q", format=".1f"), "tasks"]),
+    ).properties(width=260, height=200)
+    behaviours = list(dict.fromkeys(data["behaviour"].to_list()))
+    return layered.facet(column=alt.Column("behaviour:N", title=None, sort=behaviours)).properties(
+        title=alt.Title("Dose-response", subtitle="share against signed coefficient; "
+                        "whiskers: 95% bootstrap interval"))
 
 
 _BUILDERS: list[tuple[str, Callable[[RunDir], Section]]] = [
+    ("At a glance", overview_section),
     ("Provenance", provenance_section),
     ("Behaviour labels", label_counts_section),
     (CHARTS["attribution"], attribution_section),
+    (CHARTS["validation"], validation_section),
     (CHARTS["similarity"], similarity_section),
     ("Selected layers", layers_section),
     (CHARTS["steering"], steering_section),
+    (CHARTS["forest"], forest_section),
 ]
 
 _PAGE = """<!DOCTYPE html>
@@ -299,7 +646,7 @@ _PAGE = """<!DOCTYPE html>
 body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }}
-td {{ max-width: 520px; overflow-wrap: anywhere; }}
+td {{ max-width: 520px; overflow-wrap: break-word; }}
 .missing {{ color: #888; font-style: italic; }}
 .chart {{ margin: 1em 0; }}
 pre {{ white-space: pre-wrap; }}

@@ -22,12 +22,12 @@ import torch
 
 from nnsteer.errors import BadInput
 from nnsteer.generation import (
-    DEFAULT_PROMPT_TEMPLATE, ChainJob, SteeringSpec, check_prompt_template, run_chain_jobs,
-    split_tasks,
+    DEFAULT_PROMPT_TEMPLATE, ChainJob, SteeringSpec, chains_resume_key, check_prompt_template,
+    run_chain_jobs, split_tasks,
 )
 from nnsteer.models import LoadedModel
 from nnsteer.select import check_coefficient
-from nnsteer.store import RunDir, provenance, read_json
+from nnsteer.store import RunDir, provenance, read_json, read_metadata, read_parquet
 from nnsteer.vectors import VectorSet, load_vectors
 
 DIRECTIONS = ("positive", "negative")
@@ -131,6 +131,8 @@ def steer_chains(
     ``coefficients`` (a sweep) replaces each behaviour's ``layers.json`` coefficient;
     ``random_control`` adds chains steered by a norm-matched random vector;
     ``prompt_template`` names the user-turn preset (``generation.PROMPT_TEMPLATES``). Resumable.
+    A sweep adds conditions: chains already in ``run.steered`` at other coefficients,
+    with the same vectors, layers and settings, are kept (and stay in the table).
     """
     check_prompt_template(prompt_template)
     for c in coefficients or []:
@@ -139,12 +141,16 @@ def steer_chains(
     choices = read_layer_choices(run, behaviours, lm)
     behaviours = list(choices)
     vectors = _behaviour_vectors(load_vectors(run.vectors), choices, lm, seed, random_control)
+    used = {b: {k: _digest(v) for k, v in kinds.items()} for b, kinds in vectors.items()}
+    earlier = _earlier_coefficients(run, chains_resume_key(lm, max_new_tokens, used), choices)
+    plan = {behaviour: sorted({*(coefficients or [choice.coefficient]), *earlier.get(behaviour, ())})
+            for behaviour, choice in choices.items()}
     jobs = []
     for task in tasks.iter_rows(named=True):
         task_id, prompt = task["task_id"], task["prompt"]
         jobs.append(ChainJob(baseline_chain_id(task_id), task_id, "eval", prompt))
         for behaviour, choice in choices.items():
-            for coefficient in coefficients or [choice.coefficient]:
+            for coefficient in plan[behaviour]:
                 for direction in DIRECTIONS:
                     for kind, vector in vectors[behaviour].items():
                         spec = SteeringSpec(
@@ -174,7 +180,6 @@ def steer_chains(
         "seed": seed,
         "prompt_template": prompt_template,
     }
-    used = {b: {k: _digest(v) for k, v in kinds.items()} for b, kinds in vectors.items()}
     return run_chain_jobs(
         lm,
         jobs,
@@ -185,6 +190,23 @@ def steer_chains(
         batch_size=batch_size,
         prompt_template=prompt_template,
     )
+
+
+def _earlier_coefficients(
+    run: RunDir, resume_key: str, choices: dict[str, LayerChoice]
+) -> dict[str, set[float]]:
+    """Per behaviour, the coefficients ``run.steered`` already holds chains for at the
+    behaviour's current layers, if its rows are reusable (same ``resume_key``)."""
+    path = run.steered
+    if not path.exists() or read_metadata(path).get("resume_key") != resume_key:
+        return {}
+    rows = read_parquet(path, columns=["behaviour", "coefficient", "layers", "vector"])
+    earlier: dict[str, set[float]] = {}
+    for row in rows.filter(pl.col("vector") == "behaviour").iter_rows(named=True):
+        choice = choices.get(row["behaviour"])
+        if choice is not None and tuple(row["layers"]) == choice.layers:
+            earlier.setdefault(row["behaviour"], set()).add(float(row["coefficient"]))
+    return earlier
 
 
 def _behaviour_vectors(

@@ -6,7 +6,7 @@ Sonnet (``--model`` picks another).
 One Messages API request per category and batch asks for a JSON list of tasks. Each
 accepted task is kept in ``tasks.generated.jsonl`` in the run directory as soon as its
 reply arrives, so a rerun asks only for what is still missing. Tasks that repeat the
-built-in set or an earlier task (after :func:`nnsteer.tasks.normalise`) are skipped.
+built-in set or an earlier task (after :func:`nnsteer.task_files.normalise`) are skipped.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from nnsteer.errors import BadInput, NnsteerError, scrub
 from nnsteer.store import RunDir, atomic_path
-from nnsteer.tasks import (
+from nnsteer.task_files import (
     CATEGORIES,
     PAPER_EVAL_PER_CATEGORY,
     SPLITS,
@@ -195,7 +195,7 @@ def _parse_reply(reply: Any, category: str) -> tuple[list[tuple[int, dict[str, A
             problems.append(f"item {number} is not a JSON object")
             continue
         try:
-            task = parse_task({"category": category, **item}, f"item {number}")
+            task = parse_task({"category": category, **item}, f"item {number}", CATEGORIES)
         except BadInput as exc:
             problems.append(str(exc))
             continue

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,8 +44,8 @@ import polars as pl
 import torch
 
 from nnsteer.annotate import check_annotated, label_positions, spans_by_chain
-from nnsteer.errors import BadInput
-from nnsteer.labels import LABELS, OVERALL
+from nnsteer.errors import BadInput, say
+from nnsteer.labels import LABELS, OVERALL, STEERED_LABELS
 from nnsteer.models import LoadedModel
 from nnsteer.positions import decode_response, overlapping_tokens, token_offsets
 from nnsteer.residuals import Selection, sum_sample_means
@@ -327,7 +327,16 @@ def extract_vectors(
     vs = VectorSet(difference_of_means(sums.means(), variant), metadata)
     save_vectors(vs, run.vectors)
     partial.unlink(missing_ok=True)
+    if metadata["skipped_labels"]:
+        say(missing_vectors_note(metadata["skipped_labels"], run.annotations.name))
     return vs
+
+
+def missing_vectors_note(skipped: Sequence[str], annotations: str) -> str:
+    """One line: which labels got no vector, and which of them are therefore not steered."""
+    steered = [label for label in skipped if label in STEERED_LABELS]
+    note = f"no vector for {', '.join(skipped)}: no usable span in {annotations}"
+    return note + (f"; {', '.join(steered)} cannot be steered" if steered else "")
 
 
 def sample_counts(selections: list[Selection], spans: pl.DataFrame) -> dict[str, dict[str, int]]:

@@ -292,6 +292,27 @@ def _write_run(root, lm, chains, vector_meta=None, labels=tuple(SENTENCES), mode
     return run
 
 
+def scipy_free_spearman(x, y):
+    """Spearman's rho as the Pearson correlation of average ranks, written plainly."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return num / den if den else float("nan")
+
+
 def test_attribute_stage_writes_table_and_validation(llama, tokenizer, tmp_path):
     chains = [_chain(tokenizer, "a"), _chain(tokenizer, "b")]
     run = _write_run(tmp_path, llama, chains)
@@ -309,6 +330,17 @@ def test_attribute_stage_writes_table_and_validation(llama, tokenizer, tmp_path)
     assert meta["options"]["metric"] == "nll" and meta["model"]["model"] == llama.name
     assert set(meta["validation"]) == set(SENTENCES)
     assert all(-1 <= rho <= 1 for rho in meta["validation"].values())
+    detail = meta["validation_detail"]
+    assert detail["spearman"]["nll"] == meta["validation"]
+    profiles = pl.DataFrame(detail["profiles"])
+    assert set(profiles["metric"]) == {"nll", "released-code", "exact"}
+    for name in ("nll", "released-code"):  # each stored rho is that of the stored profiles
+        for label, rho in detail["spearman"][name].items():
+            def profile(m, label=label):
+                rows = profiles.filter((pl.col("metric") == m) & (pl.col("label") == label))
+                return rows.sort("layer")["effect"].to_list()
+            expected = scipy_free_spearman(profile(name), profile("exact"))
+            assert rho == pytest.approx(expected, nan_ok=True)
     html = attribution_chart(df).to_html()
     assert "backtracking" in html
 

@@ -113,3 +113,33 @@ def test_ctrl_c_while_importing_is_one_line(tmp_path, library):
     os.kill(process.pid, signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert (process.returncode, stdout, stderr) == (130, "", INTERRUPTED + "\n")
+
+
+def test_a_global_option_after_the_command_gets_a_hint():
+    from click.testing import CliRunner
+
+    from nnsteer.cli import cli
+
+    result = CliRunner().invoke(cli, ["generate", "--run-dir", "x"])
+    assert result.exit_code == 2
+    assert "--run-dir is a global option: it goes before the command, as in " \
+           "'nnsteer --run-dir DIR generate ...'" in result.output
+
+
+def test_every_option_has_help_and_models_takes_no_batch_size():
+    import click
+    from click.testing import CliRunner
+
+    from nnsteer.cli import cli
+
+    ctx = click.Context(cli)
+    commands = [cli.get_command(ctx, name) for name in cli.list_commands(ctx)]
+    commands += [c for group in commands if isinstance(group, click.Group)
+                 for c in group.commands.values()]
+    for command in commands:
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help, f"{command.name} {param.opts[0]} has no help text"
+    result = CliRunner().invoke(cli, ["models", "--batch-size", "4"])
+    assert result.exit_code == 2 and "No such option '--batch-size'" in result.output
+    assert "`nnsteer tasks generate`" in CliRunner().invoke(cli, ["tasks", "--help"]).output

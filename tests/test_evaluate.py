@@ -13,7 +13,7 @@ from nnsteer.annotate import annotate_chains
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.evaluate import (
-    bootstrap_interval, evaluate, steering_chart, summarise, summary_text,
+    MIN_TASKS_FOR_INTERVAL, bootstrap_interval, evaluate, steering_chart, summarise, summary_text,
 )
 from nnsteer.store import RunDir, read_metadata, write_parquet
 
@@ -181,7 +181,7 @@ HAND = {
 
 
 def test_summary_numbers_hand_computed():
-    summary = summarise(_evaluation_rows(HAND), n_boot=4000, seed=0)
+    summary = summarise(_evaluation_rows(HAND), n_boot=4000, seed=0, min_tasks=2)
     rows = {(r["direction"], r["vector"]): r for r in summary.iter_rows(named=True)}
     assert list(summary["direction"]) == ["none", "positive", "negative", "positive"]
     base, pos = rows["none", "none"], rows["positive", "behaviour"]
@@ -209,6 +209,21 @@ def test_summary_numbers_hand_computed():
     assert "Negative steering lowered the target behaviour, interval excluding 0, in 0 of 1" in text
 
 
+def test_too_few_tasks_give_means_without_intervals_or_verdicts():
+    summary = summarise(_evaluation_rows(HAND), n_boot=200)  # 3 tasks < MIN_TASKS_FOR_INTERVAL
+    assert MIN_TASKS_FOR_INTERVAL == 8
+    pos = summary.filter((pl.col("direction") == "positive") & (pl.col("vector") == "behaviour"))
+    pos = pos.row(0, named=True)
+    assert pos["diff"] == pytest.approx(0.2) and pos["diff_low"] is None and pos["ci_low"] is None
+    text = summary_text(summary)
+    assert "positive ×1: 40.0%; +20.0 pp vs baseline over 3 tasks: too few tasks for an interval" in text
+    assert "interval excludes 0" not in text and "raised the target" not in text
+    assert "Intervals and verdicts need at least 8 tasks" in text
+    eight = {**{(f"t{i}", "base"): 0.2 for i in range(8)},
+             **{(f"t{i}", "pos"): 0.3 + 0.01 * i for i in range(8)}}
+    assert "raised (interval excludes 0)" in summary_text(summarise(_evaluation_rows(eight)))
+
+
 def test_summary_flags_a_random_control_that_moves_and_averages_chains_of_a_task():
     shares = dict(HAND)
     shares["t0", "rnd"], shares["t1", "rnd"], shares["t2", "rnd"] = 0.5, 0.6, 0.7
@@ -216,17 +231,18 @@ def test_summary_flags_a_random_control_that_moves_and_averages_chains_of_a_task
     # A second baseline chain of t0 (share 0.3): t0's baseline becomes (0.1 + 0.3) / 2.
     evaluation = pl.concat([evaluation, evaluation.filter(pl.col("chain_id") == "t0-base")
                             .with_columns(chain_id=pl.lit("t0-base-2"), fraction=pl.lit(0.3))])
-    summary = summarise(evaluation, n_boot=500)
+    summary = summarise(evaluation, n_boot=500, min_tasks=2)
     base = summary.filter(pl.col("direction") == "none").row(0, named=True)
     assert base["mean"] == pytest.approx((0.2 + 0.2 + 0.3) / 3)
     assert "the random control raised it too" in summary_text(summary)
 
 
 def test_chart_fields_and_unit():
-    summary = summarise(_evaluation_rows(HAND), n_boot=200)
+    summary = summarise(_evaluation_rows(HAND), n_boot=200, min_tasks=2)
     spec = steering_chart(summary).to_dict()
-    bars, intervals = spec["layer"]
+    bars, ticks, intervals = spec["layer"]
     assert bars["mark"]["type"] == "bar" and intervals["mark"]["type"] == "errorbar"
+    assert ticks["mark"]["type"] == "tick" and ticks["encoding"]["y"]["field"] == "share"
     enc = bars["encoding"]
     assert enc["x"]["field"] == "behaviour" and enc["xOffset"]["field"] == "condition"
     assert enc["color"]["field"] == "condition" and enc["y"]["field"] == "share"

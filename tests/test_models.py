@@ -77,6 +77,53 @@ def test_bad_model_names(name, message):
         resolve_source(name)
 
 
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """A hub endpoint nothing listens on, and an empty Hugging Face cache."""
+    import huggingface_hub.constants
+
+    from nnsteer.models import hub_reachable
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_reachable.cache_clear()
+    yield tmp_path / "hub"
+    hub_reachable.cache_clear()
+
+
+def test_an_unreachable_hub_fails_fast_in_one_line(unreachable_hub, monkeypatch):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(BadInput) as info:
+        resolve_source("nnsteer-test/not-a-model")
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    assert "\n" not in message and "http://127.0.0.1:9" in message
+    assert "not in the local cache" in message
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BadInput, match="HF_HUB_OFFLINE is set"):
+        resolve_source("nnsteer-test/not-a-model")
+
+
+def test_a_cached_model_loads_from_the_cache_when_the_hub_is_unreachable(unreachable_hub):
+    snapshot = unreachable_hub / "models--nnsteer-test--cached" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (unreachable_hub / "models--nnsteer-test--cached" / "refs").mkdir()
+    (unreachable_hub / "models--nnsteer-test--cached" / "refs" / "main").write_text("abc")
+    source = resolve_source("nnsteer-test/cached")
+    assert source.local_only and source.load_kwargs["local_files_only"] is True
+
+
+def test_cli_with_an_unreachable_hub_exits_2_in_one_line(tmp_path):
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path)}
+    result = _cli("models", "--model", "nnsteer-test/not-a-model", env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "did not answer within 3 s" in result.stderr
+
+
 def test_corrupt_gguf(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(64))

@@ -39,41 +39,66 @@ def _annotations() -> pl.DataFrame:
     )
 
 
-def _evaluation() -> pl.DataFrame:
-    """Two eval tasks; for each behaviour a baseline, a positive and a negative chain."""
+N_TASKS = 8  # the fewest tasks evaluate draws intervals for
+
+
+def _evaluation(coefficients=(1.0,)) -> pl.DataFrame:
+    """Eight eval tasks; per behaviour and coefficient, a positive and a negative chain with
+    the behaviour vector and with the random one, and one baseline per task. Positive
+    steering adds 0.1 × coefficient to the target's share, with task-to-task noise; the
+    random vector does nothing; example-testing stays at 0% when steered negatively."""
     rows = []
-    for task in ("t0", "t1"):
-        for behaviour, direction, share in [(None, "none", 0.2)] + [
-            (b, d, s) for b in STEERED_LABELS for d, s in (("positive", 0.5), ("negative", 0.1))
-        ]:
-            chain = f"{task}|{behaviour or 'baseline'}|{direction}"
+    for t in range(N_TASKS):
+        task, base = f"t{t}", 0.2 + 0.01 * t
+        conditions = [(None, "none", "none", 0.0, base)]
+        for b in STEERED_LABELS:
+            for c in coefficients:
+                conditions += [(b, "positive", "behaviour", c, base + 0.1 * c + 0.02 * (t % 3)),
+                               (b, "negative", "behaviour", c,
+                                0.0 if b == "example-testing" else base / (1 + c)),
+                               (b, "positive", "random", c, base), (b, "negative", "random", c, base)]
+        for behaviour, direction, vector, coefficient, share in conditions:
+            chain = f"{task}|{behaviour or 'baseline'}|{direction}|{coefficient:g}|{vector}"
             for label in STEERED_LABELS:
                 target = behaviour in (None, label)
                 rows.append({"chain_id": chain, "task_id": task, "behaviour": behaviour,
                              "direction": direction, "label": label, "tokens": 10 if target else 0,
-                             "fraction": share if target else 0.0,
-                             "coefficient": 0.0 if direction == "none" else 1.0,
-                             "vector": "none" if direction == "none" else "behaviour",
-                             "denominator": "labelled"})
+                             "fraction": share if target else 0.0, "coefficient": coefficient,
+                             "vector": vector, "denominator": "labelled"})
     return pl.DataFrame(rows)
 
 
-def write_synthetic_run(root: Path) -> RunDir:
+def _validation(labels) -> dict:
+    """``attribute --validate`` metadata: exact rises with the layer, nll too, released-code falls."""
+    shapes = {"exact": lambda l: l + 1.0, "nll": lambda l: 2.0 * l + 1, "released-code": lambda l: 10.0 - l}
+    profiles = [{"label": label, "layer": layer, "metric": m, "effect": f(layer), "n_spans": 2}
+                for label in labels for m, f in shapes.items() for layer in range(N_LAYERS)]
+    spearman = {"nll": {label: 1.0 for label in labels}, "released-code": {label: -1.0 for label in labels}}
+    return {"spearman": spearman, "profiles": profiles}
+
+
+def write_synthetic_run(root: Path, coefficients=(1.0,)) -> RunDir:
     """A run directory with every file the report reads, in the contract formats."""
     run = RunDir(root)
     write_parquet(_annotations(), run.annotations, provenance("annotate", {"annotator": "rules"}, MODEL))
     attribution = pl.DataFrame(
-        [{"label": label, "layer": layer, "effect": float(layer + i), "std": 0.1, "n_spans": 3,
-          "metric": "nll"} for i, label in enumerate(STEERED_LABELS) for layer in range(N_LAYERS)]
+        [{"label": label, "layer": layer, "effect": float(layer + i) if layer != 4 else 9.0,
+          "std": 0.1 * layer, "n_spans": 3 + i, "metric": "nll"}
+         for i, label in enumerate(STEERED_LABELS) for layer in range(N_LAYERS)]
     )
-    write_parquet(attribution, run.attribution, provenance("attribute", {"metric": "nll"}, MODEL))
+    meta = provenance("attribute", {"metric": "nll", "validate": 2}, MODEL)
+    meta["validation"] = _validation(STEERED_LABELS[:2])["spearman"]["nll"]
+    meta["validation_detail"] = _validation(STEERED_LABELS[:2])
+    write_parquet(attribution, run.attribution, meta)
     torch.manual_seed(0)
     vectors = {label: torch.randn(N_LAYERS, D_MODEL) for label in (*LABELS, OVERALL)}
-    meta = provenance("extract", {"variant": "paper"}, MODEL)
+    meta = provenance("extract", {"variant": "paper"}, MODEL) | {"skipped_labels": ["initializing"]}
     save_file(vectors, str(run.vectors), metadata={"nnsteer": json.dumps(meta)})
-    write_json(run.layers, {label: {"vector_layer": 3, "layers": [3], "coefficient": 1.0}
+    select = provenance("select", {"skip_fraction": 0.34, "top_k": 1, "coefficient": 1.0})
+    write_json(run.layers, {label: {"vector_layer": 4, "layers": [4], "coefficient": 1.0,
+                                    "chosen_by": "attribution", "provenance": select}
                             for label in STEERED_LABELS})
-    write_parquet(_evaluation(), run.evaluation,
+    write_parquet(_evaluation(coefficients), run.evaluation,
                   provenance("evaluate", {"denominator": "labelled", "n_boot": 200, "seed": 0}, MODEL))
     return run
 
@@ -98,6 +123,60 @@ def test_every_section_and_chart_file(full_report):
     assert "abc123" in page and "tiny-test" in page  # provenance: model and revision
 
 
+def test_first_lines_say_which_behaviour_got_no_vector_and_the_verdicts(full_report):
+    page = full_report.report.read_text()
+    glance = page.split("<h2>At a glance</h2>", 1)[1].split("</section>", 1)[0]
+    assert "No vector for initializing: no usable span in annotations.parquet" in glance
+    assert "Positive steering raised the target behaviour, interval excluding 0, in 4 of 4" in glance
+    assert page.index("At a glance") < page.index("<h2>Provenance</h2>")
+
+
+def test_figure3_marks_skipped_chosen_and_runner_up_layers(full_report):
+    from nnsteer.report import figure3_chart, layer_marks
+    from nnsteer.store import read_parquet
+
+    df = read_parquet(full_report.attribution)
+    marks = layer_marks(full_report, df)
+    # skip_fraction 0.34 of 6 layers: layers 0-2 skipped; layer 4 (effect 9) wins, 5 is second
+    assert marks.first_allowed == 3 and marks.chosen["backtracking"] == [4]
+    assert marks.runner_up == {"backtracking": 5, "uncertainty-estimation": 5,
+                               "adding-knowledge": 5, "example-testing": 5}
+    spec = figure3_chart(df, marks).to_dict()
+    panels = spec["concat"]
+    assert [p["title"] for p in panels] == [f"{label} ({3 + i} spans)"
+                                            for i, label in enumerate(STEERED_LABELS)]
+    domains = {json.dumps(layer["encoding"]["y"]["scale"]["domain"])
+               for p in panels for layer in p["layer"] if "y" in layer["encoding"]
+               and "scale" in layer["encoding"]["y"]}
+    assert len(domains) == 1  # one y scale for every panel
+    page = full_report.report.read_text()
+    assert "±1 standard deviation over those spans, clipped at 0" in page
+    assert "layers 0–2, which select skipped" in page
+
+
+def test_validation_table_and_steering_tables(full_report):
+    page = full_report.report.read_text()
+    section = page.split(f"<h2>{CHARTS['validation']}</h2>", 1)[1].split("</section>", 1)[0]
+    assert "<td>backtracking</td><td>released-code</td><td>-1</td>" in section
+    steering = page.split(f"<h2>{CHARTS['steering']}</h2>", 1)[1].split("</section>", 1)[0]
+    # coefficient, layers and the number of tasks of each condition are shown
+    assert "<td>backtracking</td><td>positive</td><td>1</td><td>4</td><td>8</td>" in steering
+    assert "<td>coefficients steered</td>" not in page and "<th>coefficients steered</th>" in page
+
+
+def test_a_sweep_gives_a_dose_response_chart(tmp_path):
+    from nnsteer.report import chart_spec
+
+    run = write_synthetic_run(tmp_path, coefficients=(0.5, 1.0, 2.0))
+    spec = chart_spec(run, "steering")
+    assert spec["spec"]["layer"][1]["encoding"]["x"]["field"] == "signed coefficient"
+    values = next(iter(spec["datasets"].values()))
+    signed = sorted({v["signed coefficient"] for v in values if v["behaviour"] == "backtracking"})
+    assert signed == [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]
+    page = write_report(run).read_text()
+    assert "<td>backtracking</td><td>4</td><td>[4]</td><td>1</td><td>attribution</td><td>0.5, 1, 2</td>" in page
+
+
 def test_label_counts_match_hand_counts(full_report):
     page = full_report.report.read_text()
     assert "2 chains annotated by <code>rules</code>" in page
@@ -119,7 +198,8 @@ def test_missing_stages_say_not_run_yet(tmp_path):
     run = RunDir(tmp_path)
     write_parquet(_annotations(), run.annotations, provenance("annotate", {}, MODEL))
     page = write_report(run).read_text()
-    assert page.count('class="missing">Not run yet') == 4  # attribution, similarity, layers, steering
+    # attribution, validation, similarity, layers, steering, forest
+    assert page.count('class="missing">Not run yet') == 6
     assert "<td>backtracking</td>" in page
     assert not run.charts.exists()
 
@@ -152,15 +232,26 @@ def _headless(chromium: str, profile: Path, *args: str) -> subprocess.CompletedP
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-def test_renders_in_headless_chromium(full_report, tmp_path):
+@pytest.fixture(scope="module")
+def sweep_report(tmp_path_factory) -> RunDir:
+    run = write_synthetic_run(tmp_path_factory.mktemp("sweep"), coefficients=(0.5, 1.0, 2.0))
+    write_report(run)
+    return run
+
+
+@pytest.mark.parametrize("which", ["full_report", "sweep_report"])
+def test_renders_in_headless_chromium(which, request, tmp_path):
+    """Every chart draws its marks (the sweep's steering chart is the dose-response);
+    a screenshot of each page goes to tests/artifacts/ to be looked at."""
     chromium = _chromium()
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    url = full_report.report.resolve().as_uri()
+    report = request.getfixturevalue(which)
+    url = report.report.resolve().as_uri()
     dom = _headless(chromium, tmp_path / "profile", "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = dom.stdout
-    assert 'data-charts-rendered="3"' in page, dom.stderr[-2000:]
+    assert f'data-charts-rendered="{len(CHARTS)}"' in page, dom.stderr[-2000:]
     assert 'class="js-error"' not in page
     assert not re.search(r"CONSOLE.*(Uncaught|Error)|Uncaught", dom.stderr), dom.stderr[-2000:]
     for name in CHARTS:
@@ -169,10 +260,10 @@ def test_renders_in_headless_chromium(full_report, tmp_path):
         assert len(re.findall(r'role="graphics-symbol"', chart)) >= 4, name  # drawn marks
 
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "report.png"
+    shot = ARTIFACTS / f"report-{which.split('_')[0]}.png"
     shot.unlink(missing_ok=True)
     result = _headless(chromium, tmp_path / "profile", f"--screenshot={shot}",
-                       "--window-size=1200,4000", url)
+                       "--window-size=1200,7000", url)
     assert result.returncode == 0 and shot.read_bytes()[:4] == b"\x89PNG", result.stderr[-2000:]
 
 

@@ -124,6 +124,19 @@ def test_coefficient_sweep(run, tiny_llama):
     )
 
 
+def test_a_sweep_after_a_default_steer_keeps_the_first_coefficient(run, tiny_llama, capfd):
+    options = dict(behaviours=["backtracking"], random_control=False, limit=1, max_new_tokens=NEW)
+    first = steer_chains(run, tiny_llama, **options)
+    capfd.readouterr()
+    swept = steer_chains(run, tiny_llama, coefficients=[0.5, 2.0], **options)
+    assert "dropping" not in capfd.readouterr().err
+    assert swept["coefficient"].to_list() == [0.0, 0.5, 0.5, 1.5, 1.5, 2.0, 2.0]
+    kept = swept.filter(pl.col("coefficient") == 1.5)
+    assert kept["output_ids"].to_list() == first.filter(pl.col("coefficient") == 1.5)["output_ids"].to_list()
+    again = steer_chains(run, tiny_llama, **options)  # the default again drops no sweep chain
+    assert again["coefficient"].to_list() == swept["coefficient"].to_list()
+
+
 def test_resume_keeps_chains_until_the_vectors_change(run, tiny_llama):
     options = dict(behaviours=["backtracking"], random_control=False, limit=1, max_new_tokens=NEW)
     first = steer_chains(run, tiny_llama, **options)

@@ -200,10 +200,13 @@ def test_remote_local_equals_local(tmp_path, tokenizer, tiny_llama, llama_chains
         torch.testing.assert_close(remote.vectors[label], vector, atol=0, rtol=0)
 
 
-def test_metadata_counts_and_skipped_labels(tmp_path, tokenizer, tiny_llama):
+def test_metadata_counts_and_skipped_labels(tmp_path, tokenizer, tiny_llama, capfd):
     chains = make_chains(tokenizer, thinking=False)[3:5]  # deduction, adding-knowledge, backtracking
     run = write_run(tmp_path, tiny_llama.name, chains)
     vs = extract_vectors(run, tiny_llama, variant="paper")
+    assert ("no vector for initializing, example-testing, uncertainty-estimation: no usable span "
+            "in annotations.parquet; example-testing, uncertainty-estimation cannot be steered"
+            ) in capfd.readouterr().err  # said by the stage itself, so `nnsteer run` says it too
     meta = read_metadata(run.vectors)
     assert meta == vs.metadata
     assert meta["stage"] == "extract" and meta["options"] == {"variant": "paper"}

@@ -20,6 +20,8 @@ import click
 from nnsteer.errors import NnsteerError, scrub
 
 INTERRUPTED = "nnsteer: interrupted; finished work is saved, rerun to continue"
+#: Options of ``nnsteer`` itself, given before the command name.
+_GLOBAL_OPTIONS = ("--run-dir",)
 #: Click's "no arguments: show the help" (click >= 8.2), shown as click shows it.
 _HELP_ERRORS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -34,6 +36,9 @@ def _usage_line(exc: click.UsageError, where: Callable[[], str]) -> str:
     ``where()`` is that command's path when click did not say."""
     message = " ".join(exc.format_message().split())
     path = exc.ctx.command_path if exc.ctx is not None else where()
+    if isinstance(exc, click.NoSuchOption) and exc.option_name in _GLOBAL_OPTIONS:
+        message += (f" {exc.option_name} is a global option: it goes before the command, "
+                    f"as in 'nnsteer {exc.option_name} DIR {path.split()[-1]} ...'.")
     return f"nnsteer: error: {message} Try '{path} --help' for help."
 
 

@@ -14,8 +14,8 @@ from nnsteer.pipeline import create_run_dir
 from nnsteer.store import RunDir, run_lock
 
 
-def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``--model --remote --device --dtype --batch-size``, as every model stage takes."""
+def model_choice_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--model --remote --device --dtype``: which model, and where it runs."""
     options = [
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      callback=lambda ctx, param, value: model_name(value),
@@ -25,7 +25,6 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="cpu, cuda, cuda:1, or auto (all GPUs). Default: cuda if present."),
         click.option("--dtype", default="auto", show_default=True,
                      help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("--hot-swap", is_flag=True, expose_value=False, callback=_keep_ndif_option,
                      help="With --remote: skip the check that NDIF runs the model now (for "
                           "keys that may load models on demand)."),
@@ -43,6 +42,14 @@ def _keep_ndif_option(ctx: click.Context, param: click.Parameter, value: Any) ->
     """Keep ``--hot-swap`` / ``--ndif-deadline`` for :func:`open_model` (not a command argument)."""
     ctx.meta[f"nnsteer.{param.name}"] = value
     return value
+
+
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--model --remote --device --dtype --batch-size``, as every model stage takes."""
+    func = click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                        help="Chains (spans for attribute) per forward pass or NDIF request; "
+                             "lower it if memory runs out.")(func)
+    return model_choice_options(func)
 
 
 def generation_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -30,6 +30,4 @@ def command(ctx: click.Context, model: str, remote: bool, device: str | None, dt
     for label in [*vs.labels, OVERALL]:
         c = counts[label]
         click.echo(f"{label:<24} {c['chains']:>7} {c['spans']:>7} {c['positions']:>10}")
-    for label in vs.metadata["skipped_labels"]:
-        click.echo(f"skipped {label}: no usable span (no vector written)", err=True)
     click.echo(f"wrote {run.vectors} ({vs.n_layers} layers x {vs.d_model}, variant {variant})")

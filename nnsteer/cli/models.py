@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from nnsteer.cli.common import model_options
+from nnsteer.cli.common import model_choice_options
 
 
 @click.command(name="models")
-@model_options
-def command(model: str, remote: bool, device: str | None, dtype: str, batch_size: int) -> None:
+@model_choice_options
+def command(model: str, remote: bool, device: str | None, dtype: str) -> None:
     """What a model is: architecture, layers, width, dtype, and where it runs."""
     from nnsteer.models import describe_model
 

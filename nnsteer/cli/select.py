@@ -29,7 +29,9 @@ def _parse_layers(values: tuple[str, ...]) -> dict[str, list[int]]:
               help="Steer at the k best layers (the best one is the vector layer).")
 @click.option("--layers", "by_hand", multiple=True, metavar="LABEL=L[,L...]",
               help="Layers given by hand for a label (repeatable).")
-@click.option("--coefficient", type=float, default=1.0, show_default=True)
+@click.option("--coefficient", type=float, default=1.0, show_default=True,
+              help="Steering strength written to layers.json: steer adds ± coefficient × the "
+                   "vector, split evenly over the layers (steer --coefficients sweeps others).")
 @click.option("--label", "labels", multiple=True,
               help="Label to choose layers for (repeatable). Default: the steered labels.")
 @click.pass_context

@@ -9,15 +9,16 @@ import polars as pl
 
 from nnsteer.cli.common import run_dir
 from nnsteer.errors import BadInput
+from nnsteer.task_files import PAPER_EVAL_PER_CATEGORY, PAPER_PER_CATEGORY
 from nnsteer.task_generation import DEFAULT_CLAUDE
-from nnsteer.tasks import PAPER_EVAL_PER_CATEGORY, PAPER_PER_CATEGORY
 
 _PER_CATEGORY = click.IntRange(min=0)
 
 
 @click.group(name="tasks", invoke_without_command=True)
 @click.option("--from", "from_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A JSONL or CSV file with prompt and category (optional task_id, split, answer).")
+              help="A JSONL or CSV file with prompt and category (optional task_id, split, "
+                   "answer). Any category names; the built-in set uses the paper's 10.")
 @click.option("--per-category", type=_PER_CATEGORY, default=None,
               help="Keep only the first N train tasks of each category.")
 @click.option("--eval-per-category", type=_PER_CATEGORY, default=None,
@@ -25,7 +26,10 @@ _PER_CATEGORY = click.IntRange(min=0)
 @click.pass_context
 def command(ctx: click.Context, from_file: Path | None, per_category: int | None,
             eval_per_category: int | None) -> None:
-    """Write tasks.parquet: the built-in set (330 tasks) or --from FILE; `generate` asks Claude."""
+    """Write tasks.parquet: the built-in set (330 tasks) or --from FILE.
+
+    New tasks written by Claude: `nnsteer tasks generate` (see its --help).
+    """
     if ctx.invoked_subcommand is not None:
         if from_file is not None or per_category is not None or eval_per_category is not None:
             raise BadInput("--from, --per-category and --eval-per-category before a subcommand: "
