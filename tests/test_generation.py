@@ -401,7 +401,7 @@ def test_rerun_says_what_it_drops_and_when_it_is_up_to_date(tiny_llama, tmp_path
     assert generate_chains(run, tiny_llama, limit=1, max_new_tokens=3)["chain_id"].to_list() == ["t0"]
     assert capsys.readouterr().err.splitlines() == [
         f"nnsteer: dropping 2 chains of {run.chains} that are not in this run "
-        "(--limit or tasks changed)",
+        "(other tasks, --limit, behaviours or layers)",
         f"nnsteer: {run.chains} is up to date (1 chains)",
     ]
     assert read_metadata(run.chains)["complete"] is True
