@@ -384,13 +384,13 @@ def test_sigkill_while_outputs_are_set_aside_loses_nothing(tmp_path):
     run = tmp_path / "run"
     old, new = tmp_path / "old.toml", tmp_path / "new.toml"
     old.write_text("[tasks]\nper_category = 1\n")
-    assert invoke("--run-dir", str(run), "run", "--config", str(old))[0] == 0
+    assert invoke("--run-dir", str(run), "run", "--config", str(old), "--only", "tasks")[0] == 0
     before = snapshot(run)
     server = FakeLLM("hang", hang_s=30)
     new.write_text(f'[tasks]\nsource = "claude"\nbase_url = "{server.url}"\n'
                    "per_category = 1\neval_per_category = 0\n")
     process = subprocess.Popen([sys.executable, "-m", "nnsteer", "--run-dir", str(run), "run",
-                                "--config", str(new)], stderr=subprocess.DEVNULL,
+                                "--config", str(new), "--only", "tasks"], stderr=subprocess.DEVNULL,
                                env={**os.environ, "ANTHROPIC_API_KEY": KEY})
     try:
         deadline = time.monotonic() + 60
@@ -402,7 +402,7 @@ def test_sigkill_while_outputs_are_set_aside_loses_nothing(tmp_path):
     finally:
         server.close()
     assert not (run / "tasks.parquet").exists()  # set aside when it was killed
-    code, stderr = invoke("--run-dir", str(run), "run", "--config", str(old))
+    code, stderr = invoke("--run-dir", str(run), "run", "--config", str(old), "--only", "tasks")
     assert code == 0 and "skipped (up to date)" in stderr, stderr
     after = snapshot(run)
     assert after["tasks.parquet"] == before["tasks.parquet"]
