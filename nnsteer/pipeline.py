@@ -213,7 +213,7 @@ CHOICES: dict[tuple[str, str], str | tuple[str, ...]] = {
     ("select", "layers"): "nnsteer.labels.LABELS",
     ("steer", "behaviours"): "nnsteer.labels.LABELS",
     ("evaluate", "denominator"): "nnsteer.evaluate.DENOMINATORS",
-    ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("model", "dtype"): ("auto", "float32", "bfloat16", "float16", "float64"),
 }
 
 

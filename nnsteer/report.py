@@ -253,13 +253,13 @@ def attribution_section(run: RunDir) -> Section:
     marks = layer_marks(run, df)
     skipped = marks.first_allowed
     aggregate = read_metadata(run.attribution).get("options", {}).get("aggregate", "spans")
-    over = ("the label's spans" if aggregate == "spans"
-            else "the chains of each chain's mean over its spans")
+    over, unit = (("the label's spans", "spans") if aggregate == "spans"
+                  else ("the chains of each chain's mean over its spans", "chains"))
     body = (f"<p>Metric: <code>{html.escape(metric)}</code>; averaged over "
             f"<code>{html.escape(str(aggregate))}</code> (<code>attribute --aggregate</code>). "
             f"Line: mean |ΔL| over {over} at each layer; band: ±1 standard deviation over "
-            "the same, clipped at 0 "
-            "(|ΔL| cannot be negative): the spread of single spans or chains, not an interval of the mean. "
+            f"those {unit}, clipped at 0 "
+            f"(|ΔL| cannot be negative): the spread of single {unit}, not an interval of the mean. "
             "Every panel has the same y scale, so the labels' effects compare directly; "
             "each panel's title gives its number of spans.")
     if marks.chosen:
