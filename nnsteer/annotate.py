@@ -1,7 +1,7 @@
 """Annotation: behaviour spans of reasoning chains, aligned to the exact text of each chain.
 
-An annotator (the offline ``rules`` one, or an LLM in the paper's format, parsed by
-:mod:`nnsteer.spans`) names parts of a chain's reasoning; this module runs it over a run's
+An annotator (the offline ``learned`` or ``rules`` one, or an LLM in the paper's format,
+parsed by :mod:`nnsteer.spans`) names parts of a chain's reasoning; this module runs it over a run's
 chains and stores the spans.
 
 Offsets in ``annotations.parquet`` are character offsets into ``response``; token
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,19 +77,40 @@ def token_label_counts(spans: Iterable[Span], offsets: Sequence[tuple[int, int]]
 
 # ------------------------------------------------------------------------- the stage
 
+#: The annotators that run offline, and the one ``auto`` picks without an API key.
+OFFLINE = ("learned", "rules")
+OFFLINE_DEFAULT = "rules"
+
+
 def resolve_annotator(annotator: str) -> str:
-    """``auto`` → ``openai:gpt-4o`` if ``OPENAI_API_KEY`` is set, else ``rules`` (with a notice)."""
+    """``auto`` → ``openai:gpt-4o`` if ``OPENAI_API_KEY`` is set, else the offline default
+    (with a notice)."""
     from nnsteer.llm_annotator import API_KEY_ENV, DEFAULT_MODEL
 
     if annotator == "auto":
         if os.environ.get(API_KEY_ENV):
             return f"openai:{DEFAULT_MODEL}"
-        click.echo(f"nnsteer: {API_KEY_ENV} is not set: annotating with the offline `rules` "
-                   "annotator", err=True)
-        return "rules"
-    if annotator == "rules" or (annotator.startswith("openai:") and annotator != "openai:"):
+        click.echo(f"nnsteer: {API_KEY_ENV} is not set: annotating with the offline "
+                   f"`{OFFLINE_DEFAULT}` annotator", err=True)
+        return OFFLINE_DEFAULT
+    if annotator in OFFLINE or (annotator.startswith("openai:") and annotator != "openai:"):
         return annotator
-    raise BadInput(f"--annotator {annotator!r}: expected auto, rules or openai:<model>")
+    raise BadInput(f"--annotator {annotator!r}: expected auto, learned, rules or openai:<model>")
+
+
+def offline_annotator(annotator: str) -> Callable[[str], list[Span]]:
+    """The function that annotates one text for ``rules``, ``learned`` or ``auto`` (the
+    offline default)."""
+    name = OFFLINE_DEFAULT if annotator == "auto" else annotator
+    if name == "rules":
+        from nnsteer.rules import rules_annotate
+
+        return rules_annotate
+    if name == "learned":
+        from nnsteer.learned_annotator import shipped_annotator
+
+        return shipped_annotator().annotate
+    raise BadInput(f"--annotator {annotator!r}: expected an offline annotator ({', '.join(OFFLINE)})")
 
 
 def _check_chains(chains: pl.DataFrame) -> None:
@@ -120,11 +141,10 @@ def annotate_frame(
     _check_chains(chains)
     rows = chains.select("chain_id", "response", "thinking_start", "thinking_end").rows()
     texts = [response[start:end] for _, response, start, end in rows]
-    if annotator == "rules":
-        from nnsteer.rules import rules_annotate
-
-        results: list = [rules_annotate(t) for t in tqdm(
-            texts, desc="annotate (rules)", unit="chain", disable=not progress)]
+    if annotator in OFFLINE:
+        annotate = offline_annotator(annotator)
+        results: list = [annotate(t) for t in tqdm(
+            texts, desc=f"annotate ({annotator})", unit="chain", disable=not progress)]
     else:
         from nnsteer.llm_annotator import annotate_texts
 
@@ -170,7 +190,11 @@ def annotate_chains(
     _check_chains(chains)
     digests = response_digests(chains)
     options = {"annotator": annotator, "source": source}
-    if annotator != "rules":
+    if annotator == "learned":
+        from nnsteer.learned_annotator import weights_digest
+
+        options["weights"] = weights_digest()
+    elif annotator not in OFFLINE:
         from nnsteer.llm_annotator import PROMPT_VERSION, prompt_digest
 
         options["prompt_version"] = PROMPT_VERSION
@@ -179,7 +203,7 @@ def annotate_chains(
                         "prompt_sha256": prompt_digest(prompt)}
     done = _reusable(out_path, options, digests)
     todo = chains.filter(~pl.col("chain_id").is_in(done["chain_id"].unique().to_list()))
-    if cache_dir is None and annotator != "rules":
+    if cache_dir is None and annotator not in OFFLINE:
         from nnsteer.models import cache_dir as user_cache
 
         cache_dir = user_cache() / "annotations"
@@ -205,11 +229,11 @@ def annotate_chains(
 
 def read_annotator_prompt(path: str | Path | None, annotator: str) -> str | None:
     """The text of the prompt file ``path`` (None: nnsteer's prompt); :class:`BadInput`
-    naming ``--annotator-prompt`` if it is missing or empty, or the annotator is ``rules``."""
+    naming ``--annotator-prompt`` if it is missing or empty, or the annotator is offline."""
     if path is None:
         return None
-    if annotator == "rules":
-        raise BadInput(f"--annotator-prompt {path}: the rules annotator takes no prompt")
+    if annotator in OFFLINE:
+        raise BadInput(f"--annotator-prompt {path}: the {annotator} annotator takes no prompt")
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:

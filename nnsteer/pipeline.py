@@ -218,13 +218,13 @@ CHOICES: dict[tuple[str, str], str | tuple[str, ...]] = {
 
 
 def _is_annotator(value: Any) -> bool:
-    return value in ("auto", "rules") or (value.startswith("openai:") and value != "openai:")
+    return value in ("auto", "rules", "learned") or (value.startswith("openai:") and value != "openai:")
 
 
 #: Options whose values follow a pattern rather than a list: its test and its description.
 PATTERNS: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
-    ("annotate", "annotator"): (_is_annotator, "auto, rules or openai:<model>"),
-    ("evaluate", "annotator"): (_is_annotator, "auto, rules or openai:<model>"),
+    ("annotate", "annotator"): (_is_annotator, "auto, rules, learned or openai:<model>"),
+    ("evaluate", "annotator"): (_is_annotator, "auto, rules, learned or openai:<model>"),
 }
 
 

@@ -242,6 +242,11 @@ def label_counts_section(run: RunDir) -> Section:
                  "labels sentences from their wording; on R1-distill chains it agrees with a "
                  "GPT-4-class annotator at a word-level macro-F1 of about 0.55–0.6 (README, "
                  "Measured figures). Use an LLM annotator for results.</p>")
+    if "learned" in annotators:
+        from nnsteer.learned_annotator import measured_agreement
+
+        note += (f"<p><strong>Approximate labels:</strong> {html.escape(measured_agreement())} "
+                 "Use an LLM annotator for results.</p>")
     return Section("Behaviour labels", note + _table(counts))
 
 

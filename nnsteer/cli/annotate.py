@@ -14,8 +14,8 @@ from nnsteer.models import DEFAULT_MODEL
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Model whose run directory to use (when --run-dir is not given).")
 @click.option("--annotator", default="auto", show_default=True,
-              help="rules, openai:<model>, or auto (openai:gpt-4o if OPENAI_API_KEY is set, "
-                   "else rules).")
+              help="learned, rules, openai:<model>, or auto (openai:gpt-4o if OPENAI_API_KEY "
+                   "is set, else rules).")
 @click.option("--base-url", default=None, help="Any OpenAI-compatible server (vLLM, Ollama).")
 @click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True,
               help="Concurrent LLM requests.")
@@ -28,8 +28,9 @@ from nnsteer.models import DEFAULT_MODEL
               show_default=True, help="Annotate chains.parquet or steered.parquet.")
 @click.option("--agreement", "agreement_files", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Instead: print the rules annotator's agreement with the LLM annotations "
-                   "of FILE (annotated-chains JSON). Repeatable.")
+              help="Instead: print the offline annotator's (--annotator learned or rules; auto: "
+                   "rules) agreement with the LLM annotations of FILE (annotated-chains JSON). "
+                   "Repeatable.")
 @click.pass_context
 def command(ctx: click.Context, model: str, annotator: str, base_url: str | None, workers: int,
             timeout: float, retries: int, annotator_prompt: str | None, source: str,
@@ -37,10 +38,12 @@ def command(ctx: click.Context, model: str, annotator: str, base_url: str | None
     """Annotate chains into behaviour spans (annotations.parquet)."""
     if agreement_files:
         from nnsteer.agreement import file_agreement
-        from nnsteer.rules import rules_annotate
+        from nnsteer.annotate import OFFLINE_DEFAULT, offline_annotator
 
+        annotate = offline_annotator(annotator)
+        name = OFFLINE_DEFAULT if annotator == "auto" else annotator
         for path in agreement_files:
-            click.echo(file_agreement(path, rules_annotate).format(f"rules vs {path.name}"))
+            click.echo(file_agreement(path, annotate).format(f"{name} vs {path.name}"))
             click.echo()
         return
     from nnsteer.annotate import annotate_chains
