@@ -215,16 +215,26 @@ def annotate_chains(
     metadata = provenance("annotate", options, model)
     metadata["responses"] = digests
     write_parquet(annotations, out_path, metadata)
-    failed = annotations.filter(pl.col("status") == FAILED)["chain_id"].unique().sort().to_list()
+    failed = failed_chains(annotations)
     if failed:
-        click.echo(f"nnsteer: {len(failed)} chain(s) could not be annotated "
-                   f"({', '.join(failed[:10])}{', ...' if len(failed) > 10 else ''}): "
-                   "rerun to try them again", err=True)
+        click.echo(f"nnsteer: {failed_note(out_path, failed)}", err=True)
     if tokenizer is None and len(chains):
         from nnsteer.models import load_tokenizer
 
         tokenizer = load_tokenizer(chains["model"][0])
     return summarize(chains, annotations, tokenizer)
+
+
+def failed_chains(annotations: pl.DataFrame) -> list[str]:
+    """The ids of the chains whose annotation ``failed`` (sorted)."""
+    return annotations.filter(pl.col("status") == FAILED)["chain_id"].unique().sort().to_list()
+
+
+def failed_note(path: Path, failed: list[str]) -> str:
+    """The line that says which chains of ``path`` could not be annotated, and what to do."""
+    listed = ", ".join(failed[:10]) + (", ..." if len(failed) > 10 else "")
+    return (f"{len(failed)} chain(s) of {path.name} could not be annotated ({listed}); later "
+            "stages skip them: rerun to try them again")
 
 
 def read_annotator_prompt(path: str | Path | None, annotator: str) -> str | None:

@@ -17,6 +17,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -522,7 +523,12 @@ def _load_weights(source: ModelSource, device: str, dtype: torch.dtype) -> tuple
         hf_model = AutoModelForCausalLM.from_pretrained(
             source.path, **source.load_kwargs, dtype=dtype, **placement
         )
-    except Exception as exc:  # missing, damaged or unsafe (not plain weights) files
+    except pickle.UnpicklingError:
+        raise BadInput(
+            f"cannot load {source.name!r}: its weights file is not plain weights (unpickling "
+            "it would run code, so it was refused): use a safetensors copy from a trusted source"
+        ) from None
+    except Exception as exc:  # missing or damaged files
         raise BadInput(f"cannot load {source.name!r}: {first_line(exc)}") from None
     if device != "auto":
         hf_model = hf_model.to(device)

@@ -30,7 +30,6 @@ from nnsteer.store import (
     RunDir,
     now_iso,
     nnsteer_version,
-    read_json,
     read_metadata,
     read_parquet,
     write_text,
@@ -195,7 +194,7 @@ def provenance_section(run: RunDir) -> Section:
         path = run.path(name)
         if not path.exists() or path.suffix not in (".parquet", ".safetensors", ".json"):
             continue
-        meta = _json_provenance(path) if path.suffix == ".json" else read_metadata(path)
+        meta = _file_provenance(run, path)
         model = meta.get("model") or {}
         rows.append({
             "file": name, "stage": meta.get("stage", stage),
@@ -210,11 +209,19 @@ def provenance_section(run: RunDir) -> Section:
     return Section("Provenance", intro + _table(pl.DataFrame(rows)))
 
 
-def _json_provenance(path: Path) -> dict[str, Any]:
-    """The provenance ``select`` keeps in each entry of ``layers.json`` ({} if none)."""
-    entries = read_json(path)
-    first = next(iter(entries.values()), {}) if isinstance(entries, dict) else {}
-    return first.get("provenance", {}) if isinstance(first, dict) else {}
+def _file_provenance(run: RunDir, path: Path) -> dict[str, Any]:
+    """A stage output's provenance: file metadata, or for ``layers.json`` its entries' own."""
+    if path.suffix != ".json":
+        return read_metadata(path)
+    entries = _layer_choices(run) if path == run.layers else {}
+    return next(iter(entries.values())).provenance if entries else {}
+
+
+def _layer_choices(run: RunDir) -> dict[str, Any]:
+    """``layers.json`` read and checked by ``select``'s reader ({} if ``select`` has not run)."""
+    if not run.layers.exists():
+        return {}
+    return _stage_function("nnsteer.select", "read_layers")(run.layers)
 
 
 def label_counts_section(run: RunDir) -> Section:
@@ -291,19 +298,19 @@ class LayerMarks:
 
 def layer_marks(run: RunDir, attribution: pl.DataFrame) -> LayerMarks:
     """The :class:`LayerMarks` of ``layers.json`` (none if ``select`` has not run)."""
-    if not run.layers.exists():
+    entries = _layer_choices(run)
+    if not entries:
         return LayerMarks({}, {})
-    entries = read_json(run.layers)
     select = _stage_function("nnsteer.select", "rank_layers")
     first_allowed = _stage_function("nnsteer.select", "first_allowed_layer")
-    options = _json_provenance(run.layers).get("options", {})
+    options = next(iter(entries.values())).provenance.get("options", {})
     skip_fraction = float(options.get("skip_fraction") or 0.0)
     n_layers = int(attribution["layer"].max()) + 1 if attribution.height else 0
     first = first_allowed(n_layers, skip_fraction) if n_layers else 0
     chosen, runner_up = {}, {}
     for label, entry in entries.items():
-        chosen[label] = list(entry.get("layers", []))
-        if entry.get("chosen_by") == "attribution" and label in attribution["label"].to_list():
+        chosen[label] = list(entry.layers)
+        if entry.chosen_by == "attribution" and label in attribution["label"].to_list():
             ranked = select(attribution, label, first, int(options.get("top_k") or 1))
             if ranked.runner_up is not None:
                 runner_up[label] = ranked.runner_up
@@ -422,8 +429,7 @@ def similarity_section(run: RunDir) -> Section:
     if not vs.labels:
         raise _Unavailable(f"{run.vectors.name} holds only the overall mean: no behaviour to compare.")
     df = _stage_function("nnsteer.vectors", "cosine_similarity")(vs)
-    layers = read_json(run.layers) if run.layers.exists() else {}
-    chosen = sorted({v["vector_layer"] for v in layers.values()}) or [vs.n_layers // 2]
+    chosen = sorted({v.vector_layer for v in _layer_choices(run).values()}) or [vs.n_layers // 2]
     return Section(CHARTS["similarity"],
                    f"<p>Drag the slider to change the layer (starts at layer {chosen[0]}).</p>",
                    "similarity", similarity_chart(df, chosen[0]).to_dict())
@@ -452,10 +458,10 @@ def similarity_chart(df: pl.DataFrame, layer: int) -> Any:
 def layers_section(run: RunDir) -> Section:
     """The steering layers chosen per behaviour (``layers.json``), and every coefficient
     the steered chains were generated with."""
-    chosen = read_json(_need(run.layers))
+    chosen = _layer_choices(run) if _need(run.layers) else {}
     steered = _coefficients_steered(run)
-    rows = [{"behaviour": label, "vector_layer": v["vector_layer"], "layers": v["layers"],
-             "coefficient": float(v["coefficient"]), "chosen by": v.get("chosen_by", ""),
+    rows = [{"behaviour": label, "vector_layer": v.vector_layer, "layers": list(v.layers),
+             "coefficient": v.coefficient, "chosen by": v.chosen_by,
              "coefficients steered": ", ".join(f"{c:g}" for c in steered.get(label, [])) or "—"}
             for label, v in chosen.items()]
     return Section("Selected layers", _table(pl.DataFrame(rows)))
@@ -526,8 +532,7 @@ def _with_interval(value: float | None, low: float | None, high: float | None, f
 
 
 def _steering_layers(run: RunDir) -> dict[str, list[int]]:
-    return ({label: list(v.get("layers", [])) for label, v in read_json(run.layers).items()}
-            if run.layers.exists() else {})
+    return {label: list(v.layers) for label, v in _layer_choices(run).items()}
 
 
 def _n_coefficients(summary: pl.DataFrame) -> int:

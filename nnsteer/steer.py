@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import polars as pl
 import torch
@@ -26,20 +24,11 @@ from nnsteer.generation import (
     run_chain_jobs, split_tasks,
 )
 from nnsteer.models import LoadedModel
-from nnsteer.select import check_coefficient
-from nnsteer.store import RunDir, provenance, read_json, read_metadata, read_parquet
+from nnsteer.select import LayerChoice, check_coefficient, read_layers
+from nnsteer.store import RunDir, provenance, read_metadata, read_parquet
 from nnsteer.vectors import VectorSet, load_vectors
 
 DIRECTIONS = ("positive", "negative")
-
-
-@dataclass(frozen=True)
-class LayerChoice:
-    """One behaviour's entry of ``layers.json``."""
-
-    vector_layer: int
-    layers: tuple[int, ...]
-    coefficient: float
 
 
 def read_layer_choices(
@@ -48,45 +37,23 @@ def read_layer_choices(
     """The ``layers.json`` entries of ``behaviours`` (default: every behaviour it has),
     checked against the model."""
     path = run.layers
-    raw = read_json(path)
-    if not isinstance(raw, dict):
-        raise BadInput(f"{path}: expected an object keyed by behaviour label")
+    every = read_layers(path)
     if behaviours is None:
-        if not raw:
+        if not every:
             raise BadInput(f"{path} names no behaviour: nothing to steer")
-        behaviours = list(raw)
+        behaviours = list(every)
     if not behaviours or len(set(behaviours)) != len(behaviours):
         raise BadInput(f"behaviours must be distinct and at least one, got {list(behaviours)}")
-    choices = {}
     for behaviour in behaviours:
-        if behaviour not in raw:
+        if behaviour not in every:
             raise BadInput(
-                f"{path}: no layers for {behaviour!r} (it has {', '.join(raw) or 'none'}); "
+                f"{path}: no layers for {behaviour!r} (it has {', '.join(every) or 'none'}); "
                 "run `nnsteer select` or name other behaviours"
             )
-        choices[behaviour] = _layer_choice(raw[behaviour], f"{path}: {behaviour}")
-        lm.arch.check_layers(
-            [choices[behaviour].vector_layer, *choices[behaviour].layers],
-            what=f"{path}: {behaviour}: layer",
-        )
-    return choices
-
-
-def _layer_choice(entry: Any, where: str) -> LayerChoice:
-    def is_int(x: Any) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    if not isinstance(entry, dict):
-        raise BadInput(f"{where}: expected {{vector_layer, layers, coefficient}}")
-    layers, coefficient = entry.get("layers"), entry.get("coefficient")
-    if not is_int(entry.get("vector_layer")):
-        raise BadInput(f"{where}: vector_layer must be an integer")
-    if not isinstance(layers, list) or not layers or not all(is_int(x) for x in layers):
-        raise BadInput(f"{where}: layers must be a non-empty list of integers")
-    if len(set(layers)) != len(layers):
-        raise BadInput(f"{where}: layers repeat a layer")
-    coefficient = check_coefficient(coefficient, f"{where}: coefficient")
-    return LayerChoice(entry["vector_layer"], tuple(layers), coefficient)
+        choice = every[behaviour]
+        lm.arch.check_layers([choice.vector_layer, *choice.layers],
+                             what=f"{path}: {behaviour}: layer")
+    return {behaviour: every[behaviour] for behaviour in behaviours}
 
 
 def random_like(vector: torch.Tensor, seed: int, behaviour: str) -> torch.Tensor:

@@ -91,8 +91,9 @@ def test_bad_replies_fail_their_chains_and_are_asked_again(chains_run, mode):
     server = FakeLLM(mode, hang_s=2.0)
     try:
         code, stderr = annotate(run, server, *(["--timeout", "0.3"] if mode == "hang" else []))
-        assert code == 0, stderr
-        assert "3 chain(s) could not be annotated (c0, c1, c2): rerun to try them again" in stderr
+        assert code == 1, stderr  # the file is written, but the stage is incomplete
+        assert ("3 chain(s) of annotations.parquet could not be annotated (c0, c1, c2); later "
+                "stages skip them: rerun to try them again") in stderr
         rows = pl.read_parquet(run.annotations)
         assert rows["status"].to_list() == ["failed"] * 3
         assert KEY not in stderr and not any(KEY in text for text in rows["text"])
@@ -125,12 +126,31 @@ def test_one_malformed_response_fails_one_chain_only(chains_run):
         (200, b"not json") if body["messages"][-1]["content"] == TEXTS[1] else real(body, n, key))
     try:
         code, stderr = annotate(chains_run, server)
-        assert code == 0, stderr
+        assert code == 1, stderr
         rows = pl.read_parquet(chains_run.annotations)
         assert rows.filter(pl.col("status") == "failed")["chain_id"].to_list() == ["c1"]
         assert set(rows.filter(pl.col("chain_id") != "c1")["status"]) == {"ok"}
     finally:
         server.close()
+
+
+def test_run_with_failed_chains_finishes_its_stages_and_exits_1(chains_run, tmp_path):
+    server = FakeLLM("good")
+    real = server.answer
+    server.answer = lambda body, n, key: (
+        (200, b"not json") if body["messages"][-1]["content"] == TEXTS[1] else real(body, n, key))
+    config = tmp_path / "study.toml"
+    config.write_text(f'[annotate]\nannotator = "openai:gpt-4o"\nbase_url = "{server.url}"\n'
+                      'retries = 0\ntimeout = 5\n')
+    try:
+        code, stderr = invoke("--run-dir", str(chains_run.root), "run", "--config", str(config),
+                              "--only", "annotate")
+    finally:
+        server.close()
+    assert code == 1, stderr
+    assert "1 chain(s) of annotations.parquet could not be annotated (c1)" in stderr
+    assert "Traceback" not in stderr and "nnsteer: error" not in stderr, stderr
+    assert pl.read_parquet(chains_run.annotations).height >= 3
 
 
 def test_ctrl_c_cancels_pending_requests(chains_run, monkeypatch):

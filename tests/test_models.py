@@ -65,6 +65,34 @@ def test_local_directory_roundtrip(tiny_llama, tmp_path):
     assert lm.provenance()["n_layers"] == 4
 
 
+class _Planted:
+    """Unpickling this runs ``touch`` on a file: what a planted model file would do."""
+
+    def __init__(self, witness: Path):
+        self.witness = witness
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.witness}",))
+
+
+def test_pytorch_model_bin_that_is_not_plain_weights_is_refused(tiny_llama, tmp_path):
+    """A ``pytorch_model.bin`` that runs code when unpickled: one line, exit 2, nothing run."""
+    model_dir, witness = tmp_path / "planted", tmp_path / "code-ran"
+    tiny_llama.hf_model.config.save_pretrained(model_dir)
+    tiny_llama.tokenizer.save_pretrained(model_dir)
+    torch.save({"model.embed_tokens.weight": _Planted(witness)}, model_dir / "pytorch_model.bin")
+    with pytest.raises(BadInput, match=r"cannot load '.*planted': its weights file is not plain"):
+        load_model(str(model_dir), device="cpu")
+    run = str(tmp_path / "run")
+    assert _cli("--run-dir", run, "tasks", "--per-category", "1").returncode == 0
+    result = _cli("--run-dir", run, "generate", "--model", str(model_dir))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot load" in errors[0] and "planted" in errors[0]
+    assert not witness.exists()
+
+
 @pytest.mark.parametrize(
     "name, message",
     [

@@ -213,6 +213,27 @@ def test_cli_prints_path_and_rejects_missing_dir(tmp_path):
     assert result.exit_code == 2 and "no such run directory" in result.output
 
 
+@pytest.mark.parametrize("entry, expected", [
+    (5, "entry 'backtracking': expected {vector_layer, layers, coefficient}"),
+    ({"vector_layer": "4", "layers": [4], "coefficient": 1.0}, "vector_layer must be an integer"),
+    ({"vector_layer": 4, "layers": "4", "coefficient": 1.0}, "layers must be a non-empty list"),
+    ({"vector_layer": 4, "layers": [4, None], "coefficient": 1.0}, "layers must be a non-empty"),
+    ({"vector_layer": 4, "layers": [4], "coefficient": "x"}, "'x' is not a number >= 0"),
+])
+def test_malformed_layers_entry_is_one_line(tmp_path, entry, expected):
+    run = write_synthetic_run(tmp_path / "run")
+    layers = json.loads(run.layers.read_text())
+    layers["backtracking"] = entry
+    run.layers.write_text(json.dumps(layers))
+    result = CliRunner().invoke(cli, ["--run-dir", str(run.root), "report"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("nnsteer: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"nnsteer: error: {run.layers}: damaged") and expected in lines[0]
+    assert "rerun `nnsteer select`" in lines[0]
+    assert not run.report.exists()
+
+
 def _chromium() -> str | None:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None and os.environ.get("NNSTEER_REQUIRE_CHROMIUM") == "1":

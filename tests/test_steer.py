@@ -175,7 +175,7 @@ def test_resume_keeps_chains_until_the_vectors_change(run, tiny_llama):
             lambda run: write_json(
                 run.layers, {**LAYERS, "backtracking": {**LAYERS["backtracking"], "coefficient": -1}}
             ),
-            "layers.json: backtracking: coefficient: -1 is not a number >= 0",
+            "entry 'backtracking': coefficient: -1 is not a number >= 0",
         ),
         (
             lambda run: write_vectors(run, 4, 32),
