@@ -451,12 +451,13 @@ def load_model(
     from nnsight.modeling.transformers import TransformersModel
 
     if remote is True:
-        from nnsteer.remote import check_remote, check_route
+        from nnsteer.remote import check_remote, check_route, remote_model_key
 
         check_remote(model, hot_swap=hot_swap)
-        nn = TransformersModel(model)
-        check_route(nn.to_model_key(), hot_swap=hot_swap)
-        check_tokenizer(nn.tokenizer, model)
+        tokenizer = load_tokenizer(model)
+        # task and tokenizer given: nnsight would ask the Hub for one and guess the other
+        nn = TransformersModel(model, task="text-generation", tokenizer=tokenizer)
+        check_route(remote_model_key(nn, model), hot_swap=hot_swap)
         arch = Architecture.from_config(nn._module.config, model)
         return LoadedModel(nn, nn.tokenizer, arch, model, revision="main", remote=True,
                            ndif_deadline=ndif_deadline)

@@ -27,7 +27,7 @@ from pathlib import Path
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from nnsteer.errors import BadInput, NnsteerError
+from nnsteer.errors import BadInput, NnsteerError, first_line
 
 if TYPE_CHECKING:
     from nnsteer.checkpoint import JobBook
@@ -181,6 +181,19 @@ def check_remote(model: str, *, revision: str = "main", hot_swap: bool = False) 
         f"{', '.join(running) or 'nothing'}. {hint}Pick one of those, use --hot-swap if "
         "your key may load models, or run on a local GPU without --remote"
     )
+
+
+def remote_model_key(nn: Any, model: str) -> str:
+    """The model key nnsight sends for ``nn``; nnsight asks the Hugging Face Hub for the
+    repo's canonical spelling, so a Hub it cannot reach is one line here."""
+    try:
+        return nn.to_model_key()
+    except Exception as exc:  # huggingface_hub's offline, HTTP and connection errors
+        raise BadInput(
+            f"--remote: nnsight could not ask the Hugging Face Hub for {model}'s id "
+            f"({first_line(exc)}): NDIF routes by it, so --remote needs the Hub (unset "
+            "HF_HUB_OFFLINE, check the network)"
+        ) from None
 
 
 def check_route(model_key: str, *, hot_swap: bool = False) -> None:

@@ -10,7 +10,11 @@ each response may hold.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import polars as pl
@@ -22,8 +26,9 @@ from conftest import make_tiny
 from nnsteer.labels import LABELS
 from nnsteer import remote
 from nnsteer.errors import NnsteerError
-from nnsteer.store import RunDir, provenance, write_json, write_parquet
-from fake_ndif import ndif_remote
+from nnsteer.models import wrap_model
+from nnsteer.store import RunDir, provenance, read_metadata, write_json, write_parquet
+from fake_ndif import fake_ndif, ndif_remote, served
 from strict_remote import strict_remote
 
 generation = pytest.importorskip("nnsteer.generation")
@@ -35,6 +40,8 @@ tasks = pytest.importorskip("nnsteer.tasks")
 MAX_NEW_TOKENS = 6
 BATCH = 2
 BEHAVIOUR = "backtracking"
+#: The Hub id the loopback NDIF serves the tiny model under.
+SERVED_REPO = "test/tiny-llama"
 #: The envelope torch.save adds around the tensors of a response (zip headers, pickle).
 ENVELOPE = 2_000
 #: bf16 tolerance of extract's vectors against float32: ``‖remote − fp32‖ / ‖fp32‖`` per
@@ -320,3 +327,86 @@ def test_a_result_on_another_host_is_not_loaded(study, lm, tmp_path):
         with pytest.raises(NnsteerError, match=r"result at http://localhost:\d+/results/\w+, "
                                                r"neither on NDIF_HOST"):
             _extract(run, lm)
+
+
+# --- the CLI, as a user runs it: `nnsteer extract --remote` in a shell ----------------------
+
+#: ``nnsteer`` itself, after seeding nnsight's cache of canonical Hub spellings (nnsight asks
+#: the Hub for it; there is no Hub here, see :func:`fake_ndif.served`).
+CLI_WITHOUT_HUB = ("import sys, nnsight.modeling.huggingface as hub; "
+                   f"hub._ID_CACHE[{SERVED_REPO!r}] = {SERVED_REPO!r}; "
+                   "from nnsteer.cli import cli; cli(prog_name='nnsteer')")
+
+
+def _offline_hub_copy(lm, home: Path) -> None:
+    """``lm``'s config and tokenizer as the Hub cache under ``home`` holds a download of
+    :data:`SERVED_REPO` (what ``--remote`` reads locally: no weights)."""
+    revision = "0" * 40
+    repo = home / "hub" / f"models--{SERVED_REPO.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    lm.hf_model.config.save_pretrained(snapshot)
+    lm.tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+
+def _nnsteer_shell(run: RunDir, hf_home: Path, host: str, *args: str,
+                   seed_hub_id: bool = True) -> subprocess.CompletedProcess:
+    """``nnsteer --run-dir RUN ARGS`` in a subprocess, offline from the Hub, with NDIF at
+    ``host``; ``seed_hub_id`` stands in for nnsight's question to the Hub."""
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "NDIF_HOST": host,
+           "NDIF_API_KEY": "test-key"}
+    launch = (["-c", CLI_WITHOUT_HUB] if seed_hub_id else ["-m", "nnsteer"])
+    return subprocess.run([sys.executable, *launch, "--run-dir", str(run.root), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_generate_annotate_extract_remote_end_to_end(study, lm, tmp_path):
+    """``nnsteer generate --remote``, ``annotate`` and ``extract --remote`` with a Hub id,
+    in subprocesses as a user runs them, against the loopback NDIF: the key, environment
+    and route checks, the requests, and outputs equal to the same stages run locally
+    under the server's bf16 autocast."""
+    _offline_hub_copy(lm, tmp_path / "hf")
+    run = _inputs(study, tmp_path, "tasks.parquet")
+    model, batch = ["--model", SERVED_REPO], ["--batch-size", str(BATCH)]
+    with fake_ndif({served(lm, SERVED_REPO): lm.nn}) as ndif:
+        for command in (["generate", "--remote", "--max-new-tokens", str(MAX_NEW_TOKENS),
+                         *model, *batch],
+                        ["annotate", "--annotator", "rules", *model],
+                        ["extract", "--remote", *model, *batch]):
+            result = _nnsteer_shell(run, tmp_path / "hf", ndif.host, *command)
+            assert result.returncode == 0, (command, result.stderr)
+            assert "Traceback" not in result.stderr
+    assert ndif.submitted() == len(ndif.requests) == 2  # a generate and an extract batch
+    assert read_metadata(run.vectors)["model"]["remote"] is True
+
+    served_locally = wrap_model(lm.hf_model, lm.tokenizer, name=SERVED_REPO)
+    local = RunDir(tmp_path / "local")
+    local.root.mkdir()
+    shutil.copy(run.tasks, local.tasks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generation.generate_chains(local, served_locally, max_new_tokens=MAX_NEW_TOKENS,
+                                   batch_size=BATCH)
+    _same_chains(pl.read_parquet(local.chains), pl.read_parquet(run.chains))
+    shutil.copy(run.annotations, local.annotations)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        local_set = vectors.extract_vectors(local, served_locally, batch_size=BATCH)
+    remote_set = vectors.load_vectors(run.vectors)
+    assert set(remote_set.vectors) == set(local_set.vectors)
+    for label, vector in local_set.vectors.items():
+        torch.testing.assert_close(remote_set.vectors[label], vector, rtol=1e-6, atol=1e-7)
+
+
+def test_cli_remote_without_the_hub_is_one_line(study, lm, tmp_path):
+    """nnsight asks the Hub for the canonical repo id it routes by: offline, one line."""
+    _offline_hub_copy(lm, tmp_path / "hf")
+    run = _inputs(study, tmp_path, "tasks.parquet")
+    with fake_ndif({served(lm, SERVED_REPO): lm.nn}) as ndif:
+        result = _nnsteer_shell(run, tmp_path / "hf", ndif.host, "generate", "--remote",
+                                "--model", SERVED_REPO, seed_hub_id=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("nnsteer: error:")]
+    assert ("nnsight could not ask the Hugging Face Hub for test/tiny-llama's id" in line
+            and "unset HF_HUB_OFFLINE" in line), line
+    assert ndif.submitted() == 0
