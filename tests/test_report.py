@@ -58,6 +58,25 @@ def _evaluation() -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+STEERED_TEXT = {"none": "So x = 3. Wait, check.", "positive": "Wait, maybe x = 4. Wait, no.",
+                "negative": "So x = 3 <done>."}
+
+
+def _steered() -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Steered chains of t0 and t1 (own and random vector), and spans: every "Wait," backtracking."""
+    chains, spans = [], []
+    for task in ("t0", "t1"):
+        for behaviour, direction, vector in [(None, "none", None)] + [
+            (b, d, v) for b in STEERED_LABELS for d in ("positive", "negative") for v in ("behaviour", "random")
+        ]:
+            chain_id, text = f"{task}|{behaviour}|{direction}|{vector}", STEERED_TEXT[direction]
+            chains.append({"chain_id": chain_id, "task_id": task, "behaviour": behaviour,
+                           "direction": direction, "vector": vector, "response": text})
+            spans += [{"chain_id": chain_id, "label": "backtracking", "start": m.start(),
+                       "end": m.end(), "status": "ok"} for m in re.finditer("Wait,", text)]
+    return pl.DataFrame(chains), pl.DataFrame(spans)
+
+
 def write_synthetic_run(root: Path) -> RunDir:
     """A run directory with every file the report reads, in the contract formats."""
     run = RunDir(root)
@@ -73,6 +92,9 @@ def write_synthetic_run(root: Path) -> RunDir:
     save_file(vectors, str(run.vectors), metadata={"nnsteer": json.dumps(meta)})
     write_json(run.layers, {label: {"vector_layer": 3, "layers": [3], "coefficient": 1.0}
                             for label in STEERED_LABELS})
+    steered, steered_spans = _steered()
+    write_parquet(steered, run.steered, provenance("steer", {}, MODEL))
+    write_parquet(steered_spans, run.steered_annotations, provenance("evaluate", {}, MODEL))
     write_parquet(_evaluation(), run.evaluation,
                   provenance("evaluate", {"denominator": "labelled", "n_boot": 200, "seed": 0}, MODEL))
     return run
@@ -108,6 +130,16 @@ def test_label_counts_match_hand_counts(full_report):
         assert f"<tr>{cells}</tr>" in page
 
 
+def test_example_chains_colour_the_spans_of_one_task(full_report):
+    page = full_report.report.read_text()
+    examples = page.split("<h2>Example chains</h2>")[1].split("</section>")[0]
+    assert "Eval task <code>t0</code>" in examples and "t1" not in examples
+    assert examples.count("<tr>") == 1 + 2 * len(STEERED_LABELS)  # random control not shown
+    wait = '<span title="backtracking" style="background:#f8cbcb">Wait,</span>'
+    assert examples.count(wait) == 1 + 2 * len(STEERED_LABELS)  # 1 unsteered + 2 per positive
+    assert "<th>backtracking, negative</th><td style=\"white-space:pre-wrap\">So x = 3 &lt;done&gt;." in examples
+
+
 def test_page_needs_no_network(full_report):
     page = full_report.report.read_text()
     markup = re.sub(r"(?s)<script>.*?</script>", "<script></script>", page)
@@ -119,7 +151,7 @@ def test_missing_stages_say_not_run_yet(tmp_path):
     run = RunDir(tmp_path)
     write_parquet(_annotations(), run.annotations, provenance("annotate", {}, MODEL))
     page = write_report(run).read_text()
-    assert page.count('class="missing">Not run yet') == 4  # attribution, similarity, layers, steering
+    assert page.count('class="missing">Not run yet') == 5  # attribution ... steering, examples
     assert "<td>backtracking</td>" in page
     assert not run.charts.exists()
 
