@@ -537,8 +537,8 @@ def _adapter_summary(trained: dict[str, Any]) -> dict[str, str]:
         "adapter": f"LoRA rank {hp['rank']}, alpha {hp['alpha']:g} on {hp['targets']}",
         "trained on": f"{trained['chains']['train']} chains of {files}, first "
         f"{hp['max_assistant_tokens']} assistant tokens each; user turn: {trained['user_turn']}",
-        "training": f"{trained['steps']} steps, lr {hp['lr']:g}, loss {trained['first_loss']} -> "
-        f"{trained['final_loss']} (held-out {trained['held_out_loss']['before']} -> "
-        f"{trained['held_out_loss']['after']}), {trained['training_seconds'] / 60:.0f} min on "
+        "training": f"{trained['steps']} steps, lr {hp['lr']:g}, final loss {trained['final_loss']} "
+        f"(mean of the last 10 steps); held-out loss {trained['held_out_loss']['before']} -> "
+        f"{trained['held_out_loss']['after']}; {trained['training_seconds'] / 60:.0f} min on "
         f"{trained['machine']}, {trained['date']}",
     }
