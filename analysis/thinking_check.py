@@ -1,9 +1,10 @@
 """Does a model think? R1-style shares of the chains of one or more run directories.
 
-For each run (``chains.parquet`` + ``annotations.parquet``, e.g. greedy 256-token chains
-of the built-in eval tasks annotated by ``rules``) prints one Markdown row: how many
-chains open ``<think>``, close ``</think>``, are still reasoning at the token limit, and
-in how many the annotator found a span of each steered behaviour.
+For each run's ``chains.parquet`` (e.g. greedy 256-token chains of the built-in eval
+tasks; the chains written so far if generation is still going) prints one Markdown row:
+how many chains open ``<think>``, close ``</think>``, are still reasoning at the token
+limit, and in how many the offline ``rules`` annotator finds a span of each steered
+behaviour in the reasoning.
 
 Usage:
     python analysis/thinking_check.py runs/think-smollm2-135m runs/think-smollm2-135m-r1
@@ -19,13 +20,14 @@ import polars as pl
 
 from nnsteer.generation import THINK_CLOSE, THINK_OPEN
 from nnsteer.labels import STEERED_LABELS
-from nnsteer.store import RunDir, read_metadata, read_parquet
+from nnsteer.annotate import annotate_frame
+from nnsteer.store import RunDir, read_metadata
 
 
 def thinking_row(run: RunDir) -> dict[str, str]:
     """The shares of one run's chains, as ``count/total (percent)`` strings."""
-    chains = read_parquet(run.chains, columns=["chain_id", "response", "finish_reason"])
-    spans = read_parquet(run.annotations, columns=["chain_id", "label", "status"])
+    chains = pl.read_parquet(run.chains)
+    spans = annotate_frame(chains, annotator="rules", progress=False)
     total = chains.height
 
     def share(count: int) -> str:

@@ -136,3 +136,24 @@ def test_thinking_demo_model_is_the_base_with_its_adapter():
     result = CliRunner().invoke(cli, ["models", "--model", "smollm2-135m-r1", "--device", "cpu"])
     assert result.exit_code == 0 and "adapter" in result.output and "held-out" in result.output
     assert EMBEDDED_MODELS["smollm2-135m"].adapter is None
+
+
+def test_thinking_check_counts_closed_open_and_spans(tmp_path):
+    import polars as pl
+
+    from nnsteer.store import RunDir
+
+    spec = importlib.util.spec_from_file_location("check", ROOT / "analysis" / "thinking_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    responses = ["<think>\nI need x.\n\nSo x is 3. Wait, no, that is wrong.\n</think>\n\nx = 4.",
+                 "<think>\nI need x.\n\nHmm, maybe it is 5? I am not sure.", "The answer is 2."]
+    ends = [r.find("</think>") if "</think>" in r else len(r) for r in responses]
+    pl.DataFrame({"chain_id": ["a", "b", "c"], "response": responses,
+                  "thinking_start": [8 if r.startswith("<think>") else 0 for r in responses],
+                  "thinking_end": ends, "finish_reason": ["eos", "length", "eos"]}
+                 ).write_parquet(tmp_path / "chains.parquet")
+    row = check.thinking_row(RunDir(tmp_path))
+    assert row["opens <think>"] == "2/3 (67%)" and row["closes </think>"] == "1/3 (33%)"
+    assert row["still reasoning at the limit"] == "1/3 (33%)"
+    assert row["with backtracking"] == "1/3 (33%)" and row["with uncertainty-estimation"] == "1/3 (33%)"
