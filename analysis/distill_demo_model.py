@@ -23,6 +23,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import platform
 import random
 import re
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.time()
+    load_at_start = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -203,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "training_seconds": round(train_seconds),
         "total_seconds": round(time.time() - started),
-        "machine": f"{platform.machine()} CPU, torch threads {args.threads}, "
-        "2 cores shared with other jobs (contended)",
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads "
+        f"{args.threads}, load average {load_at_start:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end",
         "torch": torch.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
