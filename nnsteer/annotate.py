@@ -230,6 +230,13 @@ def failed_chains(annotations: pl.DataFrame) -> list[str]:
     return annotations.filter(pl.col("status") == FAILED)["chain_id"].unique().sort().to_list()
 
 
+def failed_chains_in(path: Path) -> list[str]:
+    """:func:`failed_chains` of a written annotations file ([] if there is none)."""
+    if not path.exists():
+        return []
+    return failed_chains(read_parquet(path, columns=["chain_id", "status"]))
+
+
 def failed_note(path: Path, failed: list[str]) -> str:
     """The line that says which chains of ``path`` could not be annotated, and what to do."""
     listed = ", ".join(failed[:10]) + (", ..." if len(failed) > 10 else "")

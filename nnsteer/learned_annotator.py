@@ -15,7 +15,6 @@ agreement); ``analysis/train_learned_annotator.py`` rebuilds them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,7 @@ import torch
 from nnsteer.labels import LABELS
 from nnsteer.rules import rules_annotate
 from nnsteer.spans import OK, Span
+from nnsteer.store import file_digest
 
 #: Decoder layers of the encoder whose output (after the final norm) is pooled.
 LAYER = 8
@@ -152,7 +152,7 @@ def read_provenance(path: Path | None = None) -> dict[str, Any]:
 
 def weights_digest() -> str:
     """A short sha256 of the shipped weights (recorded in annotation files)."""
-    return hashlib.sha256(package_file(WEIGHTS).read_bytes()).hexdigest()[:16]
+    return str(file_digest(package_file(WEIGHTS)))[:16]
 
 
 def measured_agreement() -> str:

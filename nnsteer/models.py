@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -30,6 +29,7 @@ from typing import Any, Literal
 import torch
 
 from nnsteer.errors import BadInput, NnsteerError, first_line
+from nnsteer.store import file_digest
 
 Remote = bool | Literal["local"]
 
@@ -258,9 +258,14 @@ def embedded_revision(name: str) -> str:
     spec_ = EMBEDDED_MODELS[name]
     revision = f"{spec_.package}=={importlib.metadata.version(spec_.package)}"
     if spec_.adapter:
-        digest = hashlib.sha256(embedded_adapter(name).read_bytes()).hexdigest()
-        revision += f"+lora-{digest[:12]}"
+        revision += f"+lora-{_adapter_digest(name)[:12]}"
     return revision
+
+
+@functools.cache
+def _adapter_digest(name: str) -> str:
+    """sha256 of an embedded model's adapter, read once per process (it ships read-only)."""
+    return str(file_digest(embedded_adapter(name)))
 
 
 def embedded_provenance(name: str) -> dict[str, Any]:

@@ -213,7 +213,11 @@ def _file_provenance(run: RunDir, path: Path) -> dict[str, Any]:
     """A stage output's provenance: file metadata, or for ``layers.json`` its entries' own."""
     if path.suffix != ".json":
         return read_metadata(path)
-    entries = _layer_choices(run) if path == run.layers else {}
+    return _select_provenance(_layer_choices(run)) if path == run.layers else {}
+
+
+def _select_provenance(entries: dict[str, Any]) -> dict[str, Any]:
+    """The provenance ``select`` wrote into every entry of ``layers.json`` ({} if none)."""
     return next(iter(entries.values())).provenance if entries else {}
 
 
@@ -303,7 +307,7 @@ def layer_marks(run: RunDir, attribution: pl.DataFrame) -> LayerMarks:
         return LayerMarks({}, {})
     select = _stage_function("nnsteer.select", "rank_layers")
     first_allowed = _stage_function("nnsteer.select", "first_allowed_layer")
-    options = next(iter(entries.values())).provenance.get("options", {})
+    options = _select_provenance(entries).get("options", {})
     skip_fraction = float(options.get("skip_fraction") or 0.0)
     n_layers = int(attribution["layer"].max()) + 1 if attribution.height else 0
     first = first_allowed(n_layers, skip_fraction) if n_layers else 0
@@ -458,7 +462,8 @@ def similarity_chart(df: pl.DataFrame, layer: int) -> Any:
 def layers_section(run: RunDir) -> Section:
     """The steering layers chosen per behaviour (``layers.json``), and every coefficient
     the steered chains were generated with."""
-    chosen = _layer_choices(run) if _need(run.layers) else {}
+    _need(run.layers)
+    chosen = _layer_choices(run)
     steered = _coefficients_steered(run)
     rows = [{"behaviour": label, "vector_layer": v.vector_layer, "layers": list(v.layers),
              "coefficient": v.coefficient, "chosen by": v.chosen_by,

@@ -46,9 +46,8 @@ def command(ctx: click.Context, model: str, annotator: str, base_url: str | None
             click.echo(file_agreement(path, annotate).format(f"{name} vs {path.name}"))
             click.echo()
         return
-    from nnsteer.annotate import annotate_chains, failed_chains
+    from nnsteer.annotate import annotate_chains, failed_chains_in
     from nnsteer.cli.common import run_dir
-    from nnsteer.store import read_parquet
 
     run = run_dir(ctx, model)
     summary = annotate_chains(run, annotator=annotator, base_url=base_url, workers=workers,
@@ -59,5 +58,5 @@ def command(ctx: click.Context, model: str, annotator: str, base_url: str | None
     click.echo(f"{'label':<24}{'spans':>7}{'tokens':>8}{'unaligned':>11}{'unknown':>9}")
     for label, spans, tokens, unaligned, unknown in summary.iter_rows():
         click.echo(f"{label:<24}{spans:>7}{tokens:>8}{unaligned:>11}{unknown:>9}")
-    if failed_chains(read_parquet(out, columns=["chain_id", "status"])):
+    if failed_chains_in(out):
         ctx.exit(1)  # the failed chains were named on stderr; the file keeps the rest

@@ -41,14 +41,11 @@ def command(ctx: click.Context, config_path: Path, from_stage: str | None,
                        from_stage=from_stage, only=only, force=force)
     if run.report.exists():
         click.echo(run.report)
-    from nnsteer.annotate import failed_chains, failed_note
-    from nnsteer.store import read_parquet
+    from nnsteer.annotate import failed_chains_in, failed_note
 
     incomplete = False
     for path in (run.annotations, run.steered_annotations):
-        failed = failed_chains(read_parquet(path, columns=["chain_id", "status"])) \
-            if path.exists() else []
-        if failed:
+        if failed := failed_chains_in(path):
             click.echo(f"nnsteer: {failed_note(path, failed)}", err=True)
             incomplete = True
     if incomplete:
