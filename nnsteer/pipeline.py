@@ -195,7 +195,7 @@ def _numbers(value: Any) -> list[int | float]:
 LEAST: dict[str, int | float] = {
     "batch_size": 1, "limit": 1, "max_new_tokens": 1, "per_category": 0,
     "eval_per_category": 0, "workers": 1, "top_k": 1, "n_boot": 1, "validate": 0,
-    "coefficient": 0, "layers": 0, "timeout": 0.001, "retries": 0,
+    "coefficient": 0, "layers": 0, "timeout": 0.001, "retries": 0, "min_spans": 1,
 }
 FRACTIONS = frozenset({"skip_fraction"})
 #: Options whose values are one of a list: the list, or the module constant that holds it.

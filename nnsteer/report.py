@@ -173,10 +173,10 @@ def overview_section(run: RunDir) -> Section:
     verdicts of the evaluation."""
     lines = []
     if run.vectors.exists():
-        skipped = read_metadata(run.vectors).get("skipped_labels", [])
-        if skipped:
+        metadata = read_metadata(run.vectors)
+        if metadata.get("skipped_labels"):
             note = _stage_function("nnsteer.vectors", "missing_vectors_note")
-            text = note(skipped, run.annotations.name)
+            text = note(metadata, run.annotations.name)
             lines.append(text[:1].upper() + text[1:] + ".")
     if run.evaluation.exists():
         text = _stage_function("nnsteer.evaluate", "summary_text")(steering_summary(run))

@@ -295,15 +295,19 @@ def extract_vectors(
     *,
     variant: Literal["paper", "released-code"] = "paper",
     batch_size: int = 8,
+    min_spans: int = 1,
 ) -> VectorSet:
     """Difference-of-means vectors at every layer from ``run``'s chains and spans; writes ``run.vectors``.
 
-    Labels with no usable span are skipped and listed under ``skipped_labels``; the file
+    Labels with no usable span, or with fewer than ``min_spans`` annotated spans (a mean
+    of so few is noise), are skipped and listed under ``skipped_labels``; the file
     is written only when the whole extraction succeeded. Resumable: the finished batches
     are kept in ``run.partial("extract")`` until the file is written.
     """
     if variant not in SAMPLERS:
         raise BadInput(f"--variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    if min_spans < 1:
+        raise BadInput(f"--min-spans {min_spans}: expected at least 1")
     chains, spans = read_inputs(run, lm.name)
     sample_of = SAMPLERS[variant]
     items = annotated_chains(chains, spans, lm.tokenizer)
@@ -311,15 +315,17 @@ def extract_vectors(
     counts = sample_counts(selections, spans)
     if not counts[OVERALL]["samples"]:
         raise BadInput(f"{run.chains}: no chain has reasoning tokens to average (variant {variant})")
-    labels = [label for label in LABELS if counts[label]["samples"]]
+    labels = [label for label in LABELS
+              if counts[label]["samples"] and counts[label]["spans"] >= min_spans]
     partial = run.partial("extract")
     sums = sum_sample_means(lm, selections, [*labels, OVERALL], batch_size=batch_size,
                             checkpoint=partial)
     metadata = {
-        **provenance("extract", {"variant": variant}, lm.provenance()),
+        **provenance("extract", {"variant": variant, "min_spans": min_spans}, lm.provenance()),
         "labels": labels,
         "skipped_labels": [label for label in LABELS if label not in labels],
         "counts": counts,
+        "min_spans": min_spans,
         "variant": variant,
         "normalisation": NORMALISATION[variant],
         "annotations": file_digest(run.annotations),
@@ -328,15 +334,25 @@ def extract_vectors(
     save_vectors(vs, run.vectors)
     partial.unlink(missing_ok=True)
     if metadata["skipped_labels"]:
-        say(missing_vectors_note(metadata["skipped_labels"], run.annotations.name))
+        say(missing_vectors_note(metadata, run.annotations.name))
     return vs
 
 
-def missing_vectors_note(skipped: Sequence[str], annotations: str) -> str:
-    """One line: which labels got no vector, and which of them are therefore not steered."""
+def missing_vectors_note(metadata: dict[str, Any], annotations: str) -> str:
+    """One line from a vectors file's metadata: which labels got no vector and why (no
+    usable span, or fewer than ``min_spans``), and which are therefore not steered."""
+    skipped = metadata.get("skipped_labels", [])
+    counts, least = metadata.get("counts", {}), metadata.get("min_spans", 1)
+    few = {label: counts[label]["spans"] for label in skipped
+           if counts.get(label, {}).get("samples")}
+    none = [label for label in skipped if label not in few]
+    parts = [f"no vector for {', '.join(none)}: no usable span in {annotations}"] if none else []
+    if few:
+        spans = ", ".join(f"{label} ({n} span{'s' * (n != 1)})" for label, n in few.items())
+        parts.append(f"{'nor' if none else 'no vector'} for {spans}: fewer spans than "
+                     f"min_spans = {least} in {annotations}")
     steered = [label for label in skipped if label in STEERED_LABELS]
-    note = f"no vector for {', '.join(skipped)}: no usable span in {annotations}"
-    return note + (f"; {', '.join(steered)} cannot be steered" if steered else "")
+    return "; ".join(parts) + (f"; {', '.join(steered)} cannot be steered" if steered else "")
 
 
 def sample_counts(selections: list[Selection], spans: pl.DataFrame) -> dict[str, dict[str, int]]:

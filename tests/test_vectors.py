@@ -209,7 +209,7 @@ def test_metadata_counts_and_skipped_labels(tmp_path, tokenizer, tiny_llama, cap
             ) in capfd.readouterr().err  # said by the stage itself, so `nnsteer run` says it too
     meta = read_metadata(run.vectors)
     assert meta == vs.metadata
-    assert meta["stage"] == "extract" and meta["options"] == {"variant": "paper"}
+    assert meta["stage"] == "extract" and meta["options"] == {"variant": "paper", "min_spans": 1}
     assert meta["model"]["model"] == tiny_llama.name
     assert meta["variant"] == "paper" and meta["normalisation"] == "none"
     assert vs.labels == meta["labels"] == ["deduction", "adding-knowledge", "backtracking"]
@@ -219,6 +219,41 @@ def test_metadata_counts_and_skipped_labels(tmp_path, tokenizer, tiny_llama, cap
     assert meta["counts"]["overall"]["chains"] == 2
     assert meta["counts"]["initializing"] == {"chains": 0, "spans": 0, "samples": 0, "positions": 0}
     assert all(torch.isfinite(v).all() for v in vs.vectors.values())
+
+
+def test_min_spans_skips_labels_with_fewer_spans_and_leaves_the_others(tmp_path, tokenizer,
+                                                                      tiny_llama, capfd):
+    """Spans: backtracking 5, uncertainty 3, initializing / example-testing / adding-knowledge 2."""
+    chains = make_chains(tokenizer, thinking=True)
+    every = extract_vectors(write_run(tmp_path / "all", tiny_llama.name, chains), tiny_llama)
+    capfd.readouterr()
+    run = write_run(tmp_path / "three", tiny_llama.name, chains)
+    some = extract_vectors(run, tiny_llama, min_spans=3)
+    assert some.labels == ["deduction", "uncertainty-estimation", "backtracking"]
+    for label in some.labels:
+        torch.testing.assert_close(some.vectors[label], every.vectors[label], atol=0, rtol=0)
+    assert capfd.readouterr().err.splitlines()[-1] == (
+        "nnsteer: no vector for initializing (2 spans), adding-knowledge (2 spans), example-testing "
+        "(2 spans): fewer spans than min_spans = 3 in annotations.parquet; adding-knowledge, "
+        "example-testing cannot be steered")
+    meta = read_metadata(run.vectors)
+    assert meta["min_spans"] == 3 and meta["options"] == {"variant": "paper", "min_spans": 3}
+
+
+def test_min_spans_note_names_both_reasons(tmp_path, tokenizer, tiny_llama, capfd):
+    chains = make_chains(tokenizer, thinking=False)[3:5]  # one span each: deduction, adding-knowledge, backtracking
+    extract_vectors(write_run(tmp_path, tiny_llama.name, chains), tiny_llama, min_spans=2)
+    assert ("no vector for initializing, example-testing, uncertainty-estimation: no usable span "
+            "in annotations.parquet; nor for deduction (1 span), adding-knowledge (1 span), backtracking "
+            "(1 span): "
+            "fewer spans than min_spans = 2 in annotations.parquet; adding-knowledge, "
+            "example-testing, uncertainty-estimation, backtracking cannot be steered"
+            ) in capfd.readouterr().err
+
+
+def test_min_spans_below_one_is_refused_by_the_cli(tmp_path, tokenizer, tiny_llama):
+    result = CliRunner().invoke(cli, ["--run-dir", str(tmp_path), "extract", "--min-spans", "0"])
+    assert result.exit_code == 2 and "--min-spans" in result.output
 
 
 def test_touching_spans_count_a_position_once(tmp_path, tokenizer, tiny_llama):
