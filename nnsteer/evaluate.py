@@ -258,8 +258,20 @@ def evaluate(
     summary = summarise(evaluation, n_boot, seed)
     with atomic_path(run.charts / CHART_FILE) as tmp:
         steering_chart(summary).save(tmp, format="html", inline=True)
-    write_text(run.root / SUMMARY_FILE, summary_text(summary))
+    write_text(run.root / SUMMARY_FILE, summary_text(summary) + _unsteered_note(run))
     return evaluation
+
+
+def _unsteered_note(run: RunDir) -> str:
+    """A closing line naming the steered behaviours that got no vector, and why; or ``""``."""
+    if not run.vectors.exists():
+        return ""
+    from nnsteer.vectors import missing_vectors_note  # loads the model code: only when needed
+
+    metadata = read_metadata(run.vectors)
+    if not set(metadata.get("skipped_labels", [])) & set(STEERED_LABELS):
+        return ""
+    return f"\nNot steered: {missing_vectors_note(metadata, run.annotations.name)}.\n"
 
 
 def _denominator_labels(denominator: str) -> tuple[str, ...]:

@@ -13,9 +13,9 @@ it checks when it starts) before writing anything, they are put back, with its r
 in ``pipeline.json``. What stages print goes to stderr: stdout is kept for the report's
 path.
 
-Example config (``configs/demo.toml``)::
+Example config (a cut of ``configs/plain.toml``)::
 
-    run_dir = "runs/demo"
+    run_dir = "runs/plain"
     [model]
     name = "smollm2-135m"
     [tasks]

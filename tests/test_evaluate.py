@@ -7,6 +7,7 @@ import math
 
 import polars as pl
 import pytest
+import torch
 from click.testing import CliRunner
 
 from nnsteer.annotate import annotate_chains
@@ -16,6 +17,7 @@ from nnsteer.evaluate import (
     MIN_TASKS_FOR_INTERVAL, bootstrap_interval, evaluate, steering_chart, summarise, summary_text,
 )
 from nnsteer.store import RunDir, read_metadata, write_parquet
+from nnsteer.vectors import VectorSet, save_vectors
 
 # Each chain is a list of (label or None, text) segments. Segments are tokenised one by one
 # and concatenated, so the tokens of a segment cover exactly its characters and the hand
@@ -268,6 +270,22 @@ def test_cli_writes_outputs_and_prints_summary(tmp_path, tokenizer):
     assert "backtracking: baseline" in result.output
     assert pl.read_parquet(run.evaluation)["denominator"].unique().to_list() == ["steered"]
     assert (run.charts / "steering.html").exists()
+
+
+def test_summary_names_the_steered_behaviours_that_got_no_vector(tmp_path, tokenizer):
+    run = _write_run(tmp_path / "run", tokenizer)
+    evaluate(run, n_boot=50)
+    assert "Not steered" not in (run.root / "summary.txt").read_text()  # no vectors file
+    counts = {"backtracking": {"chains": 1, "spans": 1, "samples": 1, "positions": 20},
+              "initializing": {"chains": 0, "spans": 0, "samples": 0, "positions": 0}}
+    meta = {"skipped_labels": ["initializing", "backtracking"], "counts": counts, "min_spans": 10}
+    save_vectors(VectorSet({"deduction": torch.zeros(2, 4), "overall": torch.zeros(2, 4)}, meta),
+                 run.vectors)
+    evaluate(run, n_boot=50)
+    assert (run.root / "summary.txt").read_text().endswith(
+        "\nNot steered: no vector for initializing: no usable span in annotations.parquet; nor "
+        "for backtracking (1 span): fewer spans than min_spans = 10 in annotations.parquet; "
+        "backtracking cannot be steered.\n")
 
 
 def _cli_error(run_root, *args):
