@@ -306,3 +306,20 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     [line] = result.output.strip().splitlines()
     assert line.startswith(f"nnsteer: error: {config}: unknown key [steer] 'coefficent' (expected ")
     assert "coefficients" in line
+
+
+def test_every_shipped_config_is_accepted_and_the_demo_runs_the_thinking_model():
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")):
+        config = load_config(path)
+        for stage in STAGES:
+            stage_options(config, stage, stage_function(stage))  # BadInput for a bad key or value
+    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml")
+    assert demo.model.name == "smollm2-135m-r1" and demo.options["extract"]["min_spans"] == 10
+
+
+def test_min_spans_below_one_in_a_config_is_one_line(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[extract]\nmin_spans = 0\n")
+    extract = next(s for s in STAGES if s.name == "extract")
+    with pytest.raises(BadInput, match=r"c.toml: \[extract\] min_spans = 0: must be 1 or more"):
+        stage_options(load_config(path), extract, stage_function(extract))
