@@ -251,7 +251,7 @@ def test_min_spans_note_names_both_reasons(tmp_path, tokenizer, tiny_llama, capf
             ) in capfd.readouterr().err
 
 
-def test_min_spans_below_one_is_refused_by_the_cli(tmp_path, tokenizer, tiny_llama):
+def test_min_spans_below_one_is_refused_by_the_cli(tmp_path):
     result = CliRunner().invoke(cli, ["--run-dir", str(tmp_path), "extract", "--min-spans", "0"])
     assert result.exit_code == 2 and "--min-spans" in result.output
 
