@@ -194,6 +194,7 @@ class LoadedModel:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights."""
         return next(self.hf_model.parameters()).dtype
 
     def provenance(self) -> dict[str, Any]:

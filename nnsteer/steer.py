@@ -77,6 +77,7 @@ def steered_chain_id(
 
 
 def baseline_chain_id(task_id: str) -> str:
+    """The ``chain_id`` of the unsteered chain of ``task_id``."""
     return f"{task_id}|baseline"
 
 

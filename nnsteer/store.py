@@ -48,30 +48,37 @@ class RunDir:
         object.__setattr__(self, "root", Path(self.root))
 
     def path(self, name: str) -> Path:
+        """The file ``name`` inside the run directory."""
         return self.root / name
 
     @property
     def tasks(self) -> Path:
+        """Tasks (``tasks.parquet``, written by ``tasks``)."""
         return self.root / "tasks.parquet"
 
     @property
     def chains(self) -> Path:
+        """Training reasoning chains (``chains.parquet``, written by ``generate``)."""
         return self.root / "chains.parquet"
 
     @property
     def annotations(self) -> Path:
+        """Behaviour spans of the chains (``annotations.parquet``, written by ``annotate``)."""
         return self.root / "annotations.parquet"
 
     @property
     def vectors(self) -> Path:
+        """Candidate steering vectors (``vectors.safetensors``, written by ``extract``)."""
         return self.root / "vectors.safetensors"
 
     @property
     def attribution(self) -> Path:
+        """Mean attribution effect per label and layer (``attribution.parquet``, written by ``attribute``)."""
         return self.root / "attribution.parquet"
 
     @property
     def layers(self) -> Path:
+        """Chosen steering layers (``layers.json``, written by ``select``)."""
         return self.root / "layers.json"
 
     @property
@@ -81,14 +88,17 @@ class RunDir:
 
     @property
     def steered_annotations(self) -> Path:
+        """Behaviour spans of the steered chains (``steered_annotations.parquet``, written by ``evaluate``)."""
         return self.root / "steered_annotations.parquet"
 
     @property
     def evaluation(self) -> Path:
+        """Behaviour shares with intervals (``evaluation.parquet``, written by ``evaluate``)."""
         return self.root / "evaluation.parquet"
 
     @property
     def report(self) -> Path:
+        """The self-contained report page (``report.html``, written by ``report``)."""
         return self.root / "report.html"
 
     @property
@@ -102,10 +112,12 @@ class RunDir:
 
 
 def now_iso() -> str:
+    """The current UTC time in ISO 8601, to the second (for provenance)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def nnsteer_version() -> str:
+    """The installed nnsteer version (for provenance)."""
     from nnsteer import __version__
 
     return __version__

@@ -79,10 +79,12 @@ class VectorSet:
 
     @property
     def n_layers(self) -> int:
+        """Number of layers each vector has."""
         return int(next(iter(self.vectors.values())).shape[0])
 
     @property
     def d_model(self) -> int:
+        """Width of each layer's vector."""
         return int(next(iter(self.vectors.values())).shape[1])
 
     def __getitem__(self, label: str) -> torch.Tensor:
