@@ -161,7 +161,7 @@ def measured_agreement() -> str:
     figures = ", ".join(f"{r['macro_f1']:.3f} on {r['test'].removesuffix('.json')}" for r in results)
     return ("The offline learned annotator labels sentences from SmolLM2 encodings of them; "
             f"trained on some models' chains, it agrees with a GPT-4-class annotator at a word-level "
-            f"macro-F1 of {figures} (README, Measured figures).")
+            f"macro-F1 of {figures} (docs/benchmarks.md, Measured figures).")
 
 
 class LearnedAnnotator:

@@ -251,7 +251,7 @@ def label_counts_section(run: RunDir) -> Section:
     if "rules" in annotators:
         note += ("<p><strong>Approximate labels:</strong> the offline <code>rules</code> annotator "
                  "labels sentences from their wording; on R1-distill chains it agrees with a "
-                 "GPT-4-class annotator at a word-level macro-F1 of about 0.55–0.6 (README, "
+                 "GPT-4-class annotator at a word-level macro-F1 of about 0.55–0.6 (docs/benchmarks.md, "
                  "Measured figures). Use an LLM annotator for results.</p>")
     if "learned" in annotators:
         from nnsteer.learned_annotator import measured_agreement

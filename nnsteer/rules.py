@@ -8,7 +8,7 @@ unhedged statement with no first person and no calculation is ``adding-knowledge
 sentence without cues that follows an example in the same paragraph continues it, as does
 a short fragment ("Not 20.") any label; everything else is ``deduction``.
 Its word-level agreement with GPT-4-class annotations is measured by
-:mod:`nnsteer.agreement` (figures in the README).
+:mod:`nnsteer.agreement` (figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations

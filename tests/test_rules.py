@@ -98,7 +98,7 @@ def test_cli_prints_agreement():
 @requires_shared()
 def test_rules_ceiling_script_reproduces_the_readme_figures():
     """analysis/rules_ceiling.py: its rules figure is the agreement module's, and a classifier
-    learnt from the Llama-8B file stays below 0.6 on the Qwen-14B file (README)."""
+    learnt from the Llama-8B file stays below 0.6 on the Qwen-14B file (docs/benchmarks.md)."""
     train, test = (ANNOTATED_CHAINS / f"{name}.json" for name in
                    ("deepseek-r1-distill-llama-8b", "deepseek-r1-distill-qwen-14b"))
     script = Path(__file__).resolve().parents[1] / "analysis" / "rules_ceiling.py"
