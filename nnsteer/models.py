@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from nnsteer.architecture import SUPPORTED_FAMILIES, Architecture  # re-exported
 from nnsteer.errors import BadInput, NnsteerError, first_line
 from nnsteer.store import file_digest
 
@@ -71,79 +72,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         adapter="smollm2-135m-r1.safetensors",
     ),
 }
-
-#: ``config.model_type`` of the supported decoder families. All of them keep the embedding
-#: at ``model.embed_tokens``, the decoder blocks at ``model.layers``, the final norm at
-#: ``model.norm`` and the unembedding at ``lm_head``; a family with other paths gets its
-#: own entry.
-SUPPORTED_FAMILIES: dict[str, dict[str, str]] = {
-    "llama": {},
-    "qwen2": {},
-    "qwen3": {},
-}
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Where the parts nnsteer touches live in a decoder-only model, and its sizes."""
-
-    family: str
-    n_layers: int
-    d_model: int
-    vocab_size: int
-    embed_path: str = "model.embed_tokens"
-    layers_path: str = "model.layers"
-    norm_path: str = "model.norm"
-    unembed_path: str = "lm_head"
-
-    @classmethod
-    def from_config(cls, config: Any, source: str = "") -> Architecture:
-        """The adapter for a transformers config; :class:`BadInput` for unsupported families."""
-        family = getattr(config, "model_type", None)
-        if family not in SUPPORTED_FAMILIES:
-            where = f"{source}: " if source else ""
-            raise BadInput(
-                f"{where}unsupported architecture {family!r}; nnsteer supports "
-                f"{', '.join(sorted(SUPPORTED_FAMILIES))} (R1-distill Llama and Qwen models)"
-            )
-        return cls(
-            family=family,
-            n_layers=int(config.num_hidden_layers),
-            d_model=int(config.hidden_size),
-            vocab_size=int(config.vocab_size),
-            **SUPPORTED_FAMILIES[family],
-        )
-
-    def embed(self, model: Any) -> Any:
-        """The token embedding."""
-        return _resolve(model, self.embed_path)
-
-    def layers(self, model: Any) -> Any:
-        """The decoder blocks of ``model`` (an nnsight model or a plain HF model)."""
-        return _resolve(model, self.layers_path)
-
-    def final_norm(self, model: Any) -> Any:
-        """The norm applied after the last decoder block."""
-        return _resolve(model, self.norm_path)
-
-    def unembed(self, model: Any) -> Any:
-        """The unembedding (``lm_head``)."""
-        return _resolve(model, self.unembed_path)
-
-    def check_layers(self, layers: list[int], what: str = "layer") -> None:
-        """Raise :class:`BadInput` if any layer index is outside ``0..n_layers-1``."""
-        for layer in layers:
-            if not 0 <= int(layer) < self.n_layers:
-                raise BadInput(
-                    f"{what} {layer} is out of range: the model has layers 0..{self.n_layers - 1}"
-                )
-
-
-def _resolve(obj: Any, path: str) -> Any:
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
 
 @dataclass
 class LoadedModel:
@@ -514,7 +442,7 @@ def load_model(
         # task and tokenizer given: nnsight would ask the Hub for one and guess the other
         nn = TransformersModel(model, task="text-generation", tokenizer=tokenizer)
         check_route(remote_model_key(nn, model), hot_swap=hot_swap)
-        arch = Architecture.from_config(nn._module.config, model)
+        arch = Architecture.discover(nn._module, model)
         return LoadedModel(nn, nn.tokenizer, arch, model, revision="main", remote=True,
                            ndif_deadline=ndif_deadline)
 
@@ -604,7 +532,7 @@ def wrap_model(
     """Wrap an already-loaded HF causal LM (e.g. a test fixture) as a :class:`LoadedModel`."""
     from nnsight.modeling.transformers import TransformersModel
 
-    arch = Architecture.from_config(hf_model.config, name)
+    arch = Architecture.discover(hf_model, name)
     hf_model.requires_grad_(False)
     nn = TransformersModel(hf_model, tokenizer=tokenizer)
     return LoadedModel(nn, nn.tokenizer, arch, name, revision=revision, remote=remote)

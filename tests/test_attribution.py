@@ -120,12 +120,12 @@ def _block_outputs(hf, ids, patch=None):
 
 def _reference_gradients(hf, ids, position, loss_of_logits):
     """``∂ loss(logits[position]) / ∂ a_l(position)`` for every layer, on the full chain."""
-    hf.model.embed_tokens.weight.requires_grad_(True)
+    hf.get_input_embeddings().weight.requires_grad_(True)
     try:
         logits, outputs = _block_outputs(hf, ids)
         grads = torch.autograd.grad(loss_of_logits(logits[position]), outputs)
     finally:
-        hf.model.embed_tokens.weight.requires_grad_(False)
+        hf.get_input_embeddings().weight.requires_grad_(False)
     return torch.stack([g[0, position] for g in grads])
 
 

@@ -1,0 +1,144 @@
+"""Every tested decoder family (``nnsteer.architecture.SUPPORTED_FAMILIES``) on a tiny
+random-weight model built in memory from its config (``conftest.FAMILY_CONFIGS``), against
+the same independent references as the Llama/Qwen2 tests, whose helpers are reused here:
+
+- the decoder blocks nnsteer reads are ``output_hidden_states`` exactly (float32);
+- ``nll`` attribution equals ``torch.autograd`` on the whole chain, and ``exact`` equals
+  really patching the block's output (families whose cache is not plain keys and values run
+  attribution's no-cache path);
+- steered generation equals a plain forward hook, and batched (left-padded) generation
+  equals one prompt at a time;
+- the quirks table names what each family departs in, and a family that cannot be
+  supported is refused in one line.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+import torch
+
+from conftest import make_tiny
+from nnsteer.architecture import SUPPORTED_FAMILIES, Architecture
+from nnsteer.attribution import find_probes, probe_effects
+from nnsteer.errors import BadInput
+from nnsteer.generation import SteeringSpec, generate
+from test_attribution import (_annotations, _block_outputs, _chain, _kl, _nll,
+                              _reference_gradients, _sequence, _vectors)
+from test_generation import PROMPTS, hf_greedy, ids, random_vectors
+from test_models import _layer_outputs
+
+#: Families whose cache is not plain keys and values: attribution's no-cache path.
+NO_PLAIN_CACHE = {"gpt_oss", "olmo3", "mistral", "gemma2", "gemma3_text", "exaone4",
+                  "qwen3_next", "nemotron_h"}
+NEW = 6
+
+_MODELS: dict[str, object] = {}
+
+
+@pytest.fixture(params=SUPPORTED_FAMILIES)
+def family_model(request, tokenizer):
+    """Each tested family's tiny model in turn, built once per session."""
+    if request.param not in _MODELS:
+        _MODELS[request.param] = make_tiny(request.param, tokenizer)
+    return _MODELS[request.param]
+
+
+def test_blocks_are_the_hidden_states(family_model):
+    lm = family_model
+    enc = lm.tokenizer(["The cat sat on the mat.", "Hi"], return_tensors="pt", padding=True,
+                       padding_side="left")
+    outs = _layer_outputs(lm, enc["input_ids"], enc["attention_mask"])
+    position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = lm.hf_model(**enc, position_ids=position_ids, output_hidden_states=True).hidden_states
+    n = lm.arch.n_layers
+    for layer in range(n - 1):
+        torch.testing.assert_close(outs[layer], ref[layer + 1], rtol=0, atol=0)
+    torch.testing.assert_close(lm.arch.final_norm(lm.hf_model)(outs[n - 1]), ref[n], rtol=0, atol=0)
+    assert lm.arch.plain_kv_cache == (lm.arch.family not in NO_PLAIN_CACHE)
+
+
+def test_attribution_equals_autograd_and_patching(family_model):
+    lm = family_model
+    chain = _chain(lm.tokenizer)
+    probes = find_probes(pl.DataFrame([chain]), _annotations([chain]), lm.tokenizer,
+                         ["backtracking"])
+    sequence = _sequence(chain)
+    vectors = _vectors(lm, ["backtracking"], scale=0.3)
+    nll = probe_effects(lm, {"c0": sequence}, probes, vectors, "nll", progress=False)
+    exact = probe_effects(lm, {"c0": sequence}, probes[:1], vectors, "exact", batch_size=64,
+                          progress=False)
+    clean, _ = _block_outputs(lm.hf_model, sequence)
+    for row, probe in enumerate(probes):
+        grads = _reference_gradients(lm.hf_model, sequence, probe.position, _nll(probe.target))
+        expected = (grads * vectors[probe.label]).sum(-1)
+        torch.testing.assert_close(nll[row], expected, rtol=1e-3, atol=1e-4 * expected.abs().max())
+    for row, probe in enumerate(probes[:1]):
+        for layer in range(lm.arch.n_layers):
+            patched, _ = _block_outputs(lm.hf_model, sequence,
+                                        (layer, probe.position, vectors[probe.label][layer]))
+            want = _kl(clean[probe.position], patched[probe.position]).item()
+            assert exact[row, layer].item() == pytest.approx(want, rel=1e-3, abs=1e-7)
+    assert exact.abs().max() > 0
+
+
+def test_steering_equals_forward_hook_and_batched_equals_one_by_one(family_model):
+    lm = family_model
+    last = lm.arch.n_layers - 1
+    vectors = random_vectors(lm.arch.d_model, [0, last], seed=1, scale=4.0)
+    spec = SteeringSpec(vectors, 2.0, "positive")
+    added = {layer: 2.0 / len(vectors) * v for layer, v in vectors.items()}
+    [steered] = generate(lm, PROMPTS[:1], steering=spec, max_new_tokens=NEW, progress=False)
+    assert steered.output_ids == hf_greedy(lm, PROMPTS[:1], NEW, add=added)[0]
+    assert steered.output_ids != hf_greedy(lm, PROMPTS[:1], NEW)[0], "steering too weak to test"
+    specs = [spec, None, SteeringSpec(vectors, 2.0, "negative")]
+    batched = generate(lm, PROMPTS[:3], steering=specs, max_new_tokens=NEW, batch_size=3,
+                       progress=False)
+    single = [generate(lm, [p], steering=s, max_new_tokens=NEW, progress=False)[0]
+              for p, s in zip(PROMPTS[:3], specs)]
+    assert ids(batched) == ids(single)
+
+
+@pytest.mark.parametrize("family, quirks", [
+    ("gemma2", {"scaled-embeddings", "logit-softcapping", "sliding-window"}),
+    ("granite", {"multipliers"}),
+    ("gpt_oss", {"attention-sinks", "mixture-of-experts", "sliding-window"}),
+    ("deepseek_v3", {"mixture-of-experts"}),
+    ("nemotron_h", {"mixture-of-experts", "hybrid-cache"}),
+    ("llama", set()),
+])
+def test_quirks_named_per_family(tokenizer, family, quirks):
+    lm = _MODELS.get(family) or make_tiny(family, tokenizer)
+    assert set(lm.arch.quirks) == quirks
+
+
+def test_softcapped_logits_are_what_attribution_differentiates(tokenizer):
+    """Gemma's logits are capped: unembed(norm(h)) is not the model's output."""
+    lm = _MODELS.get("gemma2") or make_tiny("gemma2", tokenizer)
+    hf, ids_ = lm.hf_model, torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        out = hf(ids_, output_hidden_states=True)
+        raw = lm.arch.unembed(hf)(out.hidden_states[-1])
+    cap = hf.config.final_logit_softcapping
+    torch.testing.assert_close(out.logits, torch.tanh(raw / cap) * cap)
+    assert out.logits.abs().max() < cap < raw.abs().max()  # the cap bites
+
+
+def test_unsupported_family_is_refused_in_one_line(tiny_llama):
+    from transformers import T5Config
+
+    with pytest.raises(BadInput, match=r"^x: unsupported architecture 't5': an encoder-decoder"):
+        Architecture.from_config(T5Config(), "x")
+    hf = make_tiny("llama", tiny_llama.tokenizer).hf_model
+    hf.model.norm = torch.nn.Identity()
+    with pytest.raises(BadInput, match=r"^unsupported architecture 'llama': found 0 norms") as err:
+        Architecture.discover(hf)
+    assert "\n" not in str(err.value)
+
+
+def test_a_block_that_is_not_the_residual_stream_is_refused(tokenizer):
+    hf = make_tiny("llama", tokenizer).hf_model
+    hf.model.layers[0].register_forward_hook(lambda module, args, out: (out,))
+    with pytest.raises(BadInput, match="do not return the residual stream as a tensor"):
+        Architecture.discover(hf)
