@@ -8,9 +8,9 @@
 - the embedding and the unembedding: ``get_input_embeddings()``, ``get_output_embeddings()``;
 - the final norm: the norm module beside the blocks whose output is the unembedding's input.
 
-With real weights a short forward pass checks all of it; a model that fails the check is
-refused in one line naming its family and the reason, never used silently wrong. On meta
-weights (NDIF, ``nnsteer models``) the structural answer stands alone.
+With real weights (offloaded ones too) a short forward pass checks all of it; a model that
+fails the check is refused in one line naming its family and the reason, never used
+silently wrong. On meta weights (NDIF, ``nnsteer models``) the structural answer stands alone.
 
 :data:`QUIRKS` names where a family departs from the generic decoder, why nnsteer stays
 exact there, and what it changes (only ``plain_kv_cache``: whether attribution may reuse
@@ -196,7 +196,7 @@ class Architecture:
                                         "n_routed_experts") or 0),
             experts_per_token=int(_config_value(text, "num_experts_per_tok") or 0),
         )
-        if not any(p.is_meta for p in model.parameters()):
+        if getattr(model, "hf_device_map", None) or not any(p.is_meta for p in model.parameters()):
             problem = arch.check_on_forward(model)
             if problem:
                 raise _refuse(family, problem, source)
@@ -218,9 +218,10 @@ class Architecture:
                     norm.register_forward_hook(keep("norm_out")),
                     self.unembed(model).register_forward_pre_hook(keep("head_in", True))]
         ids = (torch.arange(5, 12) * 7919 % self.vocab_size)[None]
+        device = self.embed(model).weight.device
         try:
             with torch.no_grad():
-                out = model(input_ids=ids.to(self.embed(model).weight.device),
+                out = model(input_ids=ids.to("cpu" if device.type == "meta" else device),
                             output_hidden_states=True, use_cache=False)
         finally:
             for handle in handles:

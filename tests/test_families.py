@@ -23,8 +23,8 @@ from nnsteer.architecture import SUPPORTED_FAMILIES, Architecture
 from nnsteer.attribution import find_probes, probe_effects
 from nnsteer.errors import BadInput
 from nnsteer.generation import SteeringSpec, generate
-from test_attribution import (_annotations, _block_outputs, _chain, _kl, _nll,
-                              _reference_gradients, _sequence, _vectors)
+from test_attribution import (_annotations, _chain, _nll, _patched_kls, _reference_gradients,
+                              _sequence, _vectors)
 from test_generation import PROMPTS, hf_greedy, ids, random_vectors
 from test_models import _layer_outputs
 
@@ -69,17 +69,12 @@ def test_attribution_equals_autograd_and_patching(family_model):
     nll = probe_effects(lm, {"c0": sequence}, probes, vectors, "nll", progress=False)
     exact = probe_effects(lm, {"c0": sequence}, probes[:1], vectors, "exact", batch_size=64,
                           progress=False)
-    clean, _ = _block_outputs(lm.hf_model, sequence)
     for row, probe in enumerate(probes):
         grads = _reference_gradients(lm.hf_model, sequence, probe.position, _nll(probe.target))
         expected = (grads * vectors[probe.label]).sum(-1)
         torch.testing.assert_close(nll[row], expected, rtol=1e-3, atol=1e-4 * expected.abs().max())
-    for row, probe in enumerate(probes[:1]):
-        for layer in range(lm.arch.n_layers):
-            patched, _ = _block_outputs(lm.hf_model, sequence,
-                                        (layer, probe.position, vectors[probe.label][layer]))
-            want = _kl(clean[probe.position], patched[probe.position]).item()
-            assert exact[row, layer].item() == pytest.approx(want, rel=1e-3, abs=1e-7)
+    want = _patched_kls(lm, sequence, probes[0], vectors[probes[0].label])
+    assert exact[0].tolist() == pytest.approx(want, rel=1e-3, abs=1e-7)
     assert exact.abs().max() > 0
 
 
@@ -89,14 +84,13 @@ def test_steering_equals_forward_hook_and_batched_equals_one_by_one(family_model
     vectors = random_vectors(lm.arch.d_model, [0, last], seed=1, scale=4.0)
     spec = SteeringSpec(vectors, 2.0, "positive")
     added = {layer: 2.0 / len(vectors) * v for layer, v in vectors.items()}
-    [steered] = generate(lm, PROMPTS[:1], steering=spec, max_new_tokens=NEW, progress=False)
-    assert steered.output_ids == hf_greedy(lm, PROMPTS[:1], NEW, add=added)[0]
-    assert steered.output_ids != hf_greedy(lm, PROMPTS[:1], NEW)[0], "steering too weak to test"
     specs = [spec, None, SteeringSpec(vectors, 2.0, "negative")]
-    batched = generate(lm, PROMPTS[:3], steering=specs, max_new_tokens=NEW, batch_size=3,
-                       progress=False)
     single = [generate(lm, [p], steering=s, max_new_tokens=NEW, progress=False)[0]
               for p, s in zip(PROMPTS[:3], specs)]
+    assert single[0].output_ids == hf_greedy(lm, PROMPTS[:1], NEW, add=added)[0]
+    assert single[0].output_ids != hf_greedy(lm, PROMPTS[:1], NEW)[0], "steering too weak to test"
+    batched = generate(lm, PROMPTS[:3], steering=specs, max_new_tokens=NEW, batch_size=3,
+                       progress=False)
     assert ids(batched) == ids(single)
 
 
@@ -164,3 +158,82 @@ def test_cli_study_on_a_saved_model(tokenizer, tmp_path, family):
     assert evaluation.height > 0
     spans = pl.read_parquet(tmp_path / "run" / "attribution_spans.parquet")
     assert spans.height > 0 and len(spans["effects"][0]) == make_tiny(family, tokenizer).arch.n_layers
+
+
+@pytest.fixture(scope="module")
+def saved_gpt_oss(tokenizer, tmp_path_factory):
+    """A tiny gpt-oss saved as a local model directory."""
+    model_dir = tmp_path_factory.mktemp("models") / "gpt-oss"
+    (_MODELS.get("gpt_oss") or make_tiny("gpt_oss", tokenizer)).hf_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_models_command_prints_family_quirks_and_experts(saved_gpt_oss):
+    from click.testing import CliRunner
+
+    from nnsteer.cli import cli
+
+    result = CliRunner().invoke(cli, ["models", "--model", str(saved_gpt_oss), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(None, 1) if not line.startswith("attribution") else
+                 ("attribution", line.removeprefix("attribution cache").strip())
+                 for line in result.output.splitlines())
+    assert lines["family"] == "gpt_oss" and lines["layers"] == "2" and lines["width"] == "32"
+    assert lines["quirks"] == "attention-sinks, mixture-of-experts, sliding-window"
+    assert lines["experts"] == "4 routed per MoE layer, 2 per token"
+    assert lines["attribution"].startswith("none")
+
+
+def test_explicit_device_map_with_disk_offload_gives_the_same_numbers(saved_gpt_oss, tmp_path,
+                                                                      monkeypatch):
+    """On a CPU-only machine accelerate places modules on ``cpu`` and ``disk``: a map that
+    puts one decoder block on disk loads, and gives the block outputs of the plain model
+    exactly. ``auto`` there is all-or-nothing: everything on cpu, or (too little
+    max_memory) everything on disk, which is refused in one line."""
+    from nnsteer.models import load_model
+
+    monkeypatch.setenv("NNSTEER_CACHE", str(tmp_path))
+    plain = load_model(str(saved_gpt_oss), device="cpu")
+    placement = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                 "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    split = load_model(str(saved_gpt_oss), device_map=placement)
+    auto = load_model(str(saved_gpt_oss), device_map="auto")
+    assert split.hf_model.hf_device_map == placement
+    assert split.device == torch.device("cpu") and split.arch == plain.arch
+    enc = plain.tokenizer(["Steer this model.", "Hi"], return_tensors="pt", padding=True,
+                          padding_side="left")
+    want = _layer_outputs(plain, enc["input_ids"], enc["attention_mask"])
+    for lm in (split, auto):
+        torch.testing.assert_close(_layer_outputs(lm, enc["input_ids"], enc["attention_mask"]),
+                                   want, rtol=0, atol=0)
+    assert (tmp_path / "offload").is_dir()
+    with pytest.raises(BadInput, match="puts the first module on disk"):
+        load_model(str(saved_gpt_oss), device_map="auto", max_memory={"cpu": "1MB"})
+
+
+@pytest.mark.parametrize("device_map, max_memory, message", [
+    ("everywhere", None, "device_map 'everywhere': expected auto"),
+    ({"model": "gpu"}, None, "device 'gpu': expected a GPU index"),
+    (None, {"cpu": "1GiB"}, "max_memory needs a device_map"),
+    ("auto", ["1GiB"], "max_memory .*expected a table"),
+])
+def test_bad_placement_is_one_line(device_map, max_memory, message):
+    from nnsteer.models import check_placement
+
+    with pytest.raises(BadInput, match=message):
+        check_placement(device_map, max_memory)
+
+
+def test_config_placement_reaches_the_loader(tmp_path, saved_gpt_oss):
+    from nnsteer.pipeline import check_model, load_config
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[model]\nname = "{saved_gpt_oss}"\ndevice_map = {{"model" = "cpu", '
+                      f'"lm_head" = "disk"}}\nmax_memory = {{"cpu" = "2GiB"}}\n')
+    parsed = load_config(config)
+    assert parsed.model.device_map == {"model": "cpu", "lm_head": "disk"}
+    check_model(parsed)
+    config.write_text(f'[model]\nname = "{saved_gpt_oss}"\ndevice_map = "nowhere"\n')
+    with pytest.raises(BadInput, match=r"c.toml: \[model\] device_map 'nowhere'"):
+        check_model(load_config(config))
