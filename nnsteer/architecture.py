@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from nnsteer.errors import BadInput
+from nnsteer.errors import BadInput, first_line
 
 
 def _cache_layer_kinds(config: Any) -> set[str]:
@@ -223,6 +223,8 @@ class Architecture:
             with torch.no_grad():
                 out = model(input_ids=ids.to("cpu" if device.type == "meta" else device),
                             output_hidden_states=True, use_cache=False)
+        except Exception as exc:  # any failure of the model's own forward
+            return f"a forward pass with its blocks found failed ({type(exc).__name__}: {first_line(exc)})"
         finally:
             for handle in handles:
                 handle.remove()

@@ -127,11 +127,16 @@ def test_a_model_without_a_final_norm_is_refused_in_one_line(tokenizer):
     assert "\n" not in str(err.value)
 
 
-def test_a_block_that_is_not_the_residual_stream_is_refused(tokenizer):
+@pytest.mark.parametrize("hook, message", [
+    (lambda module, args, out: out + 1.0, "decoder block 0's output is not output_hidden_states"),
+    (lambda module, args, out: (out,), "a forward pass with its blocks found failed"),
+])
+def test_a_block_that_is_not_the_residual_stream_is_refused(tokenizer, hook, message):
     hf = make_tiny("llama", tokenizer).hf_model
-    hf.model.layers[0].register_forward_hook(lambda module, args, out: (out,))
-    with pytest.raises(BadInput, match="do not return the residual stream as a tensor"):
+    hf.model.layers[0].register_forward_hook(hook)
+    with pytest.raises(BadInput, match=message) as err:
         Architecture.discover(hf)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "nemotron_h"])
