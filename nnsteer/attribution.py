@@ -327,59 +327,48 @@ def _chain_effects_without_cache(lm: LoadedModel, ids: torch.Tensor, batches: li
     is patched at its last position only. Exact, at the cost of one prefix per probe."""
     m, layers, n_layers = lm.nn, lm.layers, lm.arch.n_layers
     embed = lm.arch.embed(m)
-    first_order, second_order = metric in FIRST_ORDER, metric == "kl2"
+    released, second_order = metric == "released-code", metric == "kl2"
+    first_order = metric in FIRST_ORDER
     kernels = SECOND_ORDER_KERNELS if second_order else ALL_KERNELS
     attention = torch.nn.attention
+    prefixes = [_prefix_inputs(ids, batch) for batch in batches]
+    # As in _chain_effects: only torch and builtins inside the traces (NDIF's allow-list).
     with m.session(**lm.remote_options()):
         results = [].save()
-        for batch in batches:
-            inputs = _prefix_inputs(ids, batch)
-            last = torch.zeros(inputs["input_ids"].shape[1])
-            last[-1] = 1.0
+        for batch, inputs in zip(batches, prefixes):
             with attention.sdpa_kernel([getattr(attention.SDPBackend, name) for name in kernels]):
                 with m.trace(**inputs, use_cache=False):
-                    hs, scale = None, None
                     if first_order:
                         embed.output.requires_grad_(True)
                         hs = [layers[i].output for i in range(n_layers)]
                     else:
                         scale = torch.full((inputs["input_ids"].shape[0],), 0.0 if second_order else 1.0, requires_grad=second_order)
+                        last = torch.zeros(inputs["input_ids"].shape[1])
+                        last[-1] = 1.0
                         where = batch["patch"] * scale[:, None]
                         delta = table[batch["labels"], batch["patch_layer"]]
                         for i in range(n_layers):
                             h = layers[i].output
-                            step = where[:, i, None].to(h.device) * delta.to(h.device)
-                            layers[i].output = h + (step[:, None] * last.to(h.device)[None, :, None]).to(h.dtype)
-                    results.append(_probe_values(metric, m.output.logits[:, -1], batch, table, n_layers, hs, scale))
+                            step = (where[:, i, None].to(h.device) * delta.to(h.device))[:, None] * last.to(h.device)[None, :, None]
+                            layers[i].output = h + step.to(h.dtype)
+                    z = m.output.logits[:, -1].float()
+                    logp = torch.log_softmax(z, -1)
+                    if first_order:
+                        loss = torch.nn.functional.kl_div(logp, logp.detach(), reduction="sum") / z.shape[-1] if released else -logp.gather(1, batch["targets"].to(z.device)[:, None]).sum()
+                        grads = torch.autograd.grad(loss, hs)
+                        u = table[batch["labels"]]
+                        value = torch.stack([(g[:, -1].float() * u[:, i].to(g.device).float()).sum(-1).cpu() for i, g in enumerate(grads)], 1)
+                    elif second_order:
+                        weights = torch.zeros_like(z, requires_grad=True)
+                        (wju,) = torch.autograd.grad((weights * z).sum(), scale, create_graph=True)
+                        (ju,) = torch.autograd.grad(wju.sum(), weights)
+                        p = logp.exp().detach()
+                        value = (0.5 * ((p * ju * ju).sum(-1) - (p * ju).sum(-1) ** 2)).view(-1, n_layers + 1)[:, 1:]
+                    else:
+                        logq = logp.view(-1, n_layers + 1, z.shape[-1])
+                        value = (logq[:, :1].exp() * (logq[:, :1] - logq[:, 1:])).sum(-1)
+                    results.append(value.detach().cpu())
     return torch.cat(list(results))
-
-
-def _probe_values(metric: str, logits: torch.Tensor, batch: dict, table: torch.Tensor,
-                  n_layers: int, hs: list[torch.Tensor] | None, scale: torch.Tensor | None
-                  ) -> torch.Tensor:
-    """One batch's effects from its probes' logits: first-order metrics from the blocks'
-    outputs ``hs``, ``kl2`` from the patch ``scale``, ``exact`` from the rows' logits."""
-    if metric in FIRST_ORDER:
-        logp = torch.log_softmax(logits.float(), -1)
-        if metric == "released-code":
-            loss = torch.nn.functional.kl_div(logp, logp.detach(), reduction="sum") / logits.shape[-1]
-        else:
-            loss = -logp.gather(1, batch["targets"].to(logp.device)[:, None]).sum()
-        grads = torch.autograd.grad(loss, hs)
-        u = table[batch["labels"]]
-        return torch.stack([(g[:, -1].float() * u[:, i].to(g.device).float()).sum(-1).cpu()
-                            for i, g in enumerate(grads)], 1)
-    z = logits.float()
-    if metric == "kl2":
-        weights = torch.zeros_like(z, requires_grad=True)
-        (wju,) = torch.autograd.grad((weights * z).sum(), scale, create_graph=True)
-        (ju,) = torch.autograd.grad(wju.sum(), weights)
-        p = torch.softmax(z, -1).detach()
-        value = 0.5 * ((p * ju * ju).sum(-1) - (p * ju).sum(-1) ** 2)
-        return value.view(-1, n_layers + 1)[:, 1:].detach().cpu()
-    logq = torch.log_softmax(z, -1).view(-1, n_layers + 1, z.shape[-1])
-    clean = logq[:, :1]
-    return (clean.exp() * (clean - logq[:, 1:])).sum(-1).detach().cpu()
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:

@@ -20,7 +20,7 @@ import torch
 
 from conftest import make_tiny
 from nnsteer.architecture import SUPPORTED_FAMILIES, Architecture
-from nnsteer.attribution import find_probes, probe_effects
+from nnsteer.attribution import METRICS, find_probes, probe_effects
 from nnsteer.errors import BadInput
 from nnsteer.generation import SteeringSpec, generate
 from test_attribution import (_annotations, _chain, _nll, _patched_kls, _reference_gradients,
@@ -92,6 +92,37 @@ def test_steering_equals_forward_hook_and_batched_equals_one_by_one(family_model
     batched = generate(lm, PROMPTS[:3], steering=specs, max_new_tokens=NEW, batch_size=3,
                        progress=False)
     assert ids(batched) == ids(single)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_no_cache_path_equals_the_cache_path(tiny_llama, metric):
+    """On a model with a plain KV cache both attribution paths give the same effects."""
+    import dataclasses
+
+    chain = _chain(tiny_llama.tokenizer)
+    probes = find_probes(pl.DataFrame([chain]), _annotations([chain]), tiny_llama.tokenizer,
+                         ["backtracking", "example-testing"])
+    args = ({"c0": _sequence(chain)}, probes, _vectors(tiny_llama, ["backtracking", "example-testing"]),
+            metric)
+    cached = probe_effects(tiny_llama, *args, batch_size=16, progress=False)
+    without = dataclasses.replace(tiny_llama, arch=dataclasses.replace(tiny_llama.arch, plain_kv_cache=False))
+    torch.testing.assert_close(probe_effects(without, *args, batch_size=16, progress=False), cached,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_no_cache_path_passes_ndif_allow_lists(tokenizer):
+    """The no-cache path runs as one request through the strict stand-in for NDIF."""
+    from strict_remote import strict_remote
+
+    lm = _MODELS.get("nemotron_h") or make_tiny("nemotron_h", tokenizer)
+    chain = _chain(tokenizer)
+    probes = find_probes(pl.DataFrame([chain]), _annotations([chain]), tokenizer, ["backtracking"])
+    args = ({"c0": _sequence(chain)}, probes, _vectors(lm, ["backtracking"]), "exact")
+    local = probe_effects(lm, *args, progress=False)
+    with strict_remote(lm, bf16=False) as server:
+        remote = probe_effects(lm, *args, progress=False)
+    torch.testing.assert_close(remote, local, rtol=0, atol=0)
+    assert len(server.requests) == 1
 
 
 @pytest.mark.parametrize("family, quirks", [
