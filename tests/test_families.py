@@ -138,6 +138,19 @@ def test_quirks_named_per_family(tokenizer, family, quirks):
     assert set(lm.arch.quirks) == quirks
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_router_logits_leave_the_blocks_the_residual_stream(tokenizer, family):
+    """With ``output_router_logits`` the model returns router logits and an aux loss, and
+    its blocks still return the residual stream (the discovery check passes)."""
+    from conftest import build_tiny_hf
+
+    hf = build_tiny_hf(family, len(tokenizer), output_router_logits=True)
+    assert "mixture-of-experts" in Architecture.discover(hf).quirks
+    with torch.no_grad():
+        out = hf(torch.tensor([[5, 6, 7]]))
+    assert out.router_logits is not None and out.aux_loss is not None
+
+
 def test_softcapped_logits_are_what_attribution_differentiates(tokenizer):
     """Gemma's logits are capped: unembed(norm(h)) is not the model's output."""
     lm = _MODELS.get("gemma2") or make_tiny("gemma2", tokenizer)
