@@ -197,7 +197,8 @@ def probe_effects(
         batches = [_batch([probes[i] for i in members[s:s + per_trace]], ids, chain_index,
                           lm.arch.n_layers, per_layer) for s in range(0, len(members), per_trace)]
         chain_effects = with_retries(
-            lambda: _chain_effects(lm, ids, batches, chain_table, metric),
+            lambda: (_chain_effects if lm.arch.plain_kv_cache else _chain_effects_without_cache)(
+                lm, ids, batches, chain_table, metric),
             what=f"attribute chain {chain_id}", jobs=partial.jobs())
         effects[members] = chain_effects.float().cpu()
         partial.save({"effects": effects, "chains": k})
@@ -305,6 +306,67 @@ def _chain_effects(lm: LoadedModel, ids: torch.Tensor, batches: list[dict],
                         logq = torch.log_softmax(logits.float(), -1).view(-1, n_layers + 1, logits.shape[-1])
                         clean = logq[:, :1]
                         value = (clean.exp() * (clean - logq[:, 1:])).sum(-1)
+                    results.append(value.detach().cpu())
+    return torch.cat(list(results))
+
+
+def _prefix_inputs(ids: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+    """A :func:`_batch`'s rows as whole prefixes: row ``b`` is the chain up to its probe,
+    left-padded, with the positions the cache would have held before the probe's token."""
+    inputs, index = batch["inputs"], batch["cache_index"]
+    return {"input_ids": torch.cat([ids[0][index], inputs["input_ids"]], 1),
+            "position_ids": torch.cat([index, inputs["position_ids"]], 1),
+            "attention_mask": inputs["attention_mask"]}
+
+
+def _chain_effects_without_cache(lm: LoadedModel, ids: torch.Tensor, batches: list[dict],
+                                 table: torch.Tensor, metric: str) -> torch.Tensor:
+    """What :func:`_chain_effects` computes, for a model whose cache is not plain
+    per-position keys and values (``Architecture.plain_kv_cache`` False: sliding windows,
+    linear attention, Mamba): every row runs its probe's whole prefix without a cache, and
+    is patched at its last position only. Exact, at the cost of one prefix per probe."""
+    m, layers, n_layers = lm.nn, lm.layers, lm.arch.n_layers
+    embed = lm.arch.embed(m)
+    released, second_order = metric == "released-code", metric == "kl2"
+    first_order = metric in FIRST_ORDER
+    kernels = SECOND_ORDER_KERNELS if second_order else ALL_KERNELS
+    attention = torch.nn.attention
+    prefixes = [_prefix_inputs(ids, batch) for batch in batches]
+    # As in _chain_effects: only torch and builtins inside the traces (NDIF's allow-list).
+    with m.session(**lm.remote_options()):
+        results = [].save()
+        for batch, inputs in zip(batches, prefixes):
+            with attention.sdpa_kernel([getattr(attention.SDPBackend, name) for name in kernels]):
+                with m.trace(**inputs, use_cache=False):
+                    if first_order:
+                        embed.output.requires_grad_(True)
+                        hs = [layers[i].output for i in range(n_layers)]
+                    else:
+                        scale = torch.full((inputs["input_ids"].shape[0],), 0.0 if second_order else 1.0, requires_grad=second_order)
+                        last = torch.zeros(inputs["input_ids"].shape[1])
+                        last[-1] = 1.0
+                        where = batch["patch"] * scale[:, None]
+                        delta = table[batch["labels"], batch["patch_layer"]]
+                        for i in range(n_layers):
+                            h = layers[i].output
+                            step = (where[:, i, None].to(h.device) * delta.to(h.device))[:, None] * last.to(h.device)[None, :, None]
+                            layers[i].output = h + step.to(h.dtype)
+                    z = m.output.logits[:, -1].float()
+                    logp = torch.log_softmax(z, -1)
+                    if first_order:
+                        loss = torch.nn.functional.kl_div(logp, logp.detach(), reduction="sum") / z.shape[-1] if released else -logp.gather(1, batch["targets"].to(z.device)[:, None]).sum()
+                        grads = torch.autograd.grad(loss, hs)
+                        u = table[batch["labels"]]
+                        value = torch.stack([(g[:, -1].float() * u[:, i].to(g.device).float()).sum(-1).cpu() for i, g in enumerate(grads)], 1)
+                    elif second_order:
+                        weights = torch.zeros_like(z, requires_grad=True)
+                        (wju,) = torch.autograd.grad((weights * z).sum(), scale, create_graph=True)
+                        (ju,) = torch.autograd.grad(wju.sum(), weights)
+                        p = logp.exp().detach()
+                        value = (0.5 * ((p * ju * ju).sum(-1) - (p * ju).sum(-1) ** 2)).view(-1, n_layers + 1)[:, 1:]
+                    else:
+                        logq = logp.view(-1, n_layers + 1, z.shape[-1])
+                        value = (logq[:, :1].exp() * (logq[:, :1] - logq[:, 1:])).sum(-1)
                     results.append(value.detach().cpu())
     return torch.cat(list(results))
 

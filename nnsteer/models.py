@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from nnsteer.architecture import SUPPORTED_FAMILIES, Architecture  # re-exported
 from nnsteer.errors import BadInput, NnsteerError, first_line
 from nnsteer.store import file_digest
 
@@ -71,79 +72,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         adapter="smollm2-135m-r1.safetensors",
     ),
 }
-
-#: ``config.model_type`` of the supported decoder families. All of them keep the embedding
-#: at ``model.embed_tokens``, the decoder blocks at ``model.layers``, the final norm at
-#: ``model.norm`` and the unembedding at ``lm_head``; a family with other paths gets its
-#: own entry.
-SUPPORTED_FAMILIES: dict[str, dict[str, str]] = {
-    "llama": {},
-    "qwen2": {},
-    "qwen3": {},
-}
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Where the parts nnsteer touches live in a decoder-only model, and its sizes."""
-
-    family: str
-    n_layers: int
-    d_model: int
-    vocab_size: int
-    embed_path: str = "model.embed_tokens"
-    layers_path: str = "model.layers"
-    norm_path: str = "model.norm"
-    unembed_path: str = "lm_head"
-
-    @classmethod
-    def from_config(cls, config: Any, source: str = "") -> Architecture:
-        """The adapter for a transformers config; :class:`BadInput` for unsupported families."""
-        family = getattr(config, "model_type", None)
-        if family not in SUPPORTED_FAMILIES:
-            where = f"{source}: " if source else ""
-            raise BadInput(
-                f"{where}unsupported architecture {family!r}; nnsteer supports "
-                f"{', '.join(sorted(SUPPORTED_FAMILIES))} (R1-distill Llama and Qwen models)"
-            )
-        return cls(
-            family=family,
-            n_layers=int(config.num_hidden_layers),
-            d_model=int(config.hidden_size),
-            vocab_size=int(config.vocab_size),
-            **SUPPORTED_FAMILIES[family],
-        )
-
-    def embed(self, model: Any) -> Any:
-        """The token embedding."""
-        return _resolve(model, self.embed_path)
-
-    def layers(self, model: Any) -> Any:
-        """The decoder blocks of ``model`` (an nnsight model or a plain HF model)."""
-        return _resolve(model, self.layers_path)
-
-    def final_norm(self, model: Any) -> Any:
-        """The norm applied after the last decoder block."""
-        return _resolve(model, self.norm_path)
-
-    def unembed(self, model: Any) -> Any:
-        """The unembedding (``lm_head``)."""
-        return _resolve(model, self.unembed_path)
-
-    def check_layers(self, layers: list[int], what: str = "layer") -> None:
-        """Raise :class:`BadInput` if any layer index is outside ``0..n_layers-1``."""
-        for layer in layers:
-            if not 0 <= int(layer) < self.n_layers:
-                raise BadInput(
-                    f"{what} {layer} is out of range: the model has layers 0..{self.n_layers - 1}"
-                )
-
-
-def _resolve(obj: Any, path: str) -> Any:
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
 
 @dataclass
 class LoadedModel:
@@ -189,7 +117,12 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        """Where inputs must go (the embedding's device; meta for a remote model)."""
+        """Where inputs must go (the embedding's device; meta for a remote model; the
+        first placed module's device for a model loaded with a ``device_map``)."""
+        placed = getattr(self.hf_model, "hf_device_map", None)
+        if placed:
+            first = next(iter(placed.values()))
+            return torch.device("cpu" if first == "disk" else first)
         return next(self.hf_model.parameters()).device
 
     @property
@@ -489,6 +422,64 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+#: The named ``device_map`` strategies of accelerate.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_placement(device_map: Any, max_memory: Any) -> dict[str, Any]:
+    """The ``from_pretrained`` keywords of a ``device_map`` (a name of :data:`DEVICE_MAPS`,
+    or ``{module: device}`` with devices GPU indices, ``cuda:N``, ``cpu`` or ``disk``) and a
+    ``max_memory`` (``{device: size}``, ``{"0": "20GiB", "cpu": "64GiB"}``);
+    :class:`BadInput` naming the option otherwise. ``{}`` when neither is given."""
+    if device_map is None:
+        if max_memory is not None:
+            raise BadInput("max_memory needs a device_map (auto, or an explicit map)")
+        return {}
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise BadInput(f"device_map {device_map!r}: expected {', '.join(DEVICE_MAPS)} or a "
+                       "table of module = device")
+    if isinstance(device_map, dict):
+        device_map = {str(k): _placement_device(v, "device_map") for k, v in device_map.items()}
+    elif not isinstance(device_map, str):
+        raise BadInput(f"device_map {device_map!r}: expected a name or a table of module = device")
+    placement: dict[str, Any] = {"device_map": device_map}
+    if max_memory is not None:
+        if not isinstance(max_memory, dict) or not all(isinstance(v, (str, int)) for v in max_memory.values()):
+            raise BadInput(f"max_memory {max_memory!r}: expected a table of device = size "
+                           '("20GiB" or bytes)')
+        placement["max_memory"] = {_placement_device(k, "max_memory"): v for k, v in max_memory.items()}
+    return placement
+
+
+def _placement_device(device: Any, option: str) -> int | str:
+    """A device of a placement: a GPU index (``0``, ``"0"``), ``cuda:N``, ``cpu`` or ``disk``."""
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        return device
+    if isinstance(device, str) and device.isdigit():
+        return int(device)
+    if isinstance(device, str) and (device in ("cpu", "disk", "mps") or re.fullmatch(r"cuda:\d+", device)):
+        return device
+    raise BadInput(f"{option}: device {device!r}: expected a GPU index, cuda:N, cpu or disk")
+
+
+def parse_placement_text(device_map: str | None, max_memory: str | None) -> tuple[Any, Any]:
+    """``--device-map`` (a name, or a JSON object) and ``--max-memory`` (``0=20GiB,cpu=64GiB``)
+    as :func:`check_placement` takes them."""
+    if device_map and device_map.lstrip().startswith("{"):
+        try:
+            device_map = json.loads(device_map)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"--device-map: not a JSON object ({exc})") from None
+    memory = None
+    if max_memory:
+        pairs = [item.partition("=") for item in max_memory.split(",") if item.strip()]
+        if not all(sep and key.strip() and value.strip() for key, sep, value in pairs):
+            raise BadInput(f"--max-memory {max_memory!r}: expected device=size pairs, "
+                           "e.g. 0=20GiB,cpu=64GiB")
+        memory = {key.strip(): value.strip() for key, _, value in pairs}
+    return device_map, memory
+
+
 def load_model(
     model: str = DEFAULT_MODEL,
     *,
@@ -497,10 +488,15 @@ def load_model(
     remote: Remote = False,
     hot_swap: bool = False,
     ndif_deadline: float | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load ``model`` for local execution, or its config and tokenizer for NDIF.
 
     ``device="auto"`` spreads the layers over all GPUs (``device_map="auto"``).
+    ``device_map`` and ``max_memory`` go to transformers/accelerate as they are
+    (:func:`check_placement`): a model larger than one GPU is then spread over GPUs, the
+    CPU and the disk (offloaded weights in ``<cache>/offload/<model>``).
     With ``remote=True`` the weights stay on NDIF; :func:`check_remote` runs first, then
     :func:`check_route` with the model key nnsight will send (``hot_swap`` skips the
     checks that NDIF runs the model now). ``ndif_deadline``: seconds per request at most.
@@ -515,16 +511,23 @@ def load_model(
         # task and tokenizer given: nnsight would ask the Hub for one and guess the other
         nn = TransformersModel(model, task="text-generation", tokenizer=tokenizer)
         check_route(remote_model_key(nn, model), hot_swap=hot_swap)
-        arch = Architecture.from_config(nn._module.config, model)
+        arch = Architecture.discover(nn._module, model)
         return LoadedModel(nn, nn.tokenizer, arch, model, revision="main", remote=True,
                            ndif_deadline=ndif_deadline)
 
+    placement = check_placement(device_map, max_memory)
     source = resolve_source(model)
     config = load_config(source)
     arch = Architecture.from_config(config, model)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    hf_model, tokenizer = _load_weights(source, device, torch_dtype)
+    if placement:
+        placement["offload_folder"] = str(cache_dir() / "offload" / model_slug(source.name))
+    hf_model, tokenizer = _load_weights(source, device, torch_dtype, placement)
+    placed = getattr(hf_model, "hf_device_map", None) or {}
+    if next(iter(placed.values()), None) == "disk":
+        raise BadInput(f"{model}: device_map puts the first module on disk, where inputs cannot "
+                       f"start ({placed}): give cpu or a GPU more max_memory")
     return wrap_model(
         hf_model,
         tokenizer,
@@ -570,10 +573,13 @@ def check_tokenizer(tokenizer: Any, name: str) -> Any:
     return tokenizer
 
 
-def _load_weights(source: ModelSource, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_weights(source: ModelSource, device: str, dtype: torch.dtype,
+                  placement: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """Tokenizer and weights; ``placement``: ``device_map`` (etc.) keywords, which
+    override ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    placement = {"device_map": "auto"} if device == "auto" else {}
+    placement = placement or ({"device_map": "auto"} if device == "auto" else {})
     try:
         tokenizer = check_tokenizer(
             AutoTokenizer.from_pretrained(source.path, **source.load_kwargs), source.name
@@ -588,7 +594,7 @@ def _load_weights(source: ModelSource, device: str, dtype: torch.dtype) -> tuple
         ) from None
     except Exception as exc:  # missing or damaged files
         raise BadInput(f"cannot load {source.name!r}: {first_line(exc)}") from None
-    if device != "auto":
+    if "device_map" not in placement:
         hf_model = hf_model.to(device)
     hf_model.eval()
     return hf_model, tokenizer
@@ -605,7 +611,7 @@ def wrap_model(
     """Wrap an already-loaded HF causal LM (e.g. a test fixture) as a :class:`LoadedModel`."""
     from nnsight.modeling.transformers import TransformersModel
 
-    arch = Architecture.from_config(hf_model.config, name)
+    arch = Architecture.discover(hf_model, name)
     hf_model.requires_grad_(False)
     nn = TransformersModel(hf_model, tokenizer=tokenizer)
     return LoadedModel(nn, nn.tokenizer, arch, name, revision=revision, remote=remote)
@@ -619,7 +625,9 @@ def describe_model(
     remote: bool = False,
     hot_swap: bool = False,
 ) -> dict[str, Any]:
-    """What a model is and where it would run, read from its config alone (fast)."""
+    """What a model is and where it would run, read from its config alone (fast): one
+    entry per line ``nnsteer models`` prints (family, quirks, layers, width, experts, ...;
+    another stage's facts, such as the thinking format, are added as further entries)."""
     if remote:
         from nnsteer.remote import check_remote
 
@@ -641,10 +649,8 @@ def describe_model(
     arch = Architecture.from_config(config, model)
     info = {
         "model": model,
-        "architecture": type(config).__name__.removesuffix("Config") + f" ({arch.family})",
-        "layers": arch.n_layers,
-        "width": arch.d_model,
-        "vocab": arch.vocab_size,
+        "architecture": type(config).__name__.removesuffix("Config"),
+        **arch.summary(),
         "dtype": dtype_name.removeprefix("torch."),
         "runs": where,
     }

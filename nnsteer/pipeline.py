@@ -79,7 +79,8 @@ STAGES: tuple[Stage, ...] = (
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
-MODEL_KEYS = ("name", "remote", "device", "dtype", "batch_size", "hot_swap", "ndif_deadline")
+MODEL_KEYS = ("name", "remote", "device", "dtype", "batch_size", "hot_swap", "ndif_deadline",
+              "device_map", "max_memory")
 #: Options that change how fast a stage runs, not what it writes: not fingerprinted.
 EXECUTION_OPTIONS = frozenset({"batch_size", "workers", "device", "remote"})
 #: Parameters the pipeline itself supplies to stage functions.
@@ -97,6 +98,9 @@ class ModelConfig:
     batch_size: int = 8
     hot_swap: bool = False
     ndif_deadline: float | None = None
+    #: accelerate's placement (``nnsteer.models.check_placement``): a name or {module = device}.
+    device_map: str | dict[str, Any] | None = None
+    max_memory: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -427,7 +431,8 @@ class _LazyModel:
         if self._lm is None:
             c = self.config
             self._lm = load_model(c.name, device=c.device, dtype=c.dtype, remote=c.remote,
-                                  hot_swap=c.hot_swap, ndif_deadline=c.ndif_deadline)
+                                  hot_swap=c.hot_swap, ndif_deadline=c.ndif_deadline,
+                                  device_map=c.device_map, max_memory=c.max_memory)
         return self._lm
 
     def identity(self) -> dict[str, Any]:
@@ -482,7 +487,7 @@ def check_model(config: Config) -> None:
     """:class:`BadInput` naming the config unless its model is there: an embedded name,
     a local model directory or .gguf file. A Hugging Face id is checked for its form only
     (no network), its device for being on this machine."""
-    from nnsteer.models import EMBEDDED_MODELS, resolve_device, resolve_source
+    from nnsteer.models import EMBEDDED_MODELS, check_placement, resolve_device, resolve_source
 
     name = config.model.name
     try:
@@ -495,6 +500,10 @@ def check_model(config: Config) -> None:
             resolve_device(config.model.device)
         except BadInput as exc:
             raise BadInput(f"{config.path}: [model] device: {exc}") from None
+        try:
+            check_placement(config.model.device_map, config.model.max_memory)
+        except BadInput as exc:
+            raise BadInput(f"{config.path}: [model] {exc}") from None
 
 
 def _run_stage(run: RunDir, state: PipelineState, model: _LazyModel, stage: Stage,

@@ -56,9 +56,51 @@ def thinking_tokenizer(tokenizer):
     return tok
 
 
+_MOE = dict(moe_intermediate_size=16, num_experts_per_tok=2)
+_SMALL = dict(hidden_size=32, intermediate_size=64, head_dim=8)
+#: Tiny settings of every other tested family (``nnsteer.architecture.SUPPORTED_FAMILIES``):
+#: width 32, 2 to 4 layers, 4 experts, and whatever makes the family's quirk real (a
+#: sliding window shorter than the test chains, soft-capping, multipliers, hybrid blocks).
+FAMILY_CONFIGS: dict[str, dict] = {
+    "qwen3_moe": dict(num_hidden_layers=2, num_experts=4, **_MOE, **_SMALL),
+    "gpt_oss": dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=4, **{**_SMALL, "intermediate_size": 16}),
+    "olmo2": dict(num_hidden_layers=2, **_SMALL),
+    "olmo3": dict(num_hidden_layers=4, sliding_window=4, **_SMALL),
+    "phi3": dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64),
+    "mistral": dict(num_hidden_layers=2, sliding_window=4, **_SMALL),
+    "mixtral": dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, **_SMALL),
+    "gemma2": dict(num_hidden_layers=2, query_pre_attn_scalar=8, sliding_window=4,
+                   final_logit_softcapping=1.0, attn_logit_softcapping=5.0, **_SMALL),
+    "gemma3_text": dict(num_hidden_layers=2, query_pre_attn_scalar=8, sliding_window=4,
+                        final_logit_softcapping=1.0, layer_types=["sliding_attention", "full_attention"],
+                        **_SMALL),
+    "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=2, hidden_size=32, intermediate_size=64),
+    "exaone4": dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2,
+                    hidden_size=32, intermediate_size=64),
+    "granite": dict(num_hidden_layers=2, embedding_multiplier=4.0, residual_multiplier=0.5,
+                    logits_scaling=2.0, attention_multiplier=0.25, hidden_size=32, intermediate_size=64),
+    "deepseek_v3": dict(num_hidden_layers=2, n_routed_experts=4, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=8,
+                        q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                        num_key_value_heads=4, **_MOE, hidden_size=32, intermediate_size=64),
+    "glm4_moe": dict(num_hidden_layers=2, n_routed_experts=4, n_shared_experts=1,
+                     first_k_dense_replace=1, n_group=2, topk_group=1, **_MOE, **_SMALL),
+    "qwen3_next": dict(num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2,
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                       linear_value_head_dim=8, num_experts=4, shared_expert_intermediate_size=16,
+                       **_MOE, **_SMALL),
+    "nemotron_h": dict(layers_block_type=["mamba", "attention", "mlp", "moe"], mamba_num_heads=4,
+                       mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=8,
+                       n_routed_experts=4, n_shared_experts=1,
+                       moe_shared_expert_intermediate_size=16, **_MOE, **_SMALL),
+}
+
+
 def build_tiny_hf(family: str, vocab_size: int, seed: int = 0, **config):
-    """A random-weight float32 ``LlamaForCausalLM`` (4 layers), ``Qwen2ForCausalLM`` (3 layers)
-    or ``Qwen3ForCausalLM`` (2 layers); ``config`` overrides the common settings."""
+    """A random-weight float32 ``LlamaForCausalLM`` (4 layers), ``Qwen2ForCausalLM`` (3 layers),
+    ``Qwen3ForCausalLM`` (2 layers) or a model of a family in :data:`FAMILY_CONFIGS`;
+    ``config`` overrides the common settings."""
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                               Qwen3Config, Qwen3ForCausalLM)
 
@@ -76,8 +118,15 @@ def build_tiny_hf(family: str, vocab_size: int, seed: int = 0, **config):
     elif family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=2, **{"tie_word_embeddings": False, **common}))
     else:
-        raise ValueError(family)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        settings = {"tie_word_embeddings": False, **common, **FAMILY_CONFIGS[family], **config}
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **settings))
     return model.eval()
+
+
+#: The weights through which a block writes to the residual stream, in every tested family.
+WRITES_TO_RESIDUAL = ("o_proj.weight", "down_proj.weight", "experts.down_proj", "out_proj.weight")
 
 
 def reciting_hf(family: str, tokenizer, ids: list[int], **config):
@@ -93,14 +142,15 @@ def reciting_hf(family: str, tokenizer, ids: list[int], **config):
     width = model.config.hidden_size
     keys = torch.nn.functional.normalize(
         torch.randn(len(ids), width, generator=torch.Generator().manual_seed(1)), dim=1)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.mul_(0.1)
-            layer.mlp.down_proj.weight.mul_(0.1)
-        model.lm_head.weight.zero_()
+        for name, weight in model.model.layers.named_parameters():
+            if name.endswith(WRITES_TO_RESIDUAL):
+                weight.mul_(0.1)
+        head.weight.zero_()
         for i, token in enumerate(ids):
-            model.model.embed_tokens.weight[token] = keys[i]
-            model.lm_head.weight[ids[(i + 1) % len(ids)]] = 10 * keys[i]
+            embed.weight[token] = keys[i]
+            head.weight[ids[(i + 1) % len(ids)]] = 10 * keys[i]
     return model
 
 

@@ -49,10 +49,10 @@ def test_adapter_sizes(tiny_llama, tiny_qwen2):
 
 
 def test_unsupported_architecture_is_one_line():
-    from transformers import GPT2Config
+    from transformers import T5Config
 
-    with pytest.raises(BadInput, match="unsupported architecture 'gpt2'"):
-        Architecture.from_config(GPT2Config(), "gpt2-dir")
+    with pytest.raises(BadInput, match="t5-dir: unsupported architecture 't5': an encoder-decoder"):
+        Architecture.from_config(T5Config(), "t5-dir")
 
 
 def test_local_directory_roundtrip(tiny_llama, tmp_path):

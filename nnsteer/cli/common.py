@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from nnsteer.models import DEFAULT_MODEL, LoadedModel, load_model, model_name, model_slug
+from nnsteer.models import (DEFAULT_MODEL, LoadedModel, load_model, model_name, model_slug,
+                            parse_placement_text)
 from nnsteer.pipeline import create_run_dir
 from nnsteer.store import RunDir, run_lock
 
@@ -32,6 +33,11 @@ def model_choice_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      expose_value=False, callback=_keep_ndif_option,
                      help="With --remote: seconds one NDIF request may take (default: no "
                           "limit); a rerun re-attaches to the job."),
+        click.option("--device-map", default=None, expose_value=False, callback=_keep_ndif_option,
+                     help="Spread the model with accelerate: auto, balanced, sequential, or a "
+                          'JSON object {"module": device} (device: GPU index, cpu or disk).'),
+        click.option("--max-memory", default=None, expose_value=False, callback=_keep_ndif_option,
+                     help="With --device-map: memory per device, e.g. 0=20GiB,cpu=64GiB."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -39,7 +45,8 @@ def model_choice_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _keep_ndif_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """Keep ``--hot-swap`` / ``--ndif-deadline`` for :func:`open_model` (not a command argument)."""
+    """Keep ``--hot-swap`` / ``--ndif-deadline`` / ``--device-map`` / ``--max-memory`` for
+    :func:`open_model` (not a command argument)."""
     ctx.meta[f"nnsteer.{param.name}"] = value
     return value
 
@@ -87,9 +94,12 @@ def llm_limits(func: Callable[..., Any]) -> Callable[..., Any]:
 def open_model(model: str, remote: bool, device: str | None, dtype: str) -> LoadedModel:
     """Load the model named by the common options (and ``--hot-swap``, ``--ndif-deadline``)."""
     meta = click.get_current_context().meta
+    device_map, max_memory = parse_placement_text(meta.get("nnsteer.device_map"),
+                                                  meta.get("nnsteer.max_memory"))
     return load_model(model, device=device, dtype=dtype, remote=remote,
                       hot_swap=meta.get("nnsteer.hot_swap", False),
-                      ndif_deadline=meta.get("nnsteer.ndif_deadline"))
+                      ndif_deadline=meta.get("nnsteer.ndif_deadline"),
+                      device_map=device_map, max_memory=max_memory)
 
 
 def given_run_dir(ctx: click.Context) -> Path | None:
