@@ -317,13 +317,14 @@ def detect(tokenizer: Any, model: str | None = None) -> tuple[ThinkingFormat, st
     for fmt in (THINK_BRACKETS, THINK_TAGS):
         tags = fmt.tags
         if token_id(tokenizer, tags.close) is not None:
-            why = f"the vocabulary has a {tags.close} token"
+            why = f"the vocabulary has a {tags.close} token; "
         elif tags.close in template or tags.open in template:
-            why = f"the chat template writes {tags.open}"
+            why = f"the chat template writes {tags.open}; "
         else:
             continue
-        opened = _template_opens(tokenizer, tags.open)
-        return fmt, f"{why}; the {'chat template' if opened else 'model'} opens {tags.open}"
+        if _template_opens(tokenizer, tags.open):
+            return fmt, f"{why if why.startswith('the vocabulary') else ''}the chat template opens {tags.open}"
+        return fmt, f"{why}the model opens {tags.open}"
     return NONE, "no <think>, [THINK] or harmony tokens in the vocabulary or chat template"
 
 
