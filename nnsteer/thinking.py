@@ -388,6 +388,13 @@ def thinking_of(lm: Any) -> ThinkingChoice:
     return ThinkingChoice.from_provenance(record) if record else choose(lm.tokenizer, lm.name)
 
 
+def end_of_thinking_ids(lm: Any) -> frozenset[int]:
+    """The ids that end a loaded model's reasoning in its thinking format
+    (:meth:`ThinkingFormat.end_ids`): ``</think>``, ``[/THINK]`` or harmony's ``<|end|>``;
+    empty where the end is not one token."""
+    return thinking_of(lm).format.end_ids(lm.tokenizer)
+
+
 def _template_text(tokenizer: Any) -> str:
     """The chat template's source (all named templates together); empty without one."""
     template = getattr(tokenizer, "chat_template", None)

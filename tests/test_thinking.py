@@ -28,6 +28,7 @@ from nnsteer.thinking import (
     apply_thinking,
     choose,
     detect,
+    end_of_thinking_ids,
     thinking_of,
 )
 from target_tokenizers import FORMAT_NAMES, NAMES, Unavailable, fetch_packages, write_tokenizer
@@ -262,8 +263,38 @@ def test_apply_records_and_says(format_tokenizer, capsys):
                                        "enable_thinking switch: nnsteer turns thinking on "
                                        "(enable_thinking=True)\n")
     assert lm.extra["thinking"] == choice.provenance() and thinking_of(lm) == choice
+    assert end_of_thinking_ids(lm) == {lm.tokenizer.convert_tokens_to_ids("</think>")}
     apply_thinking(lm, "none", origin="[model] thinking_format")
     assert thinking_of(lm).format is NONE and "set by [model] thinking_format" in thinking_of(lm).reason
+    assert end_of_thinking_ids(lm) == frozenset()
+
+
+def test_the_config_sets_the_format(format_tokenizer, tmp_path, monkeypatch):
+    """``[model] thinking_format`` reaches the loaded model, and the stages' fingerprints."""
+    import nnsteer.pipeline as pipeline
+
+    config = tmp_path / "study.toml"
+    config.write_text('[model]\nname = "org/gpt"\nthinking_format = "harmony"\nreasoning_effort = "high"\n')
+    loaded = SimpleNamespace(tokenizer=format_tokenizer("llama3_1"), name="org/gpt", extra={})
+    monkeypatch.setattr(pipeline, "load_model", lambda name, **options: loaded)
+    model = pipeline._LazyModel(load_config(config).model)
+    assert model.identity() == {"name": "org/gpt", "dtype": "auto", "thinking_format": "harmony",
+                                "reasoning_effort": "high"}
+    assert pipeline._LazyModel(pipeline.ModelConfig()).identity() == {"name": "smollm2-135m", "dtype": "auto"}
+    choice = thinking_of(model.get())
+    assert choice.format is HARMONY and choice.reasoning_effort == "high"
+    assert choice.reason.startswith("set by [model] thinking_format; detected none")
+
+
+@pytest.mark.embedded
+def test_models_prints_the_thinking_format():
+    for model, line in (("smollm2-135m-r1", "thinking format  think-tags (embedded model distilled"),
+                        ("smollm2-135m", "thinking format  none (no <think>")):
+        result = CliRunner().invoke(cli, ["models", "--model", model, "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        assert line in result.output
+    result = CliRunner().invoke(cli, ["models", "--thinking-format", "think-tags", "--device", "cpu"])
+    assert "thinking format  think-tags (set by --thinking-format; detected none" in result.output
 
 
 def test_chains_record_the_format(tiny_qwen2, tmp_path):
