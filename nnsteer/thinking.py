@@ -20,7 +20,7 @@ reads back.
 Example:
     >>> choice = choose(tokenizer, "Qwen/Qwen3-8B")
     >>> choice.format.name, choice.reason
-    ('think-tags', 'the vocabulary has <think> and </think> tokens; the model opens <think>')
+    ('think-tags', 'the vocabulary has a </think> token; the model opens <think>')
     >>> parts = choice.format.spans(tokenizer, output_ids, response)
     >>> response[slice(*parts.reasoning)], output_ids[slice(*parts.reasoning_ids)]
 """
@@ -68,7 +68,6 @@ class ThinkingFormat:
     """One way of writing reasoning: its prompt, its spans and the tokens that end it."""
 
     name: str = ""
-    about: str = ""
 
     def prompt(self, tokenizer: Any, content: str, **template_kwargs: Any) -> str:
         """The chat-templated text of one user turn ``content``, ending with the assistant's
@@ -112,19 +111,12 @@ class NoThinking(ThinkingFormat):
     """``none``: the whole response is the reasoning; there is no separate answer."""
 
     name = "none"
-    about = "no marked reasoning: the whole response is the reasoning"
 
     def _find(self, tokenizer: Any, ids: list[int], response: str
               ) -> tuple[Span, Span, tuple[Span, Span] | None]:
         n = len(response)
         end = _content_end(tokenizer, ids)
         return (0, n), (n, n), ((0, end), (end, end))
-
-
-@dataclass(frozen=True)
-class _Tags:
-    open: str
-    close: str
 
 
 class TagFormat(ThinkingFormat):
@@ -136,32 +128,32 @@ class TagFormat(ThinkingFormat):
     0 when the prompt opened it; without a closing tag it runs to the end.
     """
 
-    def __init__(self, name: str, open_tag: str, close_tag: str, about: str):
-        self.name, self.about, self.tags = name, about, _Tags(open_tag, close_tag)
+    def __init__(self, name: str, open_tag: str, close_tag: str):
+        self.name, self.open_tag, self.close_tag = name, open_tag, close_tag
 
     def end_ids(self, tokenizer: Any) -> frozenset[int]:
-        close = token_id(tokenizer, self.tags.close)
+        close = token_id(tokenizer, self.close_tag)
         return frozenset() if close is None else frozenset({close})
 
     def text_spans(self, response: str) -> tuple[Span, Span]:
         """Reasoning and answer chars found by the tags in the text alone."""
-        found = response.find(self.tags.close)
+        found = response.find(self.close_tag)
         end = len(response) if found < 0 else found
-        opened = response.rfind(self.tags.open, 0, end)
-        start = 0 if opened < 0 else opened + len(self.tags.open)
-        answer = len(response) if found < 0 else found + len(self.tags.close)
+        opened = response.rfind(self.open_tag, 0, end)
+        start = 0 if opened < 0 else opened + len(self.open_tag)
+        answer = len(response) if found < 0 else found + len(self.close_tag)
         return (start, end), (answer, len(response))
 
     def _find(self, tokenizer: Any, ids: list[int], response: str
               ) -> tuple[Span, Span, tuple[Span, Span] | None]:
-        close = token_id(tokenizer, self.tags.close)
+        close = token_id(tokenizer, self.close_tag)
         if close is None:
             return (*self.text_spans(response), None)
         content_end = _content_end(tokenizer, ids)
         closed = close in ids
         end_index = ids.index(close) if closed else content_end
         end = len(decode_response(tokenizer, ids[:end_index])) if closed else len(response)
-        opening = token_id(tokenizer, self.tags.open)
+        opening = token_id(tokenizer, self.open_tag)
         opened = [i for i in range(end_index) if ids[i] == opening]
         first = opened[-1] + 1 if opened else 0
         start = len(decode_response(tokenizer, ids[:first])) if opened else 0
@@ -185,7 +177,6 @@ class HarmonyFormat(ThinkingFormat):
     """
 
     name = "harmony"
-    about = "gpt-oss harmony channels: analysis (reasoning), final (answer)"
     CHANNEL, MESSAGE, START, END = "<|channel|>", "<|message|>", "<|start|>", "<|end|>"
     RETURN, CALL = "<|return|>", "<|call|>"
     SYSTEM = ("You are ChatGPT, a large language model trained by OpenAI.\n"
@@ -241,10 +232,8 @@ class HarmonyFormat(ThinkingFormat):
         return chars(analysis), chars(final), (analysis, final)
 
 
-THINK_TAGS = TagFormat("think-tags", THINK_OPEN, THINK_CLOSE,
-                       "<think> reasoning </think> answer (the model or the template opens <think>)")
-THINK_BRACKETS = TagFormat("think-brackets", BRACKET_OPEN, BRACKET_CLOSE,
-                           "[THINK] reasoning [/THINK] answer (Magistral)")
+THINK_TAGS = TagFormat("think-tags", THINK_OPEN, THINK_CLOSE)
+THINK_BRACKETS = TagFormat("think-brackets", BRACKET_OPEN, BRACKET_CLOSE)
 HARMONY = HarmonyFormat()
 NONE = NoThinking()
 #: The registry, by ``--thinking-format`` name.
@@ -315,16 +304,16 @@ def detect(tokenizer: Any, model: str | None = None) -> tuple[ThinkingFormat, st
     if token_id(tokenizer, HARMONY.CHANNEL) is not None and token_id(tokenizer, HARMONY.MESSAGE) is not None:
         return HARMONY, "the vocabulary has harmony's <|channel|> and <|message|> tokens"
     for fmt in (THINK_BRACKETS, THINK_TAGS):
-        tags = fmt.tags
-        if token_id(tokenizer, tags.close) is not None:
-            why = f"the vocabulary has a {tags.close} token; "
-        elif tags.close in template or tags.open in template:
-            why = f"the chat template writes {tags.open}; "
-        else:
+        opening, closing = fmt.open_tag, fmt.close_tag
+        in_vocabulary = token_id(tokenizer, closing) is not None
+        if not in_vocabulary and closing not in template and opening not in template:
             continue
-        if _template_opens(tokenizer, tags.open):
-            return fmt, f"{why if why.startswith('the vocabulary') else ''}the chat template opens {tags.open}"
-        return fmt, f"{why}the model opens {tags.open}"
+        opener = "the chat template" if _template_opens(tokenizer, opening) else "the model"
+        if in_vocabulary:
+            return fmt, f"the vocabulary has a {closing} token; {opener} opens {opening}"
+        if opener == "the model":
+            return fmt, f"the chat template writes {opening}; the model opens it"
+        return fmt, f"the chat template opens {opening}"
     return NONE, "no <think>, [THINK] or harmony tokens in the vocabulary or chat template"
 
 
