@@ -33,6 +33,15 @@ from nnsteer.errors import BadInput, say
 from nnsteer.models import LoadedModel
 from nnsteer.positions import decode_response
 from nnsteer.remote import with_retries
+from nnsteer.thinking import (  # noqa: F401 - THINK_OPEN/CLOSE: the tags, for analysis scripts
+    THINK_CLOSE,
+    THINK_OPEN,
+    THINK_TAGS,
+    ThinkingChoice,
+    ThinkingFormat,
+    choose,
+    thinking_of,
+)
 from nnsteer.store import (
     RunDir,
     completeness,
@@ -80,10 +89,6 @@ GREEDY: dict[str, Any] = {
     "min_length": None,
     "min_new_tokens": None,
 }
-
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-
 
 @dataclass(frozen=True)
 class SteeringSpec:
@@ -151,18 +156,19 @@ def check_prompt_template(name: str) -> str:
     return name
 
 
-def chat_prompt(tokenizer: Any, task_prompt: str, template: str = DEFAULT_PROMPT_TEMPLATE) -> str:
+def chat_prompt(tokenizer: Any, task_prompt: str, template: str = DEFAULT_PROMPT_TEMPLATE,
+                thinking: ThinkingChoice | None = None) -> str:
     """The chat-templated text of one task in the user turn of preset ``template``, ending
-    with the assistant's generation prompt."""
+    with the assistant's generation prompt, as the thinking format renders it (``thinking``;
+    default: detected from the tokenizer, :func:`nnsteer.thinking.choose`)."""
     content = PROMPT_TEMPLATES[check_prompt_template(template)].format(prompt=task_prompt)
-    messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return (thinking or choose(tokenizer)).prompt(tokenizer, content)
 
 
-def prompt_token_ids(tokenizer: Any, task_prompt: str,
-                     template: str = DEFAULT_PROMPT_TEMPLATE) -> list[int]:
+def prompt_token_ids(tokenizer: Any, task_prompt: str, template: str = DEFAULT_PROMPT_TEMPLATE,
+                     thinking: ThinkingChoice | None = None) -> list[int]:
     """The token ids the model sees for one task (the template supplies BOS if any)."""
-    return tokenizer(chat_prompt(tokenizer, task_prompt, template),
+    return tokenizer(chat_prompt(tokenizer, task_prompt, template, thinking),
                      add_special_tokens=False)["input_ids"]
 
 
@@ -173,50 +179,31 @@ def reasoning_span(response: str) -> tuple[int, int]:
     prompt: the reasoning starts at 0. Without ``</think>`` it runs to the end, so a
     response with no tags at all is all reasoning.
     """
-    end = response.find(THINK_CLOSE)
-    end = len(response) if end < 0 else end
-    opened = response.rfind(THINK_OPEN, 0, end)
-    start = 0 if opened < 0 else opened + len(THINK_OPEN)
-    return start, end
+    return THINK_TAGS.text_spans(response)[0]
 
 
-def thinking_span(tokenizer: Any, output_ids: Sequence[int], response: str) -> tuple[int, int]:
-    """Char offsets of the reasoning in ``response``, the decoded ``output_ids``.
+def thinking_span(tokenizer: Any, output_ids: Sequence[int], response: str,
+                  fmt: ThinkingFormat = THINK_TAGS) -> tuple[int, int]:
+    """Char offsets of the reasoning in ``response``, the decoded ``output_ids``, in the
+    thinking format ``fmt`` (default ``think-tags``: :class:`nnsteer.thinking.TagFormat`).
 
     Where the tokenizer has a ``</think>`` token, the reasoning ends where that token
     stands in the ids (so a tokenizer that marks the tag special, which decoding leaves
     out, still ends it) and starts after a ``<think>`` token before it, else at 0.
     Otherwise the tags are found in the text (:func:`reasoning_span`).
     """
-    close = _tag_id(tokenizer, THINK_CLOSE)
-    if close is None:
-        return reasoning_span(response)
-    ids = list(output_ids)
-    if close not in ids:
-        end_index, end = len(ids), len(response)
-    else:
-        end_index = ids.index(close)
-        end = len(decode_response(tokenizer, ids[:end_index]))
-    opening = _tag_id(tokenizer, THINK_OPEN)
-    opened = [i for i in range(end_index) if ids[i] == opening]
-    start = len(decode_response(tokenizer, ids[: opened[-1] + 1])) if opened else 0
-    return start, end
+    return fmt.reasoning(tokenizer, output_ids, response)
 
 
-def _tag_id(tokenizer: Any, tag: str) -> int | None:
-    """The id of the token that is exactly ``tag``, if the tokenizer has one."""
-    token_id = tokenizer.convert_tokens_to_ids(tag)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        return None
-    return token_id if tokenizer.convert_ids_to_tokens(token_id) == tag else None
-
-
-def eos_ids(lm: LoadedModel) -> set[int]:
-    """Token ids that end a chain: the generation config's EOS, else the tokenizer's."""
+def eos_ids(lm: LoadedModel, thinking: ThinkingChoice | None = None) -> set[int]:
+    """Token ids that end a chain: the generation config's EOS, else the tokenizer's, and
+    the thinking format's own end tokens (``thinking``; e.g. harmony's ``<|call|>``)."""
     eos = lm.hf_model.generation_config.eos_token_id
     if eos is None:
         eos = lm.tokenizer.eos_token_id
     ids = {eos} if isinstance(eos, int) else set(eos or [])
+    if thinking is not None:
+        ids |= thinking.format.stop_ids(lm.tokenizer)
     if not ids:
         raise BadInput(
             f"{lm.name}: neither the generation config nor the tokenizer names an EOS token"
@@ -287,8 +274,9 @@ def generate_batches(
         spec.validate(lm)
 
     tokenizer = lm.tokenizer
-    prompt_ids = [prompt_token_ids(tokenizer, p, prompt_template) for p in prompts]
-    stop = eos_ids(lm)
+    thinking = thinking_of(lm)
+    prompt_ids = [prompt_token_ids(tokenizer, p, prompt_template, thinking) for p in prompts]
+    stop = eos_ids(lm, thinking)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
     bar = tqdm(total=len(prompts), unit="chain", desc=desc, disable=not progress)
     seconds, n_tokens = 0.0, 0  # generating only: not the caller's work between batches
@@ -300,12 +288,13 @@ def generate_batches(
             new_ids = with_retries(
                 lambda: _generate_batch(
                     lm, [prompt_ids[i] for i in indices], [specs[i] for i in indices],
-                    max_new_tokens,
+                    max_new_tokens, stop,
                 ),
                 what=f"generate batch {k}/{n_batches}",
             )
             generations = [
-                _finish(tokenizer, prompt_ids[i], row, stop) for i, row in zip(indices, new_ids)
+                _finish(tokenizer, prompt_ids[i], row, stop, thinking.format)
+                for i, row in zip(indices, new_ids)
             ]
             seconds += time.perf_counter() - started
             n_tokens += sum(len(g.output_ids) for g in generations)
@@ -335,8 +324,10 @@ def _generate_batch(
     prompt_ids: list[list[int]],
     specs: list[SteeringSpec | None],
     max_new_tokens: int,
+    stop: set[int] | None = None,
 ) -> list[list[int]]:
-    """New token ids of one left-padded batch (pads after EOS included)."""
+    """New token ids of one left-padded batch (pads after EOS included); ``stop``: the ids
+    that end a chain, when they are more than the generation config's EOS."""
     batch = lm.tokenizer.pad(
         {"input_ids": prompt_ids}, padding=True, padding_side="left", return_tensors="pt"
     )
@@ -344,11 +335,15 @@ def _generate_batch(
     width = input_ids.shape[1]
     steer = _batch_deltas(specs, lm.arch.d_model)
     layers = lm.layers
+    if stop and not stop <= eos_ids(lm):
+        until = {"eos_token_id": sorted(stop)}
+    else:
+        until = {}
     # An open-ended ``tracer.iter[:]`` ends by design with a "never reached" warning.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         with lm.nn.generate(max_new_tokens=max_new_tokens, **lm.remote_options(),
-                             **GREEDY) as tracer:
+                             **GREEDY, **until) as tracer:
             with tracer.invoke(input_ids=input_ids, attention_mask=attention_mask):
                 if steer:
                     for _ in tracer.iter[:]:
@@ -372,13 +367,14 @@ def _batch_deltas(specs: list[SteeringSpec | None], d_model: int) -> list[tuple[
 
 
 def _finish(
-    tokenizer: Any, prompt_ids: list[int], new_ids: list[int], stop: set[int]
+    tokenizer: Any, prompt_ids: list[int], new_ids: list[int], stop: set[int],
+    fmt: ThinkingFormat = THINK_TAGS,
 ) -> Generation:
-    """Cut a generated row after its first EOS and decode it."""
+    """Cut a generated row after its first EOS and decode it; ``fmt`` finds the reasoning."""
     cut = next((i + 1 for i, t in enumerate(new_ids) if t in stop), None)
     output_ids = new_ids[:cut]
     response = decode_response(tokenizer, output_ids)
-    start, end = thinking_span(tokenizer, output_ids, response)
+    start, end = thinking_span(tokenizer, output_ids, response, fmt)
     return Generation(
         prompt_ids=list(prompt_ids),
         output_ids=output_ids,
@@ -508,7 +504,7 @@ def run_chain_jobs(
     table in job order.
     """
     resume_key = chains_resume_key(lm, max_new_tokens, resume_inputs)
-    metadata = {**metadata, "resume_key": resume_key}
+    metadata = {**metadata, "resume_key": resume_key, "thinking": thinking_of(lm).provenance()}
     done = _reusable_rows(lm, path, resume_key, jobs, prompt_template)
     finished = set(done["chain_id"])
     todo = [job for job in jobs if job.chain_id not in finished]
@@ -546,8 +542,9 @@ def check_lengths(lm: LoadedModel, jobs: list[ChainJob], max_new_tokens: int) ->
     limit = getattr(getattr(lm.hf_model, "config", None), "max_position_embeddings", None)
     if not isinstance(limit, int):
         return
+    thinking = thinking_of(lm)
     for job in jobs:
-        n = len(prompt_token_ids(lm.tokenizer, job.prompt))
+        n = len(prompt_token_ids(lm.tokenizer, job.prompt, thinking=thinking))
         if n + max_new_tokens > limit:
             raise BadInput(f"task {job.task_id}: its prompt of {n} tokens and max_new_tokens "
                            f"{max_new_tokens} exceed the {limit} positions of {lm.name}: "
@@ -572,8 +569,10 @@ def _reusable_rows(
         say(f"{path} was written with other settings or inputs: generating it again")
         return empty
     existing = read_parquet(path, columns=list(CHAIN_SCHEMA)).cast(CHAIN_SCHEMA)
+    thinking = thinking_of(lm)
     expected = {
-        job.chain_id: _job_columns(job, prompt_token_ids(lm.tokenizer, job.prompt, prompt_template))
+        job.chain_id: _job_columns(job, prompt_token_ids(lm.tokenizer, job.prompt, prompt_template,
+                                                         thinking))
         for job in jobs
     }
     dropped = existing.filter(~pl.col("chain_id").is_in(list(expected))).height

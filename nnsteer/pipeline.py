@@ -80,7 +80,7 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 MODEL_KEYS = ("name", "remote", "device", "dtype", "batch_size", "hot_swap", "ndif_deadline",
-              "device_map", "max_memory")
+              "device_map", "max_memory", "thinking_format", "reasoning_effort")
 #: Options that change how fast a stage runs, not what it writes: not fingerprinted.
 EXECUTION_OPTIONS = frozenset({"batch_size", "workers", "device", "remote"})
 #: Parameters the pipeline itself supplies to stage functions.
@@ -101,6 +101,9 @@ class ModelConfig:
     #: accelerate's placement (``nnsteer.models.check_placement``): a name or {module = device}.
     device_map: str | dict[str, Any] | None = None
     max_memory: dict[str, Any] | None = None
+    #: :mod:`nnsteer.thinking`: ``auto`` (None) detects the format.
+    thinking_format: str | None = None
+    reasoning_effort: str | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,8 @@ CHOICES: dict[tuple[str, str], str | tuple[str, ...]] = {
     ("steer", "behaviours"): "nnsteer.labels.LABELS",
     ("evaluate", "denominator"): "nnsteer.evaluate.DENOMINATORS",
     ("model", "dtype"): ("auto", "float32", "bfloat16", "float16", "float64"),
+    ("model", "thinking_format"): "nnsteer.thinking.FORMAT_CHOICES",
+    ("model", "reasoning_effort"): "nnsteer.thinking.REASONING_EFFORTS",
 }
 
 
@@ -429,15 +434,22 @@ class _LazyModel:
 
     def get(self) -> LoadedModel:
         if self._lm is None:
+            from nnsteer.thinking import apply_thinking
+
             c = self.config
             self._lm = load_model(c.name, device=c.device, dtype=c.dtype, remote=c.remote,
                                   hot_swap=c.hot_swap, ndif_deadline=c.ndif_deadline,
                                   device_map=c.device_map, max_memory=c.max_memory)
+            apply_thinking(self._lm, c.thinking_format, c.reasoning_effort,
+                           origin="[model] thinking_format")
         return self._lm
 
     def identity(self) -> dict[str, Any]:
-        """What makes outputs differ between models (not where they run)."""
-        return {"name": self.config.name, "dtype": self.config.dtype}
+        """What makes outputs differ between models (not where they run); the thinking
+        settings where the config gives them."""
+        thinking = {k: getattr(self.config, k) for k in ("thinking_format", "reasoning_effort")}
+        return {"name": self.config.name, "dtype": self.config.dtype,
+                **{k: v for k, v in thinking.items() if v is not None}}
 
 
 def _stderr(message: str) -> None:

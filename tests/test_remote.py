@@ -504,13 +504,16 @@ def test_config_model_table_takes_the_ndif_options(tmp_path):
 
 
 def test_cli_options_reach_load_model(monkeypatch):
-    """--hot-swap and --ndif-deadline, given with the model options, reach load_model."""
+    """--hot-swap and --ndif-deadline, given with the model options, reach load_model
+    (--thinking-format and --reasoning-effort: the thinking format of what it loaded)."""
     import click
 
     import nnsteer.cli.common as common
 
     seen = {}
     monkeypatch.setattr(common, "load_model", lambda model, **options: seen.update(options))
+    monkeypatch.setattr("nnsteer.thinking.apply_thinking",
+                        lambda lm, *thinking: seen.update(thinking=thinking))
 
     @click.command()
     @common.model_options
@@ -518,6 +521,8 @@ def test_cli_options_reach_load_model(monkeypatch):
         common.open_model(model, remote, device, dtype)
 
     result = CliRunner().invoke(stage, ["--model", "org/big", "--remote", "--hot-swap",
-                                        "--ndif-deadline", "600"])
+                                        "--ndif-deadline", "600", "--thinking-format", "harmony",
+                                        "--reasoning-effort", "high"])
     assert result.exit_code == 0, result.output
     assert seen["hot_swap"] is True and seen["ndif_deadline"] == 600.0 and seen["remote"]
+    assert seen["thinking"] == ("harmony", "high")

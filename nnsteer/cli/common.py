@@ -38,6 +38,7 @@ def model_choice_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           'JSON object {"module": device} (device: GPU index, cpu or disk).'),
         click.option("--max-memory", default=None, expose_value=False, callback=_keep_ndif_option,
                      help="With --device-map: memory per device, e.g. 0=20GiB,cpu=64GiB."),
+        *thinking_options(),
     ]
     for option in reversed(options):
         func = option(func)
@@ -49,6 +50,27 @@ def _keep_ndif_option(ctx: click.Context, param: click.Parameter, value: Any) ->
     :func:`open_model` (not a command argument)."""
     ctx.meta[f"nnsteer.{param.name}"] = value
     return value
+
+
+def thinking_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """``--thinking-format --reasoning-effort``, kept for :func:`open_model` (see
+    :mod:`nnsteer.thinking`); a bad value is one line naming the option."""
+    from nnsteer.thinking import FORMAT_CHOICES, REASONING_EFFORTS, check_effort, check_format
+
+    def keep(check: Callable[[str | None, str], str | None]) -> Callable[..., Any]:
+        def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+            ctx.meta[f"nnsteer.{param.name}"] = check(value, f"--{param.name.replace('_', '-')}")
+        return callback
+
+    return [
+        click.option("--thinking-format", default=None, expose_value=False,
+                     callback=keep(check_format), metavar="[" + "|".join(FORMAT_CHOICES) + "]",
+                     help="How the model marks its reasoning. Default: detected from its "
+                          "tokenizer and chat template (auto)."),
+        click.option("--reasoning-effort", default=None, expose_value=False,
+                     callback=keep(check_effort), metavar="[" + "|".join(REASONING_EFFORTS) + "]",
+                     help="The harmony format's reasoning effort (default medium)."),
+    ]
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,14 +114,30 @@ def llm_limits(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def open_model(model: str, remote: bool, device: str | None, dtype: str) -> LoadedModel:
-    """Load the model named by the common options (and ``--hot-swap``, ``--ndif-deadline``)."""
+    """Load the model named by the common options (and ``--hot-swap``, ``--ndif-deadline``),
+    with its thinking format (``--thinking-format``, ``--reasoning-effort``)."""
+    from nnsteer.thinking import apply_thinking
+
     meta = click.get_current_context().meta
     device_map, max_memory = parse_placement_text(meta.get("nnsteer.device_map"),
                                                   meta.get("nnsteer.max_memory"))
-    return load_model(model, device=device, dtype=dtype, remote=remote,
-                      hot_swap=meta.get("nnsteer.hot_swap", False),
-                      ndif_deadline=meta.get("nnsteer.ndif_deadline"),
-                      device_map=device_map, max_memory=max_memory)
+    lm = load_model(model, device=device, dtype=dtype, remote=remote,
+                    hot_swap=meta.get("nnsteer.hot_swap", False),
+                    ndif_deadline=meta.get("nnsteer.ndif_deadline"),
+                    device_map=device_map, max_memory=max_memory)
+    apply_thinking(lm, meta.get("nnsteer.thinking_format"), meta.get("nnsteer.reasoning_effort"))
+    return lm
+
+
+def describe_thinking(model: str) -> str:
+    """``NAME (why)``: the thinking format ``model`` would run with (its tokenizer alone,
+    and ``--thinking-format``, ``--reasoning-effort``)."""
+    from nnsteer.models import load_tokenizer
+    from nnsteer.thinking import choose
+
+    meta = click.get_current_context().meta
+    return choose(load_tokenizer(model), model, meta.get("nnsteer.thinking_format"),
+                  meta.get("nnsteer.reasoning_effort")).summary()
 
 
 def given_run_dir(ctx: click.Context) -> Path | None:

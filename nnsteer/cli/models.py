@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from nnsteer.cli.common import model_choice_options
+from nnsteer.cli.common import describe_thinking, model_choice_options
 
 
 @click.command(name="models")
@@ -15,6 +15,7 @@ def command(model: str, remote: bool, device: str | None, dtype: str) -> None:
 
     hot_swap = click.get_current_context().meta.get("nnsteer.hot_swap", False)
     info = describe_model(model, device=device, dtype=dtype, remote=remote, hot_swap=hot_swap)
+    info["thinking format"] = describe_thinking(model)
     width = max(len(k) for k in info)
     for key, value in info.items():
         click.echo(f"{key:<{width}}  {value}")
