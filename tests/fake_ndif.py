@@ -65,6 +65,8 @@ class FakeNdif:
         name: version(name) for name in ("nnsight", "transformers", "torch")})
     inline_limit: int = 1 << 20
     bf16: bool = True
+    #: Which NDIF sandbox runs the jobs (``strict_remote.SANDBOXES``).
+    sandbox: str = "allow-lists"
     #: ``{model_key: state}`` for /status beyond the served models (RUNNING).
     extra_deployments: dict[str, str] = field(default_factory=dict)
     drop_polls: int = 0
@@ -159,7 +161,8 @@ class FakeNdif:
                 continue
             try:
                 result = serve_request(self.models[metadata["model_key"]], blob,
-                                       bf16=self.bf16, compress=metadata.get("compress", False))
+                                       bf16=self.bf16, compress=metadata.get("compress", False),
+                                       sandbox=self.sandbox)
             except Exception as exc:
                 self.respond(job_id, session, "ERROR", f"{traceback.format_exc()}\n{exc}")
                 continue
