@@ -64,6 +64,8 @@ class FakeNdif:
     env_packages: dict[str, str] = field(default_factory=lambda: {
         name: version(name) for name in ("nnsight", "transformers", "torch")})
     inline_limit: int = 1 << 20
+    #: Whether the service answers ``/env`` (NDIF's main branch does not).
+    has_env: bool = True
     bf16: bool = True
     #: Which NDIF sandbox runs the jobs (``strict_remote.SANDBOXES``).
     sandbox: str = "allow-lists"
@@ -245,7 +247,7 @@ def _handler(ndif: FakeNdif) -> type[BaseHTTPRequestHandler]:
                 return self._subscribe()
             if path == "/status":
                 return self._json(200, ndif.status())
-            if path == "/env":
+            if path == "/env" and ndif.has_env:
                 return self._json(200, ndif.env())
             if path == "/whoami":
                 known = self.headers.get("ndif-api-key") in ndif.api_keys
