@@ -342,6 +342,14 @@ def _job_failure(what: str, exc: BaseException) -> str:
     return f"{what} failed on NDIF: {last}; {advice}"
 
 
+#: HTTP statuses of a finished job's result once NDIF dropped it (the URL expired).
+EXPIRED_STATUS = frozenset({403, 404, 410})
+
+
+class ResultExpired(Exception):
+    """NDIF no longer has a job's result: the job must run again."""
+
+
 def ndif_backend(model_key: str, *, deadline: float | None = None) -> Any:
     """The nnsight backend nnsteer sends NDIF requests with (see :class:`NdifBackend`)."""
     from nnsight.intervention.backends.remote import RemoteBackend
@@ -364,13 +372,21 @@ def ndif_backend(model_key: str, *, deadline: float | None = None) -> Any:
         def __call__(self, tracer: Any = None) -> Any:
             what, jobs = _REQUEST.get()
             self.job_id = jobs.pending(what) if jobs is not None else None
+            result = None
             if self.job_id is not None:
                 _warn(f"{what}: re-attaching to NDIF job {self.job_id}")
-            else:
+                try:
+                    result = self._wait(what, jobs, reattached=True)
+                except ResultExpired:
+                    _warn(f"{what}: NDIF no longer has job {self.job_id}'s result (it keeps "
+                          "results about 2 hours); running the job again")
+                    jobs.forget(what)  # type: ignore[union-attr]
+                    self.job_id = None
+            if self.job_id is None:
                 self.submit(tracer)
                 if jobs is not None:
                     jobs.remember(what, self.job_id)
-            result = self._wait(what, jobs)
+                result = self._wait(what, jobs)
             self._push(result, tracer)
             return result
 
@@ -385,10 +401,14 @@ def ndif_backend(model_key: str, *, deadline: float | None = None) -> Any:
                 )
             return super().download_result(url)
 
-        def _wait(self, what: str, jobs: JobBook | None) -> Any:
+        def _wait(self, what: str, jobs: JobBook | None, reattached: bool = False) -> Any:
+            """The job's result; with ``reattached``, :class:`ResultExpired` if NDIF no
+            longer knows the job (its status is gone) or its result (the URL is gone)."""
+            import httpx
             from nnsight.intervention.backends.remote import RemoteError
 
             started, last, interval = time.monotonic(), None, POLL_INTERVAL
+            self.status = None
             while True:
                 try:
                     result = self.poll()
@@ -396,8 +416,14 @@ def ndif_backend(model_key: str, *, deadline: float | None = None) -> Any:
                     if jobs is not None:  # the job is over: a retry sends a new one
                         jobs.forget(what)
                     raise
+                except httpx.HTTPStatusError as exc:
+                    if reattached and exc.response.status_code in EXPIRED_STATUS:
+                        raise ResultExpired(self.job_id) from None
+                    raise
                 if result is not None:
                     return result
+                if reattached and self.status is None:  # /response answered 404
+                    raise ResultExpired(self.job_id)
                 if self.status is not None and self.status != last:
                     last = self.status
                     _warn(f"{what}: NDIF job {self.job_id} {last.value.lower()}")

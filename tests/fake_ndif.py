@@ -89,6 +89,13 @@ class FakeNdif:
         """How many jobs were sent (each one paid for)."""
         return sum(status == "RECEIVED" for _, status in self.statuses)
 
+    def expire_results(self, keep_statuses: bool = False) -> None:
+        """Drop every finished job's result, as NDIF does after about 2 hours (and its
+        statuses too, unless ``keep_statuses``: then COMPLETED points at a dead URL)."""
+        self.results.clear()
+        if not keep_statuses:
+            self.responses.clear()
+
     def fail_jobs(self, *descriptions: str) -> None:
         """Answer the next jobs with ERROR and these descriptions (a server traceback)."""
         self.failures.extend(descriptions)

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -324,6 +325,29 @@ def test_deadline_stops_waiting_and_a_rerun_reattaches(study, lm, tmp_path, monk
         monkeypatch.setattr(lm, "ndif_deadline", None)
         _extract(run, lm)
         assert ndif.submitted() == 2
+
+
+@pytest.mark.parametrize("keep_statuses", [False, True], ids=["job-gone", "result-url-gone"])
+def test_rerun_after_the_result_expired_runs_the_job_again(study, lm, tmp_path, monkeypatch,
+                                                          capfd, keep_statuses):
+    """NDIF keeps a finished job's result about 2 hours: a later rerun cannot re-attach,
+    so it sends the job again, with one line."""
+    run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
+    with ndif_remote(lm, queue_delay=0.5) as ndif:
+        monkeypatch.setattr(lm, "ndif_deadline", 0.1)
+        with pytest.raises(NnsteerError, match="not done after"):
+            _extract(run, lm)
+        monkeypatch.setattr(lm, "ndif_deadline", None)
+        while not ndif.results:  # the abandoned job finishes, then its result expires
+            time.sleep(0.05)
+        ndif.expire_results(keep_statuses=keep_statuses)
+        capfd.readouterr()
+        remote_set = _extract(run, lm)
+        assert ndif.submitted() == 3  # batch 1 twice, batch 2 once
+    assert set(remote_set.vectors) == set(vectors.load_vectors(study.vectors).vectors)
+    assert not list(run.root.glob("*.jobs.json"))
+    notes = [line for line in capfd.readouterr().err.splitlines() if "running the job again" in line]
+    assert len(notes) == 1 and notes[0].startswith("nnsteer: extract batch 1/2: NDIF no longer")
 
 
 def test_a_result_on_another_host_is_not_loaded(study, lm, tmp_path):
