@@ -440,3 +440,45 @@ def test_cli_remote_without_the_hub_is_one_line(study, lm, tmp_path):
     assert ("nnsight could not ask the Hugging Face Hub for test/tiny-llama's id" in line
             and "unset HF_HUB_OFFLINE" in line), line
     assert ndif.submitted() == 0
+
+
+# --- `nnsteer models --remote --smoke`: one tiny request of each kind -----------------------
+
+
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_smoke_requests_are_accepted_in_both_sandboxes(lm, sandbox):
+    from nnsteer.smoke import smoke_lines
+
+    with ndif_remote(lm, sandbox=sandbox) as ndif:
+        lines = smoke_lines(lm)
+    assert [line.split()[0] for line in lines] == ["generate", "extract", "attribute"]
+    assert all(line.split()[1] == "accepted" for line in lines), lines
+    assert ndif.submitted() == len(ndif.requests) == 3
+
+
+def test_smoke_says_which_kind_the_server_refused(lm):
+    from nnsteer.smoke import smoke_lines
+
+    with ndif_remote(lm) as ndif:
+        ndif.fail_jobs("Traceback (most recent call last):\n  ...\nNameError: name 'torch' "
+                       "is not defined")
+        generate_line, *others = smoke_lines(lm)
+    assert generate_line == ("generate  refused: generate batch 1/1 failed on NDIF: NameError: "
+                             "name 'torch' is not defined; finished batches are saved; fix the "
+                             "cause and rerun to resume")
+    assert all(" accepted (" in line for line in others)
+
+
+def test_cli_models_remote_smoke(lm, tmp_path):
+    _offline_hub_copy(lm, tmp_path / "hf")
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    with fake_ndif({served(lm, SERVED_REPO): lm.nn}) as ndif:
+        result = _nnsteer_shell(run, tmp_path / "hf", ndif.host, "models", "--remote", "--smoke",
+                                "--model", SERVED_REPO)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()[-3:]
+    assert [line.split()[:2] for line in lines] == [["generate", "accepted"],
+                                                    ["extract", "accepted"],
+                                                    ["attribute", "accepted"]]
+    assert ndif.submitted() == 3
