@@ -142,9 +142,11 @@ def find_probes(
     return sorted(probes, key=lambda p: (p.chain_id, p.position, p.label))
 
 
-#: Chains whose probes one NDIF request runs (one session: a clean pass per chain, then
-#: its probe batches); the label vectors travel once per request.
-CHAINS_PER_REQUEST = 16
+#: Probe rows one NDIF request runs at most (one row per probe; ``n_layers + 1`` per probe
+#: for kl2 and exact), in whole chains, at least one: one session, a clean pass per chain
+#: and its probe batches. The label vectors travel once per request, so fewer is leaner;
+#: this bounds a request's time (NDIF stops jobs after an hour).
+REQUEST_ROWS = 4096
 
 
 def probe_effects(
@@ -156,14 +158,15 @@ def probe_effects(
     batch_size: int = 8,
     progress: bool = True,
     checkpoint: Path | None = None,
-    chains_per_request: int = CHAINS_PER_REQUEST,
+    rows_per_request: int = REQUEST_ROWS,
 ) -> torch.Tensor:
     """Effect of each label's vector at every layer, per probe: float32 ``[n_probes, n_layers]``.
 
     First-order metrics give the signed ``ΔL``; ``kl2`` and ``exact`` give KL values.
     ``sequences`` maps ``chain_id`` to the chain's full token ids (prompt + output);
-    ``vectors`` maps each probed label to its ``[n_layers, d_model]`` tensor. The chains
-    run ``chains_per_request`` to a request (the result does not depend on it). With
+    ``vectors`` maps each probed label to its ``[n_layers, d_model]`` tensor. Requests
+    hold whole chains, up to ``rows_per_request`` probe rows (:data:`REQUEST_ROWS`; the
+    result does not depend on it). With
     ``checkpoint``, the effects of the finished chains are saved there after each
     request, and a rerun with the same model, probes, chains, vectors, metric and batch
     size skips those chains, with the same result as an uninterrupted run.
@@ -171,8 +174,8 @@ def probe_effects(
     from tqdm import tqdm
 
     check_option("metric", metric, METRICS)
-    if chains_per_request < 1:
-        raise BadInput(f"chains per request must be at least 1, not {chains_per_request}")
+    if rows_per_request < 1:
+        raise BadInput(f"rows per request must be at least 1, not {rows_per_request}")
     effects = torch.empty(len(probes), lm.arch.n_layers)
     if not probes:
         return effects
@@ -193,10 +196,11 @@ def probe_effects(
     announce_resume("attribute", "chain", done, len(chains))
     per_layer = metric in PER_LAYER
     per_trace = max(1, batch_size // (lm.arch.n_layers + 1)) if per_layer else batch_size
+    reps = lm.arch.n_layers + 1 if per_layer else 1
     with tqdm(total=len(chains), initial=done, desc=f"attribute ({metric})", unit="chain",
               disable=not progress, file=sys.stderr) as bar:
         while done < len(chains):
-            group = chains[done:done + chains_per_request]
+            group = chains[done:_request_end(chains, done, rows_per_request // reps)]
             members = [i for _, chain_members in group for i in chain_members]
             # Only the vectors of these chains' labels travel, once for the whole request.
             present = sorted({probes[i].label for i in members})
@@ -213,6 +217,16 @@ def probe_effects(
             partial.save({"effects": effects, "chains": done})
             bar.update(len(group))
     return effects
+
+
+def _request_end(chains: list[tuple[str, list[int]]], start: int, probes: int) -> int:
+    """Where the request that starts at chain ``start`` ends: at least one chain, and no
+    more than ``probes`` probes unless its first chain alone has more."""
+    end, total = start + 1, len(chains[start][1])
+    while end < len(chains) and total + len(chains[end][1]) <= probes:
+        total += len(chains[end][1])
+        end += 1
+    return end
 
 
 def _chain_request(sequence: Sequence[int], probes: list[Probe], index: dict[str, int],
@@ -429,7 +443,7 @@ def attribute(
     labels: Sequence[str] | None = None,
     aggregate: str = "spans",
     limit: int | None = None,
-    chains_per_request: int = CHAINS_PER_REQUEST,
+    rows_per_request: int = REQUEST_ROWS,
 ) -> pl.DataFrame:
     """Write ``attribution.parquet`` (per label and layer) and ``attribution_spans.parquet``.
 
@@ -437,7 +451,7 @@ def attribute(
     no span is skipped with a warning, a label asked for by name must have spans.
     ``aggregate`` says how the per-span effects are averaged (:func:`summarize`);
     ``limit`` probes only the first N chains of ``chains.parquet``;
-    ``chains_per_request`` packs that many chains into one NDIF request (:func:`probe_effects`).
+    ``rows_per_request`` bounds what one NDIF request runs (:func:`probe_effects`).
     ``validate=N`` also runs ``exact`` on N probes per label and records the Spearman
     correlation of the two per-layer profiles in the metadata (``validation``), and in
     ``validation_detail`` the profiles, with ``released-code``'s too
@@ -473,7 +487,7 @@ def attribute(
                  for row in chains.iter_rows(named=True)}
     partial = run.partial("attribute")
     effects = probe_effects(lm, sequences, probes, vs.vectors, metric, batch_size,
-                            checkpoint=partial, chains_per_request=chains_per_request)
+                            checkpoint=partial, rows_per_request=rows_per_request)
     options = {"metric": metric, "batch_size": batch_size, "validate": validate, "spans": spans,
                "labels": asked, "aggregate": aggregate, "limit": limit}
     meta = provenance("attribute", options, lm.provenance())

@@ -409,10 +409,10 @@ def test_interrupted_attribute_resumes_identically(llama, three_chains, tmp_path
     reference = _write_run(tmp_path / "ref", llama, three_chains)
     attribute(reference, llama, metric="nll")
     run = _interrupted(tmp_path / "run", llama, three_chains, monkeypatch, 2, metric="nll",
-                       chains_per_request=1)
+                       rows_per_request=1)
     capsys.readouterr()
     resumed = FaultAfter(monkeypatch, attribution, "_request_effects")
-    df = attribute(run, llama, metric="nll", chains_per_request=2)
+    df = attribute(run, llama, metric="nll", rows_per_request=1)
     assert resumed.calls == 1  # chain c only
     assert "attribute: resuming at chain 3/3" in capsys.readouterr().err
     assert df.equals(_results(reference)[0])
@@ -425,10 +425,10 @@ def test_interrupted_attribute_resumes_identically(llama, three_chains, tmp_path
 def test_attribute_with_other_options_starts_over(llama, three_chains, tmp_path, monkeypatch,
                                                    capsys, change):
     run = _interrupted(tmp_path, llama, three_chains, monkeypatch, 1, metric="nll",
-                       chains_per_request=1)
+                       rows_per_request=1)
     capsys.readouterr()
     calls = FaultAfter(monkeypatch, attribution, "_request_effects")
-    attribute(run, llama, **{"metric": "nll", "chains_per_request": 1, **change})
+    attribute(run, llama, **{"metric": "nll", "rows_per_request": 1, **change})
     assert calls.calls == 3
     err = capsys.readouterr().err
     assert "other inputs or options; starting over" in err and "resuming" not in err
@@ -437,12 +437,12 @@ def test_attribute_with_other_options_starts_over(llama, three_chains, tmp_path,
 
 def test_damaged_attribute_partial_file_is_ignored(llama, three_chains, tmp_path, monkeypatch,
                                                    capsys):
-    run = _interrupted(tmp_path, llama, three_chains, monkeypatch, 2, chains_per_request=1)
+    run = _interrupted(tmp_path, llama, three_chains, monkeypatch, 2, rows_per_request=1)
     partial = run.partial("attribute")
     partial.write_bytes(partial.read_bytes()[:-100])
     capsys.readouterr()
     calls = FaultAfter(monkeypatch, attribution, "_request_effects")
-    attribute(run, llama, chains_per_request=1)
+    attribute(run, llama, rows_per_request=1)
     assert calls.calls == 3
     warning = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
     assert len(warning) == 1 and str(partial) in warning[0]
