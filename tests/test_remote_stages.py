@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import polars as pl
@@ -27,7 +28,7 @@ from polars.testing import assert_frame_equal
 
 from conftest import make_tiny
 from nnsteer.labels import LABELS
-from nnsteer import remote
+from nnsteer import remote, residuals
 from nnsteer.errors import NnsteerError
 from nnsteer.models import wrap_model
 from nnsteer.store import RunDir, provenance, read_metadata, write_json, write_parquet
@@ -261,7 +262,9 @@ EXTRACT_INPUTS = ("tasks.parquet", "chains.parquet", "annotations.parquet")
 
 
 def _extract(run, lm):
-    return vectors.extract_vectors(run, lm, batch_size=1)
+    """Two batches, one request each (the long-job tests count requests)."""
+    with mock.patch.object(residuals, "BATCHES_PER_REQUEST", 1):
+        return vectors.extract_vectors(run, lm, batch_size=1)
 
 
 def test_extract_reattaches_to_its_job_after_dropped_polls(study, lm, tmp_path, monkeypatch,
