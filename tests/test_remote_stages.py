@@ -485,3 +485,12 @@ def test_cli_models_remote_smoke(lm, tmp_path):
                                                     ["extract", "accepted"],
                                                     ["attribute", "accepted"]]
     assert ndif.submitted() == 3
+
+
+def test_smoke_needs_remote():
+    from click.testing import CliRunner
+
+    from nnsteer.cli import cli
+
+    result = CliRunner().invoke(cli, ["models", "--smoke"])
+    assert result.exit_code == 2 and "--smoke needs --remote" in result.output
