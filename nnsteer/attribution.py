@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -143,6 +142,13 @@ def find_probes(
     return sorted(probes, key=lambda p: (p.chain_id, p.position, p.label))
 
 
+#: Probe rows one NDIF request runs at most (one row per probe; ``n_layers + 1`` per probe
+#: for kl2 and exact), in whole chains, at least one: one session, a clean pass per chain
+#: and its probe batches. The label vectors travel once per request, so fewer is leaner;
+#: this bounds a request's time (NDIF stops jobs after an hour).
+REQUEST_ROWS = 4096
+
+
 def probe_effects(
     lm: LoadedModel,
     sequences: dict[str, Sequence[int]],
@@ -152,19 +158,24 @@ def probe_effects(
     batch_size: int = 8,
     progress: bool = True,
     checkpoint: Path | None = None,
+    rows_per_request: int = REQUEST_ROWS,
 ) -> torch.Tensor:
     """Effect of each label's vector at every layer, per probe: float32 ``[n_probes, n_layers]``.
 
     First-order metrics give the signed ``ΔL``; ``kl2`` and ``exact`` give KL values.
     ``sequences`` maps ``chain_id`` to the chain's full token ids (prompt + output);
-    ``vectors`` maps each probed label to its ``[n_layers, d_model]`` tensor. With
-    ``checkpoint``, the effects of the finished chains are saved there after each chain,
-    and a rerun with the same model, probes, chains, vectors, metric and batch size
-    skips those chains, with the same result as an uninterrupted run.
+    ``vectors`` maps each probed label to its ``[n_layers, d_model]`` tensor. Requests
+    hold whole chains, up to ``rows_per_request`` probe rows (:data:`REQUEST_ROWS`; the
+    result does not depend on it). With
+    ``checkpoint``, the effects of the finished chains are saved there after each
+    request, and a rerun with the same model, probes, chains, vectors, metric and batch
+    size skips those chains, with the same result as an uninterrupted run.
     """
     from tqdm import tqdm
 
     check_option("metric", metric, METRICS)
+    if rows_per_request < 1:
+        raise BadInput(f"rows per request must be at least 1, not {rows_per_request}")
     effects = torch.empty(len(probes), lm.arch.n_layers)
     if not probes:
         return effects
@@ -173,7 +184,6 @@ def probe_effects(
     if metric == "released-code":
         table = table / table.norm(dim=-1, keepdim=True)
     table = table.to(lm.dtype)
-    index = {label: i for i, label in enumerate(table_labels)}
     by_chain: dict[str, list[int]] = defaultdict(list)
     for i, probe in enumerate(probes):
         by_chain[probe.chain_id].append(i)
@@ -186,189 +196,148 @@ def probe_effects(
     announce_resume("attribute", "chain", done, len(chains))
     per_layer = metric in PER_LAYER
     per_trace = max(1, batch_size // (lm.arch.n_layers + 1)) if per_layer else batch_size
-    for k, (chain_id, members) in enumerate(
-            tqdm(chains[done:], initial=done, total=len(chains), desc=f"attribute ({metric})",
-                 unit="chain", disable=not progress, file=sys.stderr), start=done + 1):
-        ids = torch.tensor([list(sequences[chain_id])])
-        # Only the vectors of this chain's labels travel with its request (NDIF payload).
-        present = sorted({probes[i].label for i in members})
-        chain_index = {label: j for j, label in enumerate(present)}
-        chain_table = table[[index[label] for label in present]]
-        batches = [_batch([probes[i] for i in members[s:s + per_trace]], ids, chain_index,
-                          lm.arch.n_layers, per_layer) for s in range(0, len(members), per_trace)]
-        chain_effects = with_retries(
-            lambda: (_chain_effects if lm.arch.plain_kv_cache else _chain_effects_without_cache)(
-                lm, ids, batches, chain_table, metric),
-            what=f"attribute chain {chain_id}", jobs=partial.jobs())
-        effects[members] = chain_effects.float().cpu()
-        partial.save({"effects": effects, "chains": k})
+    reps = lm.arch.n_layers + 1 if per_layer else 1
+    with tqdm(total=len(chains), initial=done, desc=f"attribute ({metric})", unit="chain",
+              disable=not progress, file=sys.stderr) as bar:
+        while done < len(chains):
+            group = chains[done:_request_end(chains, done, rows_per_request // reps)]
+            members = [i for _, chain_members in group for i in chain_members]
+            # Only the vectors of these chains' labels travel, once for the whole request.
+            present = sorted({probes[i].label for i in members})
+            index = {label: j for j, label in enumerate(present)}
+            request_table = table[[table_labels.index(label) for label in present]]
+            request = [_chain_request(sequences[chain_id], [probes[i] for i in chain_members],
+                                      index, per_trace) for chain_id, chain_members in group]
+            request_effects = with_retries(
+                lambda: _request_effects(lm, request, request_table, metric),
+                what=f"attribute chains {done + 1}-{done + len(group)}/{len(chains)}",
+                jobs=partial.jobs())
+            effects[members] = request_effects.float().cpu()
+            done += len(group)
+            partial.save({"effects": effects, "chains": done})
+            bar.update(len(group))
     return effects
 
 
-def _batch(probes: list[Probe], ids: torch.Tensor, index: dict[str, int], n_layers: int,
-           per_layer: bool) -> dict:
-    """What one trace over ``probes`` needs, built outside the trace.
+def _request_end(chains: list[tuple[str, list[int]]], start: int, probes: int) -> int:
+    """Where the request that starts at chain ``start`` ends: at least one chain, and no
+    more than ``probes`` probes unless its first chain alone has more."""
+    end, total = start + 1, len(chains[start][1])
+    while end < len(chains) and total + len(chains[end][1]) <= probes:
+        total += len(chains[end][1])
+        end += 1
+    return end
 
-    Row ``b`` sees the cache of positions ``< p_b``, left-padded to the batch's widest
-    prefix: ``cache_index`` picks the cached positions (pads point at position 0 and are
-    masked out). With ``per_layer`` each probe is ``n_layers + 1`` rows: row 0 clean,
-    row ``l + 1`` patched at layer ``l`` (``patch`` is the one-hot layer of each row).
-    """
-    reps = n_layers + 1 if per_layer else 1
-    positions = torch.tensor([p.position for p in probes])
-    width = int(positions.max())
-    offset = torch.arange(width)[None, :] - (width - positions[:, None])
-    mask = torch.cat([offset >= 0, torch.ones(len(probes), 1, dtype=torch.bool)], 1)
-    inputs = {"input_ids": ids[0, positions][:, None], "position_ids": positions[:, None],
-              "attention_mask": mask.long()}
-    patch = torch.cat([torch.zeros(1, n_layers), torch.eye(n_layers)]).repeat(len(probes), 1)
+
+def _chain_request(sequence: Sequence[int], probes: list[Probe], index: dict[str, int],
+                   per_trace: int) -> dict:
+    """What one chain's probes send: the token ids up to the last probe's target (int32),
+    and per trace the probes' positions and label indices (int32); the server derives
+    the rest (probe tokens, targets, masks, cache indices, patched layers)."""
+    end = max(p.position for p in probes) + 2
     return {
-        "inputs": {key: value.repeat_interleave(reps, 0) for key, value in inputs.items()},
-        "cache_index": offset.clamp(min=0).repeat_interleave(reps, 0),
-        "targets": torch.tensor([p.target for p in probes]),
-        "labels": torch.tensor([index[p.label] for p in probes]).repeat_interleave(reps, 0),
-        "patch": patch if per_layer else None,
-        "patch_layer": patch.argmax(1) if per_layer else None,
-        "width": width,
+        "ids": torch.tensor([list(sequence[:end])], dtype=torch.int32),
+        "batches": [{"positions": torch.tensor([p.position for p in probes[s:s + per_trace]],
+                                               dtype=torch.int32),
+                     "labels": torch.tensor([index[p.label] for p in probes[s:s + per_trace]],
+                                            dtype=torch.int32)}
+                    for s in range(0, len(probes), per_trace)],
     }
 
 
-def kv_cache_argument(hf_model: Any) -> str:
-    """What the model's forward calls its KV cache, argument and output: ``cache`` from
-    transformers 5.24 (``past_key_values`` warns there, and goes in 5.40), before that
-    ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+def _request_effects(lm: LoadedModel, chains: list[dict], table: torch.Tensor,
+                     metric: str) -> torch.Tensor:
+    """The effects of every probe of ``chains`` (:func:`_chain_request`), in order:
+    ``[n_probes, n_layers]``.
 
-
-def _chain_effects(lm: LoadedModel, ids: torch.Tensor, batches: list[dict],
-                   table: torch.Tensor, metric: str) -> torch.Tensor:
-    """The effects of every probe of one chain: ``[n_probes, n_layers]``.
-
-    One session: a clean forward over the chain fills the KV cache, then one one-token
-    trace per batch (see :func:`_batch` for its rows).
+    One session: per chain, a clean forward over the chain fills the KV cache, then one
+    one-token trace per batch of probes. Row ``b`` sees the cache of positions ``< p_b``,
+    left-padded to the batch's widest prefix (pads point at position 0 and are masked
+    out). ``exact`` and ``kl2`` give each probe ``n_layers + 1`` rows: row 0 clean, row
+    ``l + 1`` patched at layer ``l``. A model without a plain KV cache
+    (``Architecture.plain_kv_cache``) runs each row's whole prefix instead of the cache.
     """
     m, layers, n_layers = lm.nn, lm.layers, lm.arch.n_layers
     embed = lm.arch.embed(m)
     released, second_order = metric == "released-code", metric == "kl2"
     first_order = metric in FIRST_ORDER
-    width = max(b["width"] for b in batches)
-    cache_name = kv_cache_argument(lm.hf_model)
+    reps = 1 if first_order else n_layers + 1
     kernels = SECOND_ORDER_KERNELS if second_order else ALL_KERNELS
     options = lm.remote_options()
-    # The remote path re-reads this block's source: no comment lines or multi-line statements
-    # before a nested `with`. Only torch and builtins inside: NDIF's allow-list refuses
-    # transformers (the per-batch cache is the server's own cache class, rebuilt).
+    # The block reads no module-level name (NDIF's newer sandbox runs it without them):
+    # what it needs from torch is bound here. Its source is re-read remotely: no comment
+    # lines or multi-line statements before a nested `with`. The cache's argument name,
+    # and its class, are the server's own (its transformers may differ from this one's).
+    arange, cat, eye, zeros, stack, float32 = (torch.arange, torch.cat, torch.eye, torch.zeros,
+                                               torch.stack, torch.float32)
+    grad, kl_div, attention = torch.autograd.grad, torch.nn.functional.kl_div, torch.nn.attention
+    # Without a plain KV cache (sliding windows, linear attention, Mamba: see
+    # Architecture.plain_kv_cache) each row runs its probe's whole prefix, patched at its last
+    # position only: exact, at one prefix per probe.
+    plain = lm.arch.plain_kv_cache
     with m.session(**options):
-        with m.trace(input_ids=ids[:, :width]):
-            cache = getattr(m.output, cache_name)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        attention = torch.nn.attention
         results = [].save()
-        for batch in batches:
-            index = batch["cache_index"]
-            past = type(cache)(ddp_cache_data=[(k[0][:, index.to(k.device)].transpose(0, 1), v[0][:, index.to(v.device)].transpose(0, 1)) for k, v in kv])
-            with attention.sdpa_kernel([getattr(attention.SDPBackend, name) for name in kernels]):
-                with m.trace(**batch["inputs"], **{cache_name: past}):
-                    if first_order:
-                        embed.output.requires_grad_(True)
-                        hs = [layers[i].output for i in range(n_layers)]
-                    else:
-                        rows = batch["labels"].shape[0]
-                        scale = torch.full((rows,), 0.0 if second_order else 1.0, requires_grad=second_order)
-                        where = batch["patch"] * scale[:, None]
-                        delta = table[batch["labels"], batch["patch_layer"]]
-                        for i in range(n_layers):
-                            h = layers[i].output
-                            step = where[:, i, None].to(h.device) * delta.to(h.device)
-                            layers[i].output = h + step.to(h.dtype)[:, None]
-                    logits = m.output.logits[:, -1]
-                    if released:
-                        logp = torch.log_softmax(logits, -1)
-                        # "batchmean" on one [V] logit vector divides by V: so, row by row.
-                        loss = torch.nn.functional.kl_div(logp, logp.detach(), reduction="sum")
-                        loss = loss / logits.shape[-1]
-                    elif first_order:
-                        logp = torch.log_softmax(logits.float(), -1)
-                        loss = -logp.gather(1, batch["targets"].to(logp.device)[:, None]).sum()
-                    if first_order:
-                        grads = torch.autograd.grad(loss, hs)
-                        u = table[batch["labels"]]
-                        value = torch.stack([(g[:, -1].float() * u[:, i].to(g.device).float()).sum(-1).cpu() for i, g in enumerate(grads)], 1)
-                    elif second_order:
-                        z = logits.float()
-                        weights = torch.zeros_like(z, requires_grad=True)
-                        (wju,) = torch.autograd.grad((weights * z).sum(), scale, create_graph=True)
-                        (ju,) = torch.autograd.grad(wju.sum(), weights)
-                        p = torch.softmax(z, -1).detach()
-                        value = 0.5 * ((p * ju * ju).sum(-1) - (p * ju).sum(-1) ** 2)
-                        value = value.view(-1, n_layers + 1)[:, 1:]
-                    else:
-                        logq = torch.log_softmax(logits.float(), -1).view(-1, n_layers + 1, logits.shape[-1])
-                        clean = logq[:, :1]
-                        value = (clean.exp() * (clean - logq[:, 1:])).sum(-1)
-                    results.append(value.detach().cpu())
-    return torch.cat(list(results))
-
-
-def _prefix_inputs(ids: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-    """A :func:`_batch`'s rows as whole prefixes: row ``b`` is the chain up to its probe,
-    left-padded, with the positions the cache would have held before the probe's token."""
-    inputs, index = batch["inputs"], batch["cache_index"]
-    return {"input_ids": torch.cat([ids[0][index], inputs["input_ids"]], 1),
-            "position_ids": torch.cat([index, inputs["position_ids"]], 1),
-            "attention_mask": inputs["attention_mask"]}
-
-
-def _chain_effects_without_cache(lm: LoadedModel, ids: torch.Tensor, batches: list[dict],
-                                 table: torch.Tensor, metric: str) -> torch.Tensor:
-    """What :func:`_chain_effects` computes, for a model whose cache is not plain
-    per-position keys and values (``Architecture.plain_kv_cache`` False: sliding windows,
-    linear attention, Mamba): every row runs its probe's whole prefix without a cache, and
-    is patched at its last position only. Exact, at the cost of one prefix per probe."""
-    m, layers, n_layers = lm.nn, lm.layers, lm.arch.n_layers
-    embed = lm.arch.embed(m)
-    released, second_order = metric == "released-code", metric == "kl2"
-    first_order = metric in FIRST_ORDER
-    kernels = SECOND_ORDER_KERNELS if second_order else ALL_KERNELS
-    attention = torch.nn.attention
-    prefixes = [_prefix_inputs(ids, batch) for batch in batches]
-    # As in _chain_effects: only torch and builtins inside the traces (NDIF's allow-list).
-    with m.session(**lm.remote_options()):
-        results = [].save()
-        for batch, inputs in zip(batches, prefixes):
-            with attention.sdpa_kernel([getattr(attention.SDPBackend, name) for name in kernels]):
-                with m.trace(**inputs, use_cache=False):
-                    if first_order:
-                        embed.output.requires_grad_(True)
-                        hs = [layers[i].output for i in range(n_layers)]
-                    else:
-                        scale = torch.full((inputs["input_ids"].shape[0],), 0.0 if second_order else 1.0, requires_grad=second_order)
-                        last = torch.zeros(inputs["input_ids"].shape[1])
-                        last[-1] = 1.0
-                        where = batch["patch"] * scale[:, None]
-                        delta = table[batch["labels"], batch["patch_layer"]]
-                        for i in range(n_layers):
-                            h = layers[i].output
-                            step = (where[:, i, None].to(h.device) * delta.to(h.device))[:, None] * last.to(h.device)[None, :, None]
-                            layers[i].output = h + step.to(h.dtype)
-                    z = m.output.logits[:, -1].float()
-                    logp = torch.log_softmax(z, -1)
-                    if first_order:
-                        loss = torch.nn.functional.kl_div(logp, logp.detach(), reduction="sum") / z.shape[-1] if released else -logp.gather(1, batch["targets"].to(z.device)[:, None]).sum()
-                        grads = torch.autograd.grad(loss, hs)
-                        u = table[batch["labels"]]
-                        value = torch.stack([(g[:, -1].float() * u[:, i].to(g.device).float()).sum(-1).cpu() for i, g in enumerate(grads)], 1)
-                    elif second_order:
-                        weights = torch.zeros_like(z, requires_grad=True)
-                        (wju,) = torch.autograd.grad((weights * z).sum(), scale, create_graph=True)
-                        (ju,) = torch.autograd.grad(wju.sum(), weights)
-                        p = logp.exp().detach()
-                        value = (0.5 * ((p * ju * ju).sum(-1) - (p * ju).sum(-1) ** 2)).view(-1, n_layers + 1)[:, 1:]
-                    else:
-                        logq = logp.view(-1, n_layers + 1, z.shape[-1])
-                        value = (logq[:, :1].exp() * (logq[:, :1] - logq[:, 1:])).sum(-1)
-                    results.append(value.detach().cpu())
-    return torch.cat(list(results))
+        for chain in chains:
+            ids = chain["ids"].long()
+            width = max(int(batch["positions"].max()) for batch in chain["batches"])
+            with m.trace(input_ids=ids[:, :width if plain else 1]):
+                output = m.output
+            cache_name = "cache" if "cache" in output else "past_key_values"
+            cache = output[cache_name] if plain else None
+            kv = [(layer.keys, layer.values) for layer in cache.layers] if plain else []
+            for batch in chain["batches"]:
+                positions = batch["positions"].long()
+                rows, batch_width = positions.shape[0] * reps, int(positions.max())
+                offset = arange(batch_width)[None, :] - (batch_width - positions[:, None])
+                index = offset.clamp(min=0).repeat_interleave(reps, 0)
+                mask = cat([offset >= 0, (positions[:, None] >= 0)], 1).long().repeat_interleave(reps, 0)
+                token, position = ids[0, positions][:, None].repeat_interleave(reps, 0), positions[:, None].repeat_interleave(reps, 0)
+                inputs = {"input_ids": token, "position_ids": position, "attention_mask": mask, cache_name: cache} if plain else {"input_ids": cat([ids[0][index], token], 1), "position_ids": cat([index, position], 1), "attention_mask": mask, "use_cache": False}
+                labels = batch["labels"].long().repeat_interleave(reps, 0)
+                targets = ids[0, positions + 1]
+                patch = cat([zeros(1, n_layers, dtype=float32), eye(n_layers, dtype=float32)]).repeat(positions.shape[0], 1)
+                for layer, (k, v) in zip(cache.layers if plain else [], kv):
+                    layer.keys, layer.values = k[0][:, index.to(k.device)].transpose(0, 1), v[0][:, index.to(v.device)].transpose(0, 1)
+                with attention.sdpa_kernel([getattr(attention.SDPBackend, name) for name in kernels]):
+                    with m.trace(**inputs):
+                        if first_order:
+                            embed.output.requires_grad_(True)
+                            hs = [layers[i].output for i in range(n_layers)]
+                        else:
+                            scale = patch.new_full((rows,), 0.0 if second_order else 1.0).requires_grad_(second_order)
+                            where = patch * scale[:, None]
+                            delta = table[labels, patch.argmax(1)]
+                            for i in range(n_layers):
+                                h = layers[i].output
+                                step = where[:, i, None].to(h.device) * delta.to(h.device)
+                                layers[i].output = cat([h[:, :-1], h[:, -1:] + step.to(h.dtype)[:, None]], 1)
+                        logits = m.output.logits[:, -1]
+                        if released:
+                            logp = logits.log_softmax(-1)
+                            # "batchmean" on one [V] logit vector divides by V: so, row by row.
+                            loss = kl_div(logp, logp.detach(), reduction="sum")
+                            loss = loss / logits.shape[-1]
+                        elif first_order:
+                            logp = logits.float().log_softmax(-1)
+                            loss = -logp.gather(1, targets.to(logp.device)[:, None]).sum()
+                        if first_order:
+                            grads = grad(loss, hs)
+                            u = table[labels]
+                            value = stack([(g[:, -1].float() * u[:, i].to(g.device).float()).sum(-1).cpu() for i, g in enumerate(grads)], 1)
+                        elif second_order:
+                            z = logits.float()
+                            weights = z.new_zeros(z.shape).requires_grad_(True)
+                            (wju,) = grad((weights * z).sum(), scale, create_graph=True)
+                            (ju,) = grad(wju.sum(), weights)
+                            p = z.softmax(-1).detach()
+                            value = 0.5 * ((p * ju * ju).sum(-1) - (p * ju).sum(-1) ** 2)
+                            value = value.view(-1, n_layers + 1)[:, 1:]
+                        else:
+                            logq = logits.float().log_softmax(-1).view(-1, n_layers + 1, logits.shape[-1])
+                            clean = logq[:, :1]
+                            value = (clean.exp() * (clean - logq[:, 1:])).sum(-1)
+                        results.append(value.detach().cpu())
+    return cat(list(results))
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -480,13 +449,15 @@ def attribute(
     labels: Sequence[str] | None = None,
     aggregate: str = "spans",
     limit: int | None = None,
+    rows_per_request: int = REQUEST_ROWS,
 ) -> pl.DataFrame:
     """Write ``attribution.parquet`` (per label and layer) and ``attribution_spans.parquet``.
 
     ``labels`` defaults to the steered labels that have a vector; a default label with
     no span is skipped with a warning, a label asked for by name must have spans.
     ``aggregate`` says how the per-span effects are averaged (:func:`summarize`);
-    ``limit`` probes only the first N chains of ``chains.parquet``.
+    ``limit`` probes only the first N chains of ``chains.parquet``;
+    ``rows_per_request`` bounds what one NDIF request runs (:func:`probe_effects`).
     ``validate=N`` also runs ``exact`` on N probes per label and records the Spearman
     correlation of the two per-layer profiles in the metadata (``validation``), and in
     ``validation_detail`` the profiles, with ``released-code``'s too
@@ -522,7 +493,7 @@ def attribute(
                  for row in chains.iter_rows(named=True)}
     partial = run.partial("attribute")
     effects = probe_effects(lm, sequences, probes, vs.vectors, metric, batch_size,
-                            checkpoint=partial)
+                            checkpoint=partial, rows_per_request=rows_per_request)
     options = {"metric": metric, "batch_size": batch_size, "validate": validate, "spans": spans,
                "labels": asked, "aggregate": aggregate, "limit": limit}
     meta = provenance("attribute", options, lm.provenance())

@@ -351,7 +351,7 @@ def _generate_batch(
                             h = layers[layer].output
                             h[:] += delta.to(device=h.device, dtype=h.dtype)[:, None, :]
             with tracer.invoke():
-                new_ids = tracer.result[:, width:].save()
+                new_ids = tracer.result[:, width:].clone().save()
     return new_ids.tolist()
 
 

@@ -52,8 +52,10 @@ TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 RETRIED_JOB_ERRORS = ("evicted", "preempted", "try again", "provisioning")
 
 
-def _ndif_get(path: str, timeout: float, headers: dict[str, str] | None = None) -> Any:
-    """``GET`` an NDIF endpoint's JSON; :class:`NnsteerError` in one line if it fails."""
+def _ndif_get(path: str, timeout: float, headers: dict[str, str] | None = None,
+              missing_ok: bool = False) -> Any:
+    """``GET`` an NDIF endpoint's JSON; :class:`NnsteerError` in one line if it fails
+    (None for a 404 with ``missing_ok``: a service without that endpoint)."""
     import httpx
     from nnsight.schema.config import CONFIG
 
@@ -63,6 +65,8 @@ def _ndif_get(path: str, timeout: float, headers: dict[str, str] | None = None) 
         response.raise_for_status()
         return response.json()
     except httpx.HTTPStatusError as exc:
+        if missing_ok and exc.response.status_code == 404:
+            return None
         if exc.response.status_code in (401, 403):
             raise BadInput(f"NDIF refused the API key at {url}: {NDIF_KEY_HELP}") from None
         raise NnsteerError(
@@ -96,14 +100,19 @@ def ndif_deployments(timeout: float = CHECK_TIMEOUT) -> list[Deployment]:
     ]
 
 
+#: The nnsight versions nnsteer runs with (pyproject.toml's pin): never advise another.
+NNSIGHT_PIN = ">=0.8.1,<0.9"
+
+
 def check_environment(server: dict[str, Any]) -> None:
     """Fail in one line if NDIF would refuse, or misread, requests from this environment.
 
     ``server`` is NDIF's ``/env`` answer. NDIF refuses a client whose Python major.minor
-    differs from its own, or whose nnsight is older than its minimum (by default its own
-    version); a client on another nnsight minor version or transformers major version
-    sends requests the server reads differently.
+    differs from its own, or whose nnsight is older than its minimum (the version its
+    API service runs); a client on another transformers major version loads model
+    classes the server reads differently. The advice stays within :data:`NNSIGHT_PIN`.
     """
+    from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
     packages = server.get("packages", {})
@@ -113,25 +122,34 @@ def check_environment(server: dict[str, Any]) -> None:
         wanted = ".".join(theirs[0].split(".")[:2])
         raise BadInput(f"NDIF runs Python {wanted} and refuses requests from Python {ours}: "
                        f"run nnsteer in a Python {wanted} environment")
-    for package, same in (("nnsight", _same_minor), ("transformers", _same_major)):
-        server_version = packages.get(package)
-        if not server_version:
-            continue
-        local_version = importlib.metadata.version(package)
-        if not same(Version(local_version), Version(server_version)):
-            raise BadInput(
-                f"NDIF runs {package} {server_version}, this environment has {local_version}: "
-                f"pip install '{package}=={server_version}'"
-            )
+    minimum = packages.get("nnsight")
+    local = importlib.metadata.version("nnsight")
+    if minimum and Version(local) < Version(minimum):
+        bounds = {spec.operator: Version(spec.version) for spec in SpecifierSet(NNSIGHT_PIN)}
+        if Version(minimum) >= bounds["<"]:
+            raise BadInput(f"NDIF needs nnsight {minimum} or newer, and nnsteer supports "
+                           f"nnsight{NNSIGHT_PIN} only: NDIF cannot run nnsteer's requests "
+                           "now; run locally without --remote")
+        floor = max(Version(minimum), bounds[">="])
+        raise BadInput(f"NDIF needs nnsight {minimum} or newer, this environment has {local}: "
+                       f"pip install 'nnsight>={floor},<{bounds['<']}'")
+    server_version = packages.get("transformers")
+    local_version = importlib.metadata.version("transformers")
+    if server_version and Version(local_version).major != Version(server_version).major:
+        raise BadInput(
+            f"NDIF runs transformers {server_version}, this environment has {local_version}: "
+            f"pip install 'transformers=={server_version}'"
+        )
 
 
-def _same_minor(local: Any, server: Any) -> bool:
-    """The server's minimum is its own version; another minor speaks another protocol."""
-    return local >= server and local.release[:2] == server.release[:2]
-
-
-def _same_major(local: Any, server: Any) -> bool:
-    return local.major == server.major
+def read_environment() -> dict[str, Any] | None:
+    """NDIF's ``/env`` answer, or None with a one-line note when the service has none
+    (NDIF's main branch has no ``/env``)."""
+    server = _ndif_get("/env", CHECK_TIMEOUT, missing_ok=True)
+    if server is None:
+        _warn("NDIF has no /env: its Python and nnsight versions are not checked before "
+              "the first request (the server still refuses an incompatible one)")
+    return server
 
 
 def check_api_key(key: str) -> None:
@@ -162,7 +180,9 @@ def check_remote(model: str, *, revision: str = "main", hot_swap: bool = False) 
         raise BadInput(
             f"--remote needs the Hugging Face id of a model NDIF serves, not {model!r}"
         )
-    check_environment(_ndif_get("/env", CHECK_TIMEOUT))
+    server = read_environment()
+    if server is not None:
+        check_environment(server)
     check_api_key(CONFIG.API.APIKEY)
     if hot_swap:
         return "hot-swap"
@@ -322,6 +342,14 @@ def _job_failure(what: str, exc: BaseException) -> str:
     return f"{what} failed on NDIF: {last}; {advice}"
 
 
+#: HTTP statuses of a finished job's result once NDIF dropped it (the URL expired).
+EXPIRED_STATUS = frozenset({403, 404, 410})
+
+
+class ResultExpired(Exception):
+    """NDIF no longer has a job's result: the job must run again."""
+
+
 def ndif_backend(model_key: str, *, deadline: float | None = None) -> Any:
     """The nnsight backend nnsteer sends NDIF requests with (see :class:`NdifBackend`)."""
     from nnsight.intervention.backends.remote import RemoteBackend
@@ -344,13 +372,21 @@ def ndif_backend(model_key: str, *, deadline: float | None = None) -> Any:
         def __call__(self, tracer: Any = None) -> Any:
             what, jobs = _REQUEST.get()
             self.job_id = jobs.pending(what) if jobs is not None else None
+            result = None
             if self.job_id is not None:
                 _warn(f"{what}: re-attaching to NDIF job {self.job_id}")
-            else:
+                try:
+                    result = self._wait(what, jobs, reattached=True)
+                except ResultExpired:
+                    _warn(f"{what}: NDIF no longer has job {self.job_id}'s result (it keeps "
+                          "results about 2 hours); running the job again")
+                    jobs.forget(what)  # type: ignore[union-attr]
+                    self.job_id = None
+            if self.job_id is None:
                 self.submit(tracer)
                 if jobs is not None:
                     jobs.remember(what, self.job_id)
-            result = self._wait(what, jobs)
+                result = self._wait(what, jobs)
             self._push(result, tracer)
             return result
 
@@ -365,10 +401,14 @@ def ndif_backend(model_key: str, *, deadline: float | None = None) -> Any:
                 )
             return super().download_result(url)
 
-        def _wait(self, what: str, jobs: JobBook | None) -> Any:
+        def _wait(self, what: str, jobs: JobBook | None, reattached: bool = False) -> Any:
+            """The job's result; with ``reattached``, :class:`ResultExpired` if NDIF no
+            longer knows the job (its status is gone) or its result (the URL is gone)."""
+            import httpx
             from nnsight.intervention.backends.remote import RemoteError
 
             started, last, interval = time.monotonic(), None, POLL_INTERVAL
+            self.status = None
             while True:
                 try:
                     result = self.poll()
@@ -376,8 +416,14 @@ def ndif_backend(model_key: str, *, deadline: float | None = None) -> Any:
                     if jobs is not None:  # the job is over: a retry sends a new one
                         jobs.forget(what)
                     raise
+                except httpx.HTTPStatusError as exc:
+                    if reattached and exc.response.status_code in EXPIRED_STATUS:
+                        raise ResultExpired(self.job_id) from None
+                    raise
                 if result is not None:
                     return result
+                if reattached and self.status is None:  # /response answered 404
+                    raise ResultExpired(self.job_id)
                 if self.status is not None and self.status != last:
                     last = self.status
                     _warn(f"{what}: NDIF job {self.job_id} {last.value.lower()}")

@@ -64,7 +64,11 @@ class FakeNdif:
     env_packages: dict[str, str] = field(default_factory=lambda: {
         name: version(name) for name in ("nnsight", "transformers", "torch")})
     inline_limit: int = 1 << 20
+    #: Whether the service answers ``/env`` (NDIF's main branch does not).
+    has_env: bool = True
     bf16: bool = True
+    #: Which NDIF sandbox runs the jobs (``strict_remote.SANDBOXES``).
+    sandbox: str = "allow-lists"
     #: ``{model_key: state}`` for /status beyond the served models (RUNNING).
     extra_deployments: dict[str, str] = field(default_factory=dict)
     drop_polls: int = 0
@@ -84,6 +88,13 @@ class FakeNdif:
     def submitted(self) -> int:
         """How many jobs were sent (each one paid for)."""
         return sum(status == "RECEIVED" for _, status in self.statuses)
+
+    def expire_results(self, keep_statuses: bool = False) -> None:
+        """Drop every finished job's result, as NDIF does after about 2 hours (and its
+        statuses too, unless ``keep_statuses``: then COMPLETED points at a dead URL)."""
+        self.results.clear()
+        if not keep_statuses:
+            self.responses.clear()
 
     def fail_jobs(self, *descriptions: str) -> None:
         """Answer the next jobs with ERROR and these descriptions (a server traceback)."""
@@ -159,7 +170,8 @@ class FakeNdif:
                 continue
             try:
                 result = serve_request(self.models[metadata["model_key"]], blob,
-                                       bf16=self.bf16, compress=metadata.get("compress", False))
+                                       bf16=self.bf16, compress=metadata.get("compress", False),
+                                       sandbox=self.sandbox)
             except Exception as exc:
                 self.respond(job_id, session, "ERROR", f"{traceback.format_exc()}\n{exc}")
                 continue
@@ -242,7 +254,7 @@ def _handler(ndif: FakeNdif) -> type[BaseHTTPRequestHandler]:
                 return self._subscribe()
             if path == "/status":
                 return self._json(200, ndif.status())
-            if path == "/env":
+            if path == "/env" and ndif.has_env:
                 return self._json(200, ndif.env())
             if path == "/whoami":
                 known = self.headers.get("ndif-api-key") in ndif.api_keys

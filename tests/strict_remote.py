@@ -20,6 +20,16 @@ does instead:
 5. returns only the values the block ``.save()``-d, through ``torch.save``/``torch.load``
    bytes, and writes them into the caller's frame as ``RemoteBackend`` does.
 
+Two sandboxes (``sandbox=``, :data:`SANDBOXES`): ``"allow-lists"`` is NDIF main's
+``protected_environment.py`` as above; ``"whitelist"`` mirrors the rewritten sandbox of
+the ``caden/cpu`` branch (RestrictedPython and ``whitelist.yaml``, read 2026-12-03):
+``builtins.__import__`` is replaced for the whole process, so the imports library code
+makes while the request runs are checked too (a refused module is a placeholder that
+fails on first use); every builtin not on its list is deleted from ``builtins``; the
+block's globals are a plain dict holding only the builtins (a module-level name the
+block looks up, such as ``torch``, is a ``NameError``); and the process default dtype is
+bf16 (``torch.full`` without a dtype gives bf16).
+
 Every request is logged with its request and response sizes and the saved values'
 shapes, for payload-budget assertions; :meth:`StrictServer.fail_next` drops requests
 like a flaky network. Use it through :func:`strict_remote`::
@@ -41,6 +51,7 @@ import importlib.metadata
 import io
 import linecache
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,6 +187,13 @@ SERVER_BUILTINS = frozenset("""
     sum super tuple type vars zip
 """.split())
 
+#: The builtins the rewritten sandbox keeps in ``builtins`` while a request runs
+#: (``whitelist.yaml``'s list; ``exec`` and ``compile`` stay, as restricted versions).
+WHITELIST_BUILTINS = (SERVER_BUILTINS - {"input"}) | {"exec", "compile"}
+
+#: ``"allow-lists"``: NDIF main's sandbox; ``"whitelist"``: the rewritten one (module doc).
+SANDBOXES = ("allow-lists", "whitelist")
+
 
 class AllowListError(ImportError):
     """The request references a module that NDIF's allow-list refuses."""
@@ -239,6 +257,73 @@ def allow_list(entries: tuple[tuple[str, bool], ...], when: str,
         yield
     finally:
         builtins.__import__ = real_import
+
+
+class UnauthorizedModule:
+    """What the rewritten sandbox's import returns for a refused module: any use fails."""
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "_name", name)
+
+    def __getattribute__(self, attribute: str) -> Any:
+        raise AllowListError(f"Module {object.__getattribute__(self, '_name')} is not "
+                             "whitelisted (imported while the request ran, by its code or "
+                             "a library's)")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__getattribute__("__call__")
+
+
+@contextlib.contextmanager
+def process_imports(entries: tuple[tuple[str, bool], ...]) -> Iterator[None]:
+    """Replace ``builtins.__import__`` for the process: on this thread (the server's),
+    every import, the libraries' too, of a module outside ``entries`` gets an
+    :class:`UnauthorizedModule`. Other threads (the test's client) import freely, and so
+    do this module (the server) and nnsight's own request machinery (a server's nnsight is whatever version makes
+    its sandbox work; this client's 0.8.1 imports ``linecache`` while deserialising)."""
+    import builtins
+
+    real_import, serving = builtins.__import__, threading.get_ident()
+
+    def checked(name: str, globals: Any = None, locals: Any = None,
+                fromlist: Any = (), level: int = 0) -> Any:
+        caller = (globals or {}).get("__name__", "") if isinstance(globals, dict) else ""
+        if (threading.get_ident() != serving or name == "builtins"
+                or caller.partition(".")[0] == "nnsight" or caller == __name__):
+            return real_import(name, globals, locals, fromlist, level)
+        if level == 0 and not allowed_by(name, entries):
+            return UnauthorizedModule(name)
+        module = real_import(name, globals, locals, fromlist, level)
+        if level and not allowed_by(module.__name__, entries):
+            return UnauthorizedModule(module.__name__)
+        return module
+
+    builtins.__import__ = checked
+    try:
+        yield
+    finally:
+        builtins.__import__ = real_import
+
+
+@contextlib.contextmanager
+def whitelist_process() -> Iterator[None]:
+    """The rest of the rewritten sandbox's process state while a request runs: builtins
+    off its list deleted from ``builtins``, the default dtype bf16; both restored."""
+    import builtins
+
+    namespace = vars(builtins)
+    deleted = {name: value for name, value in namespace.items()
+               if not name.startswith("_") and name not in WHITELIST_BUILTINS
+               and not (isinstance(value, type) and issubclass(value, BaseException))}
+    dtype = torch.get_default_dtype()
+    for name in deleted:
+        del namespace[name]
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+        namespace.update(deleted)
 
 
 def server_builtins() -> dict[str, Any]:
@@ -328,6 +413,8 @@ class StrictServer:
     #: Enforce NDIF's allow-lists; run under bf16 autocast (both as the real server does).
     strict: bool = True
     bf16: bool = True
+    #: Which NDIF sandbox the requests run in (:data:`SANDBOXES`).
+    sandbox: str = "allow-lists"
 
     def backend(self, model: Any) -> StrictBackend:
         return StrictBackend(self, model)
@@ -379,37 +466,49 @@ class StrictBackend:
             with ThreadPoolExecutor(1) as pool:
                 return pool.submit(serve_request, self.model, request,
                                    allowed=self.server.allowed, strict=self.server.strict,
-                                   bf16=self.server.bf16).result()
+                                   bf16=self.server.bf16, sandbox=self.server.sandbox).result()
         finally:
             self.server.running = False
 
 
 def serve_request(model: Any, request: bytes, *, allowed: frozenset[str] | None = None,
-                  strict: bool = True, bf16: bool = True, compress: bool = False) -> bytes:
+                  strict: bool = True, bf16: bool = True, compress: bool = False,
+                  sandbox: str = "allow-lists") -> bytes:
     """The server side of one request: deserialise, run, return ``torch.save`` of its saves.
 
     ``model`` is the nnsight model the request runs on. With ``strict``, the server's
-    allow-lists are enforced (module doc, step 3); with ``bf16`` the request runs
-    under ``torch.autocast(bfloat16)``. ``compress``: the request and the answer are
-    zstd-compressed, as nnsight does when ``CONFIG.API.COMPRESS`` is set.
+    allow-lists are enforced (module doc, step 3), in the way ``sandbox`` says
+    (:data:`SANDBOXES`; ``"whitelist"`` implies ``strict``); with ``bf16`` the request
+    runs under ``torch.autocast(bfloat16)``. ``compress``: the request and the answer
+    are zstd-compressed, as nnsight does when ``CONFIG.API.COMPRESS`` is set.
     """
     from nnsight.intervention.serialization import CustomCloudUnpickler
     from nnsight.schema.request import RequestModel
 
+    if sandbox not in SANDBOXES:
+        raise ValueError(f"sandbox {sandbox!r}: expected one of {SANDBOXES}")
+    whitelist = sandbox == "whitelist"
+    strict = strict or whitelist
     persistent = model._remoteable_persistent_objects()
     unpickler = _allow_listed_unpickler(CustomCloudUnpickler) if strict else CustomCloudUnpickler
     checked = allow_list if strict else _unchecked
     device_type = next(model._module.parameters()).device.type
     client_sources = dict(linecache.cache)  # deserialising registers the request's source
     with server_interpreter(allowed or server_modules()), _restored(linecache.cache, client_sources):
-        with checked(DESERIALISATION_MODULES, "deserialising"):
+        with (process_imports(DESERIALISATION_MODULES) if whitelist
+              else checked(DESERIALISATION_MODULES, "deserialising")):
             restored = RequestModel.deserialize(request, persistent, compress, unpickler)
         frame = restored.info.frame
         frame.f_locals = _PushedLocals(frame.f_locals)
-        if strict:  # the block, and functions it defines, see only the server's builtins
+        if whitelist:  # a plain dict: the module-level names the block captured are gone
+            frame.f_globals = {"__builtins__": server_builtins()}
+            frame.f_locals["__builtins__"] = frame.f_globals["__builtins__"]
+        elif strict:  # the block, and functions it defines, see only the server's builtins
             frame.f_locals["__builtins__"] = frame.f_globals["__builtins__"] = server_builtins()
+        running = (_stacked(process_imports(EXECUTION_MODULES), whitelist_process())
+                   if whitelist else checked(EXECUTION_MODULES, "running", frame.f_globals))
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            with checked(EXECUTION_MODULES, "running", frame.f_globals), _trace_scope():
+            with running, _trace_scope():
                 restored.execute(restored.info.code)
         buffer = io.BytesIO()
         torch.save(frame.f_locals.pushed, buffer)
@@ -443,13 +542,21 @@ def _restored(cache: dict, saved: dict) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _stacked(*contexts: Any) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
+
+
+@contextlib.contextmanager
 def _unchecked(*args: Any, **kwargs: Any) -> Iterator[None]:
     yield
 
 
 @contextlib.contextmanager
-def strict_remote(lm: Any, *, bf16: bool = True,
-                  allow_lists: bool = True) -> Iterator[StrictServer]:
+def strict_remote(lm: Any, *, bf16: bool = True, allow_lists: bool = True,
+                  sandbox: str = "allow-lists") -> Iterator[StrictServer]:
     """Route every trace, generate and session of ``lm`` through a :class:`StrictBackend`.
 
     Sets ``lm.remote`` to ``"strict"`` (stage code passes it on unchanged) and teaches
@@ -457,7 +564,7 @@ def strict_remote(lm: Any, *, bf16: bool = True,
     """
     from nnsight.modeling.mixins.remotable import Remotable
 
-    server = StrictServer(strict=allow_lists, bf16=bf16)
+    server = StrictServer(strict=allow_lists, bf16=bf16, sandbox=sandbox)
     original_backend = Remotable._remote_backend
     original_remote = lm.remote
 

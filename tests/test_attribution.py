@@ -27,8 +27,8 @@ from nnsteer.store import RunDir, read_metadata, write_parquet
 from nnsteer.vectors import VectorSet, save_vectors
 from conftest import FaultAfter, make_tiny
 
-#: The KV cache goes in and out under the name the installed transformers uses
-#: (``attribution.kv_cache_argument``): the deprecated one fails the tests.
+#: The KV cache goes in and out under the name the model's output uses (decided inside
+#: the traced block, from what the model returns): the deprecated one fails the tests.
 pytestmark = pytest.mark.filterwarnings("error:`past_key_values` is deprecated:FutureWarning")
 
 REASONING = (
@@ -391,7 +391,7 @@ def test_cli_attribute_and_select(llama, tokenizer, tmp_path):
 def _interrupted(root, llama, chains, monkeypatch, after: int, **options) -> RunDir:
     """A run directory whose attribution stopped after ``after`` chains."""
     run = _write_run(root, llama, chains)
-    FaultAfter(monkeypatch, attribution, "_chain_effects", after)
+    FaultAfter(monkeypatch, attribution, "_request_effects", after)
     with pytest.raises(KeyboardInterrupt):
         attribute(run, llama, **options)
     assert run.partial("attribute").is_file()
@@ -412,10 +412,11 @@ def test_interrupted_attribute_resumes_identically(llama, three_chains, tmp_path
                                                    capsys):
     reference = _write_run(tmp_path / "ref", llama, three_chains)
     attribute(reference, llama, metric="nll")
-    run = _interrupted(tmp_path / "run", llama, three_chains, monkeypatch, 2, metric="nll")
+    run = _interrupted(tmp_path / "run", llama, three_chains, monkeypatch, 2, metric="nll",
+                       rows_per_request=1)
     capsys.readouterr()
-    resumed = FaultAfter(monkeypatch, attribution, "_chain_effects")
-    df = attribute(run, llama, metric="nll")
+    resumed = FaultAfter(monkeypatch, attribution, "_request_effects")
+    df = attribute(run, llama, metric="nll", rows_per_request=1)
     assert resumed.calls == 1  # chain c only
     assert "attribute: resuming at chain 3/3" in capsys.readouterr().err
     assert df.equals(_results(reference)[0])
@@ -427,10 +428,11 @@ def test_interrupted_attribute_resumes_identically(llama, three_chains, tmp_path
 @pytest.mark.parametrize("change", [{"metric": "released-code"}, {"labels": ["backtracking"]}])
 def test_attribute_with_other_options_starts_over(llama, three_chains, tmp_path, monkeypatch,
                                                    capsys, change):
-    run = _interrupted(tmp_path, llama, three_chains, monkeypatch, 1, metric="nll")
+    run = _interrupted(tmp_path, llama, three_chains, monkeypatch, 1, metric="nll",
+                       rows_per_request=1)
     capsys.readouterr()
-    calls = FaultAfter(monkeypatch, attribution, "_chain_effects")
-    attribute(run, llama, **{"metric": "nll", **change})
+    calls = FaultAfter(monkeypatch, attribution, "_request_effects")
+    attribute(run, llama, **{"metric": "nll", "rows_per_request": 1, **change})
     assert calls.calls == 3
     err = capsys.readouterr().err
     assert "other inputs or options; starting over" in err and "resuming" not in err
@@ -439,12 +441,12 @@ def test_attribute_with_other_options_starts_over(llama, three_chains, tmp_path,
 
 def test_damaged_attribute_partial_file_is_ignored(llama, three_chains, tmp_path, monkeypatch,
                                                    capsys):
-    run = _interrupted(tmp_path, llama, three_chains, monkeypatch, 2)
+    run = _interrupted(tmp_path, llama, three_chains, monkeypatch, 2, rows_per_request=1)
     partial = run.partial("attribute")
     partial.write_bytes(partial.read_bytes()[:-100])
     capsys.readouterr()
-    calls = FaultAfter(monkeypatch, attribution, "_chain_effects")
-    attribute(run, llama)
+    calls = FaultAfter(monkeypatch, attribution, "_request_effects")
+    attribute(run, llama, rows_per_request=1)
     assert calls.calls == 3
     warning = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
     assert len(warning) == 1 and str(partial) in warning[0]

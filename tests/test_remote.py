@@ -10,6 +10,7 @@ import contextlib
 import json
 import socket
 import sys
+from pathlib import Path
 
 import httpx
 import nnsight
@@ -334,9 +335,11 @@ def test_check_route_compares_the_full_model_key(ndif):
 @pytest.mark.parametrize(("env", "fix"), [
     ({"python": "3.99"}, "NDIF runs Python 3.99 and refuses requests from Python 3.11: run "
                          "nnsteer in a Python 3.99 environment"),
-    ({"env_packages": {"nnsight": "0.9.0"}}, "NDIF runs nnsight 0.9.0, this environment has "
-                                             "0.8.1: pip install 'nnsight==0.9.0'"),
-    ({"env_packages": {"nnsight": "0.7.2"}}, "pip install 'nnsight==0.7.2'"),
+    ({"env_packages": {"nnsight": "0.8.2"}}, "NDIF needs nnsight 0.8.2 or newer, this "
+                                             "environment has 0.8.1: pip install "
+                                             "'nnsight>=0.8.2,<0.9'"),
+    ({"env_packages": {"nnsight": "0.9.0"}}, "NDIF needs nnsight 0.9.0 or newer, and nnsteer "
+                                             "supports nnsight>=0.8.1,<0.9 only"),
     ({"env_packages": {"transformers": "4.57.1"}}, "pip install 'transformers==4.57.1'"),
 ])
 def test_check_remote_environment_mismatch_says_what_to_install(ndif, env, fix):
@@ -344,11 +347,31 @@ def test_check_remote_environment_mismatch_says_what_to_install(ndif, env, fix):
     with pytest.raises(BadInput) as err:
         check_remote("org/big-model")
     assert fix in str(err.value) and "\n" not in str(err.value)
+    assert "0.9.0'" not in str(err.value)  # never advice outside nnsteer's own pin
 
 
-def test_check_remote_same_minor_newer_patch_is_fine(ndif):
-    ndif({_key("org/big-model"): "RUNNING"}, env_packages={"nnsight": "0.8.0"})
+@pytest.mark.parametrize("minimum", ["0.7.2", "0.8.0", "0.8.1"])
+def test_check_remote_gates_on_the_servers_minimum_nnsight(ndif, minimum):
+    """/env's nnsight is the oldest client NDIF accepts: an older minor is no reason to stop."""
+    ndif({_key("org/big-model"): "RUNNING"}, env_packages={"nnsight": minimum})
     assert check_remote("org/big-model") == "running"
+
+
+def test_check_remote_goes_on_without_env(ndif, capfd):
+    """NDIF's main branch has no /env: one line says what was not checked, then on."""
+    ndif({_key("org/big-model"): "RUNNING"}, has_env=False)
+    assert check_remote("org/big-model") == "running"
+    (line,) = [line for line in capfd.readouterr().err.splitlines() if "/env" in line]
+    assert line.startswith("nnsteer: NDIF has no /env")
+
+
+def test_nnsight_pin_is_pyprojects():
+    import tomllib
+
+    from nnsteer import remote as remote_module
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert f"nnsight{remote_module.NNSIGHT_PIN}" in project["project"]["dependencies"]
 
 
 def test_check_remote_service_down(monkeypatch):

@@ -10,11 +10,15 @@ each response may hold.
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import polars as pl
@@ -24,12 +28,12 @@ from polars.testing import assert_frame_equal
 
 from conftest import make_tiny
 from nnsteer.labels import LABELS
-from nnsteer import remote
+from nnsteer import remote, residuals
 from nnsteer.errors import NnsteerError
 from nnsteer.models import wrap_model
 from nnsteer.store import RunDir, provenance, read_metadata, write_json, write_parquet
 from fake_ndif import fake_ndif, ndif_remote, served
-from strict_remote import strict_remote
+from strict_remote import SANDBOXES, strict_remote
 
 generation = pytest.importorskip("nnsteer.generation")
 vectors = pytest.importorskip("nnsteer.vectors")
@@ -67,12 +71,16 @@ def lm(tokenizer):
     return make_tiny("llama", tokenizer)
 
 
-@pytest.fixture(params=["strict", "ndif"])
+@pytest.fixture(params=[(way, sandbox) for way in ("strict", "ndif") for sandbox in SANDBOXES],
+                ids=lambda param: "-".join(param))
 def remote_run(request):
     """Where the stages' requests go: ``strict``, the in-process strict backend, or
-    ``ndif``, nnsight's real RemoteBackend against the loopback NDIF of ``fake_ndif.py``.
-    Both run NDIF's allow-lists and bf16 autocast; both log the requests they answered."""
-    return strict_remote if request.param == "strict" else ndif_remote
+    ``ndif``, nnsight's real RemoteBackend against the loopback NDIF of ``fake_ndif.py``;
+    each in both of NDIF's sandboxes (``strict_remote.SANDBOXES``). All run bf16
+    autocast; all log the requests they answered."""
+    way, sandbox = request.param
+    return functools.partial(strict_remote if way == "strict" else ndif_remote,
+                             sandbox=sandbox)
 
 
 @pytest.fixture(scope="module")
@@ -129,16 +137,15 @@ def _same_chains(local: pl.DataFrame, remote: pl.DataFrame) -> None:
 
 
 def _assert_token_ids_only(server, chains: pl.DataFrame) -> None:
-    """Generation budget: one int64 ``[batch, new tokens]`` tensor per request.
-
-    ``torch.save`` writes a view's whole storage, so the bytes may include the prompt ids.
-    """
-    longest_prompt = chains["prompt_ids"].list.len().max()
+    """Generation budget: one int64 ``[batch, new tokens]`` tensor per request, a copy:
+    ``torch.save`` writes a view's whole storage, and the prompt ids would come back too."""
     for record in server.requests:
         (ids,) = record.tensors
         assert not record.others
         assert ids.dtype == "int64" and ids.shape[0] <= BATCH and ids.shape[1] <= MAX_NEW_TOKENS
-        assert record.response_bytes < BATCH * (longest_prompt + MAX_NEW_TOKENS) * 8 + ENVELOPE
+        alone = io.BytesIO()
+        torch.save({ids.name: torch.zeros(ids.shape, dtype=torch.int64)}, alone)
+        assert record.response_bytes <= len(alone.getvalue())
 
 
 def test_generate_remote_equals_local(study, lm, tmp_path, remote_run):
@@ -193,9 +200,10 @@ def test_attribute_remote_equals_local(study, lm, tmp_path, remote_run):
                        check_exact=False, rel_tol=1e-5, abs_tol=1e-6)
     assert_frame_equal(remote, pl.read_parquet(study.attribution), check_exact=False,
                        rel_tol=0, abs_tol=EFFECT_BF16_ATOL)
-    # Budget: per chain, per-span per-layer effects [n_spans, n_layers] and nothing else.
+    # Budget: one request for all chains; per-span per-layer effects [n_spans, n_layers]
+    # and nothing else come back.
     spans = pl.read_parquet(study.path(attribution.SPANS_FILE))
-    assert len(server.requests) == spans["chain_id"].n_unique()
+    assert len(server.requests) == 1
     n_returned = 0
     for record in server.requests:
         assert not record.others
@@ -254,7 +262,9 @@ EXTRACT_INPUTS = ("tasks.parquet", "chains.parquet", "annotations.parquet")
 
 
 def _extract(run, lm):
-    return vectors.extract_vectors(run, lm, batch_size=1)
+    """Two batches, one request each (the long-job tests count requests)."""
+    with mock.patch.object(residuals, "BATCHES_PER_REQUEST", 1):
+        return vectors.extract_vectors(run, lm, batch_size=1)
 
 
 def test_extract_reattaches_to_its_job_after_dropped_polls(study, lm, tmp_path, monkeypatch,
@@ -318,6 +328,29 @@ def test_deadline_stops_waiting_and_a_rerun_reattaches(study, lm, tmp_path, monk
         monkeypatch.setattr(lm, "ndif_deadline", None)
         _extract(run, lm)
         assert ndif.submitted() == 2
+
+
+@pytest.mark.parametrize("keep_statuses", [False, True], ids=["job-gone", "result-url-gone"])
+def test_rerun_after_the_result_expired_runs_the_job_again(study, lm, tmp_path, monkeypatch,
+                                                          capfd, keep_statuses):
+    """NDIF keeps a finished job's result about 2 hours: a later rerun cannot re-attach,
+    so it sends the job again, with one line."""
+    run = _inputs(study, tmp_path, *EXTRACT_INPUTS)
+    with ndif_remote(lm, queue_delay=0.5) as ndif:
+        monkeypatch.setattr(lm, "ndif_deadline", 0.1)
+        with pytest.raises(NnsteerError, match="not done after"):
+            _extract(run, lm)
+        monkeypatch.setattr(lm, "ndif_deadline", None)
+        while not ndif.results:  # the abandoned job finishes, then its result expires
+            time.sleep(0.05)
+        ndif.expire_results(keep_statuses=keep_statuses)
+        capfd.readouterr()
+        remote_set = _extract(run, lm)
+        assert ndif.submitted() == 3  # batch 1 twice, batch 2 once
+    assert set(remote_set.vectors) == set(vectors.load_vectors(study.vectors).vectors)
+    assert not list(run.root.glob("*.jobs.json"))
+    notes = [line for line in capfd.readouterr().err.splitlines() if "running the job again" in line]
+    assert len(notes) == 1 and notes[0].startswith("nnsteer: extract batch 1/2: NDIF no longer")
 
 
 def test_a_result_on_another_host_is_not_loaded(study, lm, tmp_path):
@@ -410,3 +443,54 @@ def test_cli_remote_without_the_hub_is_one_line(study, lm, tmp_path):
     assert ("nnsight could not ask the Hugging Face Hub for test/tiny-llama's id" in line
             and "unset HF_HUB_OFFLINE" in line), line
     assert ndif.submitted() == 0
+
+
+# --- `nnsteer models --remote --smoke`: one tiny request of each kind -----------------------
+
+
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_smoke_requests_are_accepted_in_both_sandboxes(lm, sandbox):
+    from nnsteer.smoke import smoke_lines
+
+    with ndif_remote(lm, sandbox=sandbox) as ndif:
+        lines = smoke_lines(lm)
+    assert [line.split()[0] for line in lines] == ["generate", "extract", "attribute"]
+    assert all(line.split()[1] == "accepted" for line in lines), lines
+    assert ndif.submitted() == len(ndif.requests) == 3
+
+
+def test_smoke_says_which_kind_the_server_refused(lm):
+    from nnsteer.smoke import smoke_lines
+
+    with ndif_remote(lm) as ndif:
+        ndif.fail_jobs("Traceback (most recent call last):\n  ...\nNameError: name 'torch' "
+                       "is not defined")
+        generate_line, *others = smoke_lines(lm)
+    assert generate_line == ("generate  refused: generate batch 1/1 failed on NDIF: NameError: "
+                             "name 'torch' is not defined; finished batches are saved; fix the "
+                             "cause and rerun to resume")
+    assert all(" accepted (" in line for line in others)
+
+
+def test_cli_models_remote_smoke(lm, tmp_path):
+    _offline_hub_copy(lm, tmp_path / "hf")
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    with fake_ndif({served(lm, SERVED_REPO): lm.nn}) as ndif:
+        result = _nnsteer_shell(run, tmp_path / "hf", ndif.host, "models", "--remote", "--smoke",
+                                "--model", SERVED_REPO)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()[-3:]
+    assert [line.split()[:2] for line in lines] == [["generate", "accepted"],
+                                                    ["extract", "accepted"],
+                                                    ["attribute", "accepted"]]
+    assert ndif.submitted() == 3
+
+
+def test_smoke_needs_remote():
+    from click.testing import CliRunner
+
+    from nnsteer.cli import cli
+
+    result = CliRunner().invoke(cli, ["models", "--smoke"])
+    assert result.exit_code == 2 and "--smoke needs --remote" in result.output

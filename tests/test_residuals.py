@@ -98,7 +98,7 @@ def test_remote_local_equals_local(tokenizer, tiny_llama, selections):
 
 def test_strict_server_returns_only_layer_sums(tokenizer, tiny_llama, selections):
     """Through a stand-in NDIF server: the sums of a local run under the server's bf16
-    autocast, and each response is about one [L, K, H] tensor."""
+    autocast, and each response is about one [L, K, H] tensor per batch."""
     strict = pytest.importorskip("strict_remote")
     lm = make_tiny("llama", tokenizer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -108,8 +108,9 @@ def test_strict_server_returns_only_layer_sums(tokenizer, tiny_llama, selections
     for group in GROUPS:
         torch.testing.assert_close(remote.sums[group], local.sums[group], atol=0, rtol=0)
     layer_sums_bytes = lm.arch.n_layers * len(GROUPS) * lm.arch.d_model * 4
-    assert len(server.requests) == 2
-    assert all(r.response_bytes < layer_sums_bytes + 4096 for r in server.requests)
+    (request,) = server.requests  # both batches of 8 in one request
+    assert [t.shape for t in request.tensors] == [(4, len(GROUPS), 64)] * 2
+    assert request.response_bytes < 2 * layer_sums_bytes + 4096
 
 
 def test_groups_without_samples_have_no_mean(tiny_llama):
@@ -143,7 +144,7 @@ def test_interrupted_save_keeps_the_previous_state(tiny_llama, selections, tmp_p
                          checkpoint=path)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
-    calls = FaultAfter(monkeypatch, residuals, "_reduce_batch")
+    calls = FaultAfter(monkeypatch, residuals, "_reduce_batches")
     got = sum_sample_means(tiny_llama, selections, GROUPS, batch_size=4, progress=False,
                            checkpoint=path)
     assert calls.calls == 2

@@ -381,7 +381,7 @@ def test_embedded_model_matches_reference(tmp_path, tokenizer):
 def interrupted_extract(root: Path, lm, chains, monkeypatch, after: int, **options) -> RunDir:
     """A run directory whose extraction stopped after ``after`` batches."""
     run = write_run(root, lm.name, chains)
-    FaultAfter(monkeypatch, residuals, "_reduce_batch", after)
+    FaultAfter(monkeypatch, residuals, "_reduce_batches", after)
     with pytest.raises(KeyboardInterrupt):
         extract_vectors(run, lm, **options)
     assert run.partial("extract").is_file() and not run.vectors.exists()
@@ -395,7 +395,7 @@ def test_interrupted_extract_resumes_bit_identically(tmp_path, tiny_llama, llama
     run = interrupted_extract(tmp_path / "run", tiny_llama, llama_chains, monkeypatch, 3,
                               batch_size=2)
     capsys.readouterr()
-    resumed = FaultAfter(monkeypatch, residuals, "_reduce_batch")
+    resumed = FaultAfter(monkeypatch, residuals, "_reduce_batches")
     vs = extract_vectors(run, tiny_llama, batch_size=2)
     assert resumed.calls == 2  # batches 4 and 5 only
     assert "extract: resuming at batch 4/5" in capsys.readouterr().err
@@ -412,7 +412,7 @@ def test_extract_with_other_options_starts_over(tmp_path, tiny_llama, llama_chai
     run = interrupted_extract(tmp_path, tiny_llama, llama_chains, monkeypatch, 2, batch_size=2)
     capsys.readouterr()
     options = {"batch_size": 2, **change}
-    calls = FaultAfter(monkeypatch, residuals, "_reduce_batch")
+    calls = FaultAfter(monkeypatch, residuals, "_reduce_batches")
     vs = extract_vectors(run, tiny_llama, **options)
     assert calls.calls == -(-len(llama_chains) // options["batch_size"])  # every batch
     err = capsys.readouterr().err
@@ -431,7 +431,7 @@ def test_damaged_extract_partial_file_is_ignored(tmp_path, tiny_llama, llama_cha
     data = partial.read_bytes()
     partial.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x80garbage" * 50)
     capsys.readouterr()
-    calls = FaultAfter(monkeypatch, residuals, "_reduce_batch")
+    calls = FaultAfter(monkeypatch, residuals, "_reduce_batches")
     extract_vectors(run, tiny_llama, batch_size=4)
     assert calls.calls == 3
     warning = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
