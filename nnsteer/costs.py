@@ -161,9 +161,10 @@ def _nll_batch(sequences: list[list[int]], targets: list[list[int]]) -> tuple[to
 def _mean_nll(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
               rows: torch.Tensor, wanted: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``[chains]`` float32: the weighted mean of ``-log p(wanted | prefix)`` per chain."""
-    with lm.nn.trace(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+    model = lm.nn  # the traced block must not capture nnsteer objects (NDIF refuses them)
+    with model.trace(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                      **lm.remote_options()):
-        logits = lm.nn.output.logits
+        logits = model.output.logits
         flat = logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
         logp = torch.log_softmax(flat.double(), -1)
         picked = logp.gather(1, wanted.to(logits.device).unsqueeze(1)).squeeze(1)

@@ -102,3 +102,16 @@ def test_nll_unsteered_matches_a_plain_forward(tiny_llama, tokenizer):
         assert value == pytest.approx(expected, abs=2e-4)
     assert values[3] is None
     assert nll_unsteered(tiny_llama, chains[:3], batch_size=1) == pytest.approx(values[:3], abs=2e-4)
+
+
+def test_nll_unsteered_runs_under_ndif_rules(tiny_llama, tokenizer):
+    """The same trace through the strict NDIF backend (allow-lists): one float per chain back."""
+    from strict_remote import strict_remote
+
+    chains = [_chain(tokenizer, "Q one", "Four legs per cow, so 7 cows.", "7"),
+              _chain(tokenizer, "Q two, longer", "Wait, wait, wait.", None, finish="length")]
+    local = nll_unsteered(tiny_llama, chains, batch_size=2)
+    with strict_remote(tiny_llama, bf16=False) as server:
+        remote = nll_unsteered(tiny_llama, chains, batch_size=2)
+    assert remote == pytest.approx(local, abs=1e-5)
+    assert len(server.requests) == 1 and server.requests[0].tensors[0].shape == (2,)
