@@ -207,8 +207,9 @@ def test_summary_numbers_hand_computed():
     assert "negative ×1: 10.0%" in text and "-10.0 pp [-20.0, +0.0]" in text
     assert "no clear change (interval includes 0)" in text
     assert "random positive ×1" in text and "no clear change, as a control should" in text
-    assert "Positive steering raised the target behaviour, interval excluding 0, in 1 of 1" in text
-    assert "Negative steering lowered the target behaviour, interval excluding 0, in 0 of 1" in text
+    assert "Positive steering raised the target behaviour (Holm-adjusted p < 0.05) in 1 of 1" in text
+    assert "Negative steering lowered the target behaviour (Holm-adjusted p < 0.05) in 0 of 1" in text
+    assert "Holm-adjusted across all 3 steered conditions" in text
 
 
 def test_too_few_tasks_give_means_without_intervals_or_verdicts():
@@ -223,7 +224,7 @@ def test_too_few_tasks_give_means_without_intervals_or_verdicts():
     assert "Intervals and verdicts need at least 8 tasks" in text
     eight = {**{(f"t{i}", "base"): 0.2 for i in range(8)},
              **{(f"t{i}", "pos"): 0.3 + 0.01 * i for i in range(8)}}
-    assert "raised (interval excludes 0)" in summary_text(summarise(_evaluation_rows(eight)))
+    assert "raised (interval excludes 0; Holm-adjusted p" in summary_text(summarise(_evaluation_rows(eight)))
 
 
 def test_summary_flags_a_random_control_that_moves_and_averages_chains_of_a_task():

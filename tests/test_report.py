@@ -149,7 +149,7 @@ def test_first_lines_say_which_behaviour_got_no_vector_and_the_verdicts(full_rep
     page = full_report.report.read_text()
     glance = page.split("<h2>At a glance</h2>", 1)[1].split("</section>", 1)[0]
     assert "No vector for initializing: no usable span in annotations.parquet" in glance
-    assert "Positive steering raised the target behaviour, interval excluding 0, in 4 of 4" in glance
+    assert "Positive steering raised the target behaviour (Holm-adjusted p < 0.05) in 4 of 4" in glance
     assert page.index("At a glance") < page.index("<h2>Provenance</h2>")
 
 
