@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import altair as alt
 import numpy as np
@@ -30,11 +30,14 @@ from nnsteer.annotate import annotate_chains, resolve_annotator, spans_by_chain,
 from nnsteer.errors import BadInput, public_url
 from nnsteer.labels import LABELS, STEERED_LABELS
 from nnsteer.positions import decode_response, token_offsets
-from nnsteer.stats import ALPHA, bootstrap_means, bootstrap_p, holm
+from nnsteer.stats import ALPHA, P_DRAWS, bootstrap_means, bootstrap_p, holm
 from nnsteer.store import (
     RunDir, atomic_path, provenance, read_complete, read_metadata, read_parquet, write_parquet,
     write_text,
 )
+
+if TYPE_CHECKING:
+    from nnsteer.models import LoadedModel
 
 #: The labels whose tokens make up the denominator of a share.
 DENOMINATORS: dict[str, tuple[str, ...]] = {"labelled": LABELS, "steered": STEERED_LABELS}
@@ -116,8 +119,8 @@ def summarise(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
     ``n_unlabelled`` (chains with no labelled token, left out), ``unit``. Intervals are
     null below :data:`MIN_TASKS_FOR_INTERVAL` tasks (or pairs). Several
     chains of one task and condition are averaged first. Shares are fractions (0–1). ``p``
-    is the bootstrap p-value of the paired difference (:func:`nnsteer.stats.bootstrap_p`;
-    null without an interval), ``p_holm`` its Holm adjustment over every steered condition
+    is the bootstrap p-value of the paired difference (:func:`nnsteer.stats.bootstrap_p`, at
+    least :data:`nnsteer.stats.P_DRAWS` resamples; null without an interval), ``p_holm`` its Holm adjustment over every steered condition
     of every behaviour in the table: the verdicts use ``p_holm``.
     """
     denominators = evaluation["denominator"].unique().to_list()
@@ -232,9 +235,15 @@ def evaluate(
     run: RunDir, *, annotator: str | None = None, base_url: str | None = None,
     workers: int = 8, denominator: str = "labelled", n_boot: int = 2000, seed: int = 0,
     tokenizer: Any = None, timeout: float | None = None, retries: int | None = None,
-    annotator_prompt: str | None = None,
+    annotator_prompt: str | None = None, lm: LoadedModel | None = None, grader: str = "offline",
+    batch_size: int = 8,
 ) -> pl.DataFrame:
     """Annotate the steered chains, write ``evaluation.parquet``, the chart and the summary.
+
+    Every chain also gets what steering cost (:func:`nnsteer.tradeoffs.cost_table`: the
+    answer graded by ``grader``, ``offline`` or ``openai:<model>``; ``nll_unsteered`` under
+    ``lm``, the unsteered model, in batches of ``batch_size``), joined onto its rows, and
+    the summary their paired differences (:func:`nnsteer.tradeoffs.summarise_costs`).
 
     ``annotator`` defaults to the one that annotated the training chains, and
     ``annotator_prompt`` (a prompt file, see ``annotate_chains``) to the training
@@ -259,17 +268,27 @@ def evaluate(
                     annotator_prompt=annotator_prompt)
     spans = read_parquet(run.steered_annotations, _SPAN_COLUMNS)
 
+    from nnsteer import tradeoffs  # builds on this module
+
     evaluation = chain_fractions(chains, spans, tokenizer, denominator, progress=True)
+    evaluation = evaluation.join(
+        tradeoffs.cost_table(run, tokenizer, lm, grader=grader, base_url=base_url, workers=workers,
+                             batch_size=batch_size, timeout=timeout, retries=retries),
+        on="chain_id", how="left")
     options = {"annotator": annotator, "base_url": public_url(base_url), "denominator": denominator,
-               "n_boot": n_boot, "seed": seed, "annotator_prompt": annotator_prompt}
+               "n_boot": n_boot, "seed": seed, "annotator_prompt": annotator_prompt,
+               "grader": grader}
     meta = provenance("evaluate", options, read_metadata(run.steered).get("model"))
     meta["unit"] = UNITS[denominator]
+    costs = tradeoffs.summarise_costs(evaluation, n_boot, seed)
+    meta.update(tradeoffs.cost_metadata(costs, lm))
     write_parquet(evaluation, run.evaluation, meta)
 
     summary = summarise(evaluation, n_boot, seed)
     with atomic_path(run.charts / CHART_FILE) as tmp:
         steering_chart(summary).save(tmp, format="html", inline=True)
-    write_text(run.root / SUMMARY_FILE, summary_text(summary) + _unsteered_note(run))
+    write_text(run.root / SUMMARY_FILE, summary_text(summary) + tradeoffs.costs_text(costs, grader)
+               + _unsteered_note(run))
     return evaluation
 
 
@@ -379,7 +398,8 @@ def _share_stats(shares: pl.DataFrame, n_boot: int, seed: int, min_tasks: int,
         diff_low, diff_high = _interval(diffs, n_boot, seed, min_tasks)
         stats.update(n_pairs=len(diffs), diff=float(diffs.mean()) if len(diffs) else None,
                      diff_low=_finite(diff_low), diff_high=_finite(diff_high),
-                     p=bootstrap_p(diffs, n_boot, seed) if len(diffs) >= min_tasks else None)
+                     p=bootstrap_p(diffs, max(n_boot, P_DRAWS), seed)
+                     if len(diffs) >= min_tasks else None)
     return stats
 
 
@@ -455,6 +475,8 @@ def _verdict(row: dict[str, Any]) -> tuple[str, bool]:
 def _holm_note(summary: pl.DataFrame) -> str:
     """How the verdicts allow for the study's many tests."""
     n = summary["p"].drop_nulls().len() if "p" in summary.columns else 0
+    if not n:
+        return "No condition has the tasks for a test."
     return (f"Verdicts use bootstrap tests Holm-adjusted across all {n} steered conditions "
             f"of the study (p < {ALPHA:g}); the intervals shown are unadjusted.")
 
