@@ -160,13 +160,21 @@ def _nll_batch(sequences: list[list[int]], targets: list[list[int]]) -> tuple[to
 
 def _mean_nll(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
               rows: torch.Tensor, wanted: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``[chains]`` float32: the weighted mean of ``-log p(wanted | prefix)`` per chain."""
+    """``[chains]`` float32: the weighted mean of ``-log p(wanted | prefix)`` per chain.
+
+    Only the predicting positions are unembedded (the final norm's output at ``rows``
+    times the unembedding), and the forward stops there: no ``[batch, length, vocab]``
+    logits are made.
+    """
     model = lm.nn  # the traced block must not capture nnsteer objects (NDIF refuses them)
+    norm, head = lm.arch.final_norm(model), lm.arch.unembed(model)
     with model.trace(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                     **lm.remote_options()):
-        logits = model.output.logits
-        flat = logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
-        logp = torch.log_softmax(flat.double(), -1)
-        picked = logp.gather(1, wanted.to(logits.device).unsqueeze(1)).squeeze(1)
-        means = (-(weights.to(logits.device).T @ picked)).float().save()
+                     **lm.remote_options()) as tracer:
+        h = norm.output
+        picked = h.reshape(-1, h.shape[-1]).index_select(0, rows.to(h.device))
+        logits = torch.nn.functional.linear(picked, head.weight)
+        logp = torch.log_softmax(logits.double(), -1)
+        chosen = logp.gather(1, wanted.to(h.device).unsqueeze(1)).squeeze(1)
+        means = (-(weights.to(h.device).T @ chosen)).float().save()
+        tracer.stop()
     return means.cpu()

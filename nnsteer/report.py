@@ -667,9 +667,6 @@ def costs_section(run: RunDir) -> Section:
             "reasoning; compression ratio is zlib's on the reasoning (loops compress well); NLL is "
             "the reasoning's mean negative log-likelihood under the unsteered model (coherence). "
             "See docs/costs.md.</p>" + f"<pre>{html.escape(text.strip())}</pre>")
-    sweep = _stage_function("nnsteer.tradeoffs", "sweep_table")(_layer_choices(run))
-    if sweep is not None:
-        body += sweep
     return Section(CHARTS["costs"], body, "costs",
                    _stage_function("nnsteer.tradeoffs", "tradeoff_chart")(rows).to_dict())
 

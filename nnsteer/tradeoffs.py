@@ -317,8 +317,3 @@ def chain_figures(row: dict[str, Any]) -> str:
             f"repeated {chain_costs.NGRAM}-grams: {pct(row.get('repetition'))}; compression ratio: "
             f"{num(row.get('compression_ratio'))}; NLL unsteered: {num(row.get('nll_unsteered'))} nats/token")
 
-
-def sweep_table(layer_choices: dict[str, Any]) -> str | None:
-    """HTML: the coefficient sweep ``select --coefficient auto`` recorded, with its bounds
-    and the reason for each choice; None if the coefficients were fixed."""
-    return None

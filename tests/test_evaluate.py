@@ -457,4 +457,15 @@ def test_every_chain_gets_its_costs(tmp_path, tiny_llama, capsys):
     assert meta["options"]["grader"] == "offline"
     text = (run.root / "summary.txt").read_text()
     assert "Costs: paired differences" in text and "NLL under the unsteered model" in text
+
+    # The report's example chains come from this real steer: the unsteered chain (vector
+    # "none") and both directions, each with its cost figures.
+    from nnsteer.report import costs_section, example_chains_section
+
+    body = example_chains_section(run).body
+    assert body.count("<tr>") == 3 and "<th>unsteered<div" in body
+    assert "backtracking, positive<div" in body and "backtracking, negative<div" in body
+    assert body.count("NLL unsteered: ") == 3 and "repeated 4-grams: " in body
+    costs = costs_section(run)
+    assert costs.spec is not None and "NLL under the unsteered model" in costs.body
     assert "backtracking: baseline" in (run.root / "summary.txt").read_text()
