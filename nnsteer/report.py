@@ -489,10 +489,15 @@ def _coefficients_steered(run: RunDir) -> dict[str, list[float]]:
 
 def steering_summary(run: RunDir) -> pl.DataFrame:
     """:func:`nnsteer.evaluate.summarise` of the run's evaluation, with the draws it used."""
+    return _summary_of_evaluation(run, "nnsteer.evaluate", "summarise")
+
+
+def _summary_of_evaluation(run: RunDir, module: str, name: str) -> pl.DataFrame:
+    """``module.name(evaluation, n_boot=..., seed=...)`` with the draws ``evaluate`` used."""
     evaluation = read_parquet(_need(run.evaluation))
     options = read_metadata(run.evaluation).get("options", {})
     same_draws = {k: options[k] for k in ("n_boot", "seed") if k in options}
-    return _stage_function("nnsteer.evaluate", "summarise")(evaluation, **same_draws)
+    return _stage_function(module, name)(evaluation, **same_draws)
 
 
 def steering_section(run: RunDir) -> Section:
@@ -645,10 +650,7 @@ def dose_response_chart(summary: pl.DataFrame) -> Any:
 
 def cost_summary(run: RunDir) -> pl.DataFrame:
     """:func:`nnsteer.tradeoffs.summarise_costs` of the run's evaluation, with the draws it used."""
-    evaluation = read_parquet(_need(run.evaluation))
-    options = read_metadata(run.evaluation).get("options", {})
-    same_draws = {k: options[k] for k in ("n_boot", "seed") if k in options}
-    return _stage_function("nnsteer.tradeoffs", "summarise_costs")(evaluation, **same_draws)
+    return _summary_of_evaluation(run, "nnsteer.tradeoffs", "summarise_costs")
 
 
 def costs_section(run: RunDir) -> Section:
