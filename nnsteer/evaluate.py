@@ -120,8 +120,9 @@ def summarise(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
     null below :data:`MIN_TASKS_FOR_INTERVAL` tasks (or pairs). Several
     chains of one task and condition are averaged first. Shares are fractions (0–1). ``p``
     is the bootstrap p-value of the paired difference (:func:`nnsteer.stats.bootstrap_p`, at
-    least :data:`nnsteer.stats.P_DRAWS` resamples; null without an interval), ``p_holm`` its Holm adjustment over every steered condition
-    of every behaviour in the table: the verdicts use ``p_holm``.
+    least :data:`nnsteer.stats.P_DRAWS` resamples; null without an interval), ``p_holm``
+    its Holm adjustment over every steered condition of every behaviour in the table: the
+    verdicts use ``p_holm``.
     """
     denominators = evaluation["denominator"].unique().to_list()
     if not denominators:
@@ -255,6 +256,9 @@ def evaluate(
     labels = _denominator_labels(denominator)
     if n_boot < 1:
         raise BadInput(f"--n-boot must be positive, got {n_boot}")
+    from nnsteer import tradeoffs  # builds on this module
+
+    tradeoffs.resolve_grader(grader)
     chains = _read_steered(run, labels)
     annotator = resolve_annotator(annotator or _training_annotator(run))
     if annotator_prompt is None and run.annotations.exists():
@@ -267,8 +271,6 @@ def evaluate(
                     source="steered", tokenizer=tokenizer, timeout=timeout, retries=retries,
                     annotator_prompt=annotator_prompt)
     spans = read_parquet(run.steered_annotations, _SPAN_COLUMNS)
-
-    from nnsteer import tradeoffs  # builds on this module
 
     evaluation = chain_fractions(chains, spans, tokenizer, denominator, progress=True)
     evaluation = evaluation.join(
