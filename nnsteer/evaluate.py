@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import altair as alt
 import numpy as np
@@ -30,10 +30,14 @@ from nnsteer.annotate import annotate_chains, resolve_annotator, spans_by_chain,
 from nnsteer.errors import BadInput, public_url
 from nnsteer.labels import LABELS, STEERED_LABELS
 from nnsteer.positions import decode_response, token_offsets
+from nnsteer.stats import ALPHA, P_DRAWS, bootstrap_means, bootstrap_p, holm
 from nnsteer.store import (
     RunDir, atomic_path, provenance, read_complete, read_metadata, read_parquet, write_parquet,
     write_text,
 )
+
+if TYPE_CHECKING:
+    from nnsteer.models import LoadedModel
 
 #: The labels whose tokens make up the denominator of a share.
 DENOMINATORS: dict[str, tuple[str, ...]] = {"labelled": LABELS, "steered": STEERED_LABELS}
@@ -49,6 +53,8 @@ UNITS: dict[str, str] = {
 MIN_TASKS_FOR_INTERVAL = 8
 DIRECTIONS = ("none", "positive", "negative")
 VECTORS = ("none", "behaviour", "random")
+#: What makes a condition: chains that agree on these were steered the same way.
+CONDITION = ("direction", "vector", "coefficient")
 SUMMARY_FILE = "summary.txt"
 CHART_FILE = "steering.html"
 
@@ -96,8 +102,7 @@ def bootstrap_interval(
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(axis=1)
+    means = bootstrap_means(values, n_boot, seed)
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return float(low), float(high)
@@ -113,7 +118,11 @@ def summarise(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
     (paired difference steered − baseline on the same task; null for the baseline),
     ``n_unlabelled`` (chains with no labelled token, left out), ``unit``. Intervals are
     null below :data:`MIN_TASKS_FOR_INTERVAL` tasks (or pairs). Several
-    chains of one task and condition are averaged first. Shares are fractions (0–1).
+    chains of one task and condition are averaged first. Shares are fractions (0–1). ``p``
+    is the bootstrap p-value of the paired difference (:func:`nnsteer.stats.bootstrap_p`, at
+    least :data:`nnsteer.stats.P_DRAWS` resamples; null without an interval), ``p_holm``
+    its Holm adjustment over every steered condition of every behaviour in the table: the
+    verdicts use ``p_holm``.
     """
     denominators = evaluation["denominator"].unique().to_list()
     if not denominators:
@@ -121,7 +130,7 @@ def summarise(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
     if len(denominators) != 1:
         raise BadInput(f"evaluation mixes denominators {sorted(denominators)}: summarise one at a time")
     unit = UNITS[denominators[0]]
-    conditions = ["direction", "vector", "coefficient"]
+    conditions = list(CONDITION)
     baseline_chains = evaluation.filter(pl.col("direction") == "none")
     steered_chains = evaluation.filter(pl.col("direction") != "none")
     rows = []
@@ -140,8 +149,13 @@ def summarise(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
               "coefficient": pl.Float64, "n_tasks": pl.Int64, "mean": pl.Float64,
               "ci_low": pl.Float64, "ci_high": pl.Float64, "n_pairs": pl.Int64,
               "diff": pl.Float64, "diff_low": pl.Float64, "diff_high": pl.Float64,
-              "n_unlabelled": pl.Int64}
-    return pl.DataFrame(rows, schema=schema).with_columns(unit=pl.lit(unit))
+              "n_unlabelled": pl.Int64, "p": pl.Float64}
+    return with_holm(pl.DataFrame(rows, schema=schema)).with_columns(unit=pl.lit(unit))
+
+
+def with_holm(table: pl.DataFrame) -> pl.DataFrame:
+    """``table`` with ``p_holm``: its ``p`` column Holm-adjusted over all its rows."""
+    return table.with_columns(p_holm=pl.Series(holm(table["p"].to_list()), dtype=pl.Float64))
 
 
 def summary_text(summary: pl.DataFrame) -> str:
@@ -154,7 +168,8 @@ def summary_text(summary: pl.DataFrame) -> str:
     lines = [
         f"Unit: {unit}. Means over eval tasks with percentile-bootstrap 95% intervals; "
         "differences are paired with the unsteered chain of the same task, in percentage points (pp). "
-        f"Intervals and verdicts need at least {MIN_TASKS_FOR_INTERVAL} tasks.",
+        f"Intervals and verdicts need at least {MIN_TASKS_FOR_INTERVAL} tasks. "
+        f"{_holm_note(summary)}",
     ]
     verdicts: dict[str, list[bool]] = {"positive": [], "negative": []}
     for base in baselines.iter_rows(named=True):
@@ -173,8 +188,8 @@ def summary_text(summary: pl.DataFrame) -> str:
     for direction, verb in (("positive", "raised"), ("negative", "lowered")):
         results = verdicts[direction]
         if results:
-            lines.append(f"{direction.capitalize()} steering {verb} the target behaviour, interval "
-                         f"excluding 0, in {sum(results)} of {len(results)} conditions.")
+            lines.append(f"{direction.capitalize()} steering {verb} the target behaviour "
+                         f"(Holm-adjusted p < {ALPHA:g}) in {sum(results)} of {len(results)} conditions.")
     return "\n".join(lines) + "\n"
 
 
@@ -221,9 +236,15 @@ def evaluate(
     run: RunDir, *, annotator: str | None = None, base_url: str | None = None,
     workers: int = 8, denominator: str = "labelled", n_boot: int = 2000, seed: int = 0,
     tokenizer: Any = None, timeout: float | None = None, retries: int | None = None,
-    annotator_prompt: str | None = None,
+    annotator_prompt: str | None = None, lm: LoadedModel | None = None, grader: str = "offline",
+    batch_size: int = 8,
 ) -> pl.DataFrame:
     """Annotate the steered chains, write ``evaluation.parquet``, the chart and the summary.
+
+    Every chain also gets what steering cost (:func:`nnsteer.tradeoffs.cost_table`: the
+    answer graded by ``grader``, ``offline`` or ``openai:<model>``; ``nll_unsteered`` under
+    ``lm``, the unsteered model, in batches of ``batch_size``), joined onto its rows, and
+    the summary their paired differences (:func:`nnsteer.tradeoffs.summarise_costs`).
 
     ``annotator`` defaults to the one that annotated the training chains, and
     ``annotator_prompt`` (a prompt file, see ``annotate_chains``) to the training
@@ -235,6 +256,9 @@ def evaluate(
     labels = _denominator_labels(denominator)
     if n_boot < 1:
         raise BadInput(f"--n-boot must be positive, got {n_boot}")
+    from nnsteer import tradeoffs  # builds on this module
+
+    tradeoffs.resolve_grader(grader)
     chains = _read_steered(run, labels)
     annotator = resolve_annotator(annotator or _training_annotator(run))
     if annotator_prompt is None and run.annotations.exists():
@@ -249,16 +273,24 @@ def evaluate(
     spans = read_parquet(run.steered_annotations, _SPAN_COLUMNS)
 
     evaluation = chain_fractions(chains, spans, tokenizer, denominator, progress=True)
+    evaluation = evaluation.join(
+        tradeoffs.cost_table(run, tokenizer, lm, grader=grader, base_url=base_url, workers=workers,
+                             batch_size=batch_size, timeout=timeout, retries=retries),
+        on="chain_id", how="left")
     options = {"annotator": annotator, "base_url": public_url(base_url), "denominator": denominator,
-               "n_boot": n_boot, "seed": seed, "annotator_prompt": annotator_prompt}
+               "n_boot": n_boot, "seed": seed, "annotator_prompt": annotator_prompt,
+               "grader": grader}
     meta = provenance("evaluate", options, read_metadata(run.steered).get("model"))
     meta["unit"] = UNITS[denominator]
+    costs = tradeoffs.summarise_costs(evaluation, n_boot, seed)
+    meta.update(tradeoffs.cost_metadata(costs, lm))
     write_parquet(evaluation, run.evaluation, meta)
 
     summary = summarise(evaluation, n_boot, seed)
     with atomic_path(run.charts / CHART_FILE) as tmp:
         steering_chart(summary).save(tmp, format="html", inline=True)
-    write_text(run.root / SUMMARY_FILE, summary_text(summary) + _unsteered_note(run))
+    write_text(run.root / SUMMARY_FILE, summary_text(summary) + tradeoffs.costs_text(costs, grader)
+               + _unsteered_note(run))
     return evaluation
 
 
@@ -361,13 +393,15 @@ def _share_stats(shares: pl.DataFrame, n_boot: int, seed: int, min_tasks: int,
     low, high = _interval(values, n_boot, seed, min_tasks)
     stats = {"n_tasks": len(values), "mean": float(values.mean()) if len(values) else None,
              "ci_low": _finite(low), "ci_high": _finite(high),
-             "n_pairs": None, "diff": None, "diff_low": None, "diff_high": None}
+             "n_pairs": None, "diff": None, "diff_low": None, "diff_high": None, "p": None}
     if baseline is not None:
         paired = shares.join(baseline, on="task_id", suffix="_baseline")
         diffs = (paired["share"] - paired["share_baseline"]).to_numpy()
         diff_low, diff_high = _interval(diffs, n_boot, seed, min_tasks)
         stats.update(n_pairs=len(diffs), diff=float(diffs.mean()) if len(diffs) else None,
-                     diff_low=_finite(diff_low), diff_high=_finite(diff_high))
+                     diff_low=_finite(diff_low), diff_high=_finite(diff_high),
+                     p=bootstrap_p(diffs, max(n_boot, P_DRAWS), seed)
+                     if len(diffs) >= min_tasks else None)
     return stats
 
 
@@ -416,18 +450,37 @@ def _verdict(row: dict[str, Any]) -> tuple[str, bool]:
         return "no paired task to tell", False
     if row["diff_low"] is None:
         return f"too few tasks for an interval ({row['n_pairs']}): no verdict", False
-    up, down = row["diff_low"] > 0, row["diff_high"] < 0
+    excludes = row["diff_low"] > 0 or row["diff_high"] < 0
+    held = row.get("p_holm") is not None and row["p_holm"] < ALPHA
+    up, down = held and row["diff"] > 0, held and row["diff"] < 0
+    adjusted = f"Holm-adjusted p = {row['p_holm']:.2g}" if held else ""
+    if excludes and not held:
+        p_holm = row.get("p_holm")
+        return ("no clear change after Holm's adjustment for the study's many tests "
+                f"(adjusted p = {p_holm if p_holm is None else f'{p_holm:.2g}'}; the unadjusted "
+                "interval excludes 0)"), False
     if row["vector"] == "random":
         if up or down:
             return (f"the random control {'raised' if up else 'lowered'} it too "
-                    "(interval excludes 0): the behaviour vector's effect is not specific"), False
+                    f"(interval excludes 0; {adjusted}): the behaviour vector's effect is not "
+                    "specific"), False
         return "no clear change, as a control should", False
     wanted = up if row["direction"] == "positive" else down
     if wanted:
-        return ("raised" if up else "lowered") + " (interval excludes 0)", True
+        return ("raised" if up else "lowered") + f" (interval excludes 0; {adjusted})", True
     if up or down:
-        return ("raised" if up else "lowered") + " it, the opposite of the intended change", False
+        return (("raised" if up else "lowered") + " it, the opposite of the intended change "
+                f"({adjusted})"), False
     return "no clear change (interval includes 0)", False
+
+
+def _holm_note(summary: pl.DataFrame) -> str:
+    """How the verdicts allow for the study's many tests."""
+    n = summary["p"].drop_nulls().len() if "p" in summary.columns else 0
+    if not n:
+        return "No condition has the tasks for a test."
+    return (f"Verdicts use bootstrap tests Holm-adjusted across all {n} steered conditions "
+            f"of the study (p < {ALPHA:g}); the intervals shown are unadjusted.")
 
 
 def _unlabelled_note(row: dict[str, Any]) -> str:

@@ -17,10 +17,11 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
@@ -40,6 +41,7 @@ PROMPT_VERSION = "1"
 MIN_COVERAGE = 0.5
 DEFAULT_TIMEOUT = 120.0  # seconds per request
 DEFAULT_RETRIES = 3  # after a 429, a 5xx or a timeout, with exponential backoff
+T = TypeVar("T")
 
 _MEANINGS = {
     "initializing": "restating the problem, setting the goal, or planning the first steps",
@@ -135,6 +137,10 @@ class LLMAnnotator:
         self._client = openai.OpenAI(base_url=self.base_url, api_key=key or "none",
                                      max_retries=self.max_retries, timeout=self.timeout)
 
+    def messages(self, text: str) -> list[dict[str, str]]:
+        """The Chat Completions messages that ask about ``text`` (:func:`prompt_messages`)."""
+        return prompt_messages(text, self.prompt)
+
     def request(self, text: str) -> str:
         """One Chat Completions request (temperature 0 unless the model refused it); the
         reply's text. :class:`BadReply` for a reply without text or cut off by its length."""
@@ -145,7 +151,7 @@ class LLMAnnotator:
         try:
             reply = self._client.chat.completions.create(
                 model=self.model,
-                messages=prompt_messages(text, self.prompt),
+                messages=self.messages(text),
                 **options,
             )
         except openai.BadRequestError as exc:
@@ -170,13 +176,24 @@ class LLMAnnotator:
 
     def annotate(self, text: str) -> list[Span] | Failed:
         """Spans of ``text`` from the cache or the server, if the reply is acceptable
-        (:func:`unacceptable`); another reply is asked for once, then the text is reported
-        as :class:`Failed`. Only accepted replies are cached."""
+        (:func:`unacceptable`); see :meth:`ask`."""
+        def accept(reply: str) -> tuple[list[Span], str | None]:
+            spans = parse_annotation(reply, text)
+            return spans, unacceptable(spans, text)
+
+        return self.ask(text, accept)
+
+    def ask(self, text: str, accept: Callable[[str], tuple[T, str | None]]) -> T | Failed:
+        """What ``accept`` makes of the reply about ``text`` (from the cache or the server),
+        if it accepts it (its second value, the problem, is None); another reply is asked
+        for once, then the text is reported as :class:`Failed`. Only accepted replies are cached."""
         import openai
 
         reply = self.cached(text)
-        if reply is not None and unacceptable(spans := parse_annotation(reply, text), text) is None:
-            return spans
+        if reply is not None:
+            value, problem = accept(reply)
+            if problem is None:
+                return value
         problem = "no reply"
         for _ in range(2):
             try:
@@ -192,14 +209,13 @@ class LLMAnnotator:
             except Exception as exc:  # a malformed response fails this text only
                 return Failed(scrub(f"malformed response ({type(exc).__name__}: "
                                     f"{first_line(exc)})")[:200])
-            spans = parse_annotation(reply, text)
-            problem = unacceptable(spans, text)
+            value, problem = accept(reply)
             if problem is None:
                 path = self.cache_path(text)
                 if path is not None:
                     write_json(path, {"model": self.model, "prompt_version": PROMPT_VERSION,
                                       "prompt_key": self.prompt_key, "reply": reply})
-                return spans
+                return value
         return Failed(scrub(f"{problem}: {reply[:80]!r}" if reply else problem)[:200])
 
     def cancel(self) -> None:
@@ -246,19 +262,32 @@ def annotate_texts(
     """
     annotator = LLMAnnotator(model, base_url=base_url, cache_dir=cache_dir,
                              max_retries=retries, timeout=timeout, prompt=prompt)
-    if any(annotator.cached(t) is None for t in texts):
-        annotator.connect()
-    results: list[list[Span] | Failed] = [Failed("not run")] * len(texts)
+    return ask_all(annotator, texts, annotator.annotate, workers=workers, progress=progress,
+                   desc=f"annotate ({model})")
+
+
+def ask_all(
+    client: LLMAnnotator, texts: Sequence[str], ask: Callable[[str], T | Failed], *,
+    workers: int = 8, progress: bool = True, desc: str = "ask",
+) -> list[T | Failed]:
+    """``ask(text)`` for every text, ``workers`` at a time, in input order; ``client``
+    connects first unless every text's reply is cached.
+
+    Ctrl-C cancels the requests not yet made and aborts those in flight.
+    """
+    if any(client.cached(t) is None for t in texts):
+        client.connect()
+    results: list[T | Failed] = [Failed("not run")] * len(texts)
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        futures = {pool.submit(annotator.annotate, t): i for i, t in enumerate(texts)}
+        futures = {pool.submit(ask, t): i for i, t in enumerate(texts)}
         bar = tqdm(as_completed(futures), total=len(futures), disable=not progress,
-                   desc=f"annotate ({model})", unit="chain")
+                   desc=desc, unit="chain")
         for future in bar:
             results[futures[future]] = future.result()
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
-        annotator.cancel()
+        client.cancel()
         raise
     pool.shutdown()
     return results

@@ -72,7 +72,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("select", "nnsteer.select", "select_layers", ("vectors", "attribution"), ("layers",)),
     Stage("steer", "nnsteer.steer", "steer_chains", ("tasks", "layers", "vectors"), ("steered",)),
     Stage("evaluate", "nnsteer.evaluate", "evaluate",
-          ("steered", "annotations"), ("steered_annotations", "evaluation"),
+          ("steered", "annotations", "tasks"), ("steered_annotations", "evaluation"),
           file_options=("annotator_prompt",)),
     Stage("report", "nnsteer.report", "write_report",
           ("tasks", "annotations", "vectors", "attribution", "layers", "evaluation"), ("report",)),

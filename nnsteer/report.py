@@ -42,6 +42,7 @@ CHARTS = {
     "similarity": "Cosine similarity of the vectors",
     "steering": "Steering on unseen tasks (Figure 4)",
     "forest": "Steering effects against the baseline, with the random control",
+    "costs": "Costs: what steering broke beside what it changed",
 }
 #: One colour per condition kind, the same in every steering chart.
 CONDITION_COLOURS = {"baseline": "#888888", "behaviour": "#1f77b4", "random": "#ff7f0e"}
@@ -179,8 +180,10 @@ def overview_section(run: RunDir) -> Section:
             text = note(metadata, run.annotations.name)
             lines.append(text[:1].upper() + text[1:] + ".")
     if run.evaluation.exists():
-        text = _stage_function("nnsteer.evaluate", "summary_text")(steering_summary(run))
+        summary = steering_summary(run)
+        text = _stage_function("nnsteer.evaluate", "summary_text")(summary)
         lines += [line for line in text.splitlines() if line.endswith("conditions.")]
+        lines += _stage_function("nnsteer.tradeoffs", "broken_conditions")(summary, cost_summary(run))
     if not lines:
         raise _Unavailable("Nothing to say yet: run the vectors and steering stages.")
     return Section("At a glance", "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines)
@@ -486,10 +489,15 @@ def _coefficients_steered(run: RunDir) -> dict[str, list[float]]:
 
 def steering_summary(run: RunDir) -> pl.DataFrame:
     """:func:`nnsteer.evaluate.summarise` of the run's evaluation, with the draws it used."""
+    return _summary_of_evaluation(run, "nnsteer.evaluate", "summarise")
+
+
+def _summary_of_evaluation(run: RunDir, module: str, name: str) -> pl.DataFrame:
+    """``module.name(evaluation, n_boot=..., seed=...)`` with the draws ``evaluate`` used."""
     evaluation = read_parquet(_need(run.evaluation))
     options = read_metadata(run.evaluation).get("options", {})
     same_draws = {k: options[k] for k in ("n_boot", "seed") if k in options}
-    return _stage_function("nnsteer.evaluate", "summarise")(evaluation, **same_draws)
+    return _stage_function(module, name)(evaluation, **same_draws)
 
 
 def steering_section(run: RunDir) -> Section:
@@ -640,6 +648,31 @@ def dose_response_chart(summary: pl.DataFrame) -> Any:
                         "whiskers: 95% bootstrap interval"))
 
 
+def cost_summary(run: RunDir) -> pl.DataFrame:
+    """:func:`nnsteer.tradeoffs.summarise_costs` of the run's evaluation, with the draws it used."""
+    return _summary_of_evaluation(run, "nnsteer.tradeoffs", "summarise_costs")
+
+
+def costs_section(run: RunDir) -> Section:
+    """Per steered condition, the behaviour change against each cost, with intervals."""
+    costs = cost_summary(run)
+    if costs.is_empty():
+        raise _Unavailable("Not measured: this evaluation.parquet has no cost columns (rerun "
+                           "`nnsteer evaluate`).")
+    grader = read_metadata(run.evaluation).get("options", {}).get("grader", "offline")
+    rows = _stage_function("nnsteer.tradeoffs", "tradeoff_rows")(steering_summary(run), costs)
+    text = _stage_function("nnsteer.tradeoffs", "costs_text")(costs, grader)
+    body = ("<p>Each point is one steered condition: its paired change in the target behaviour "
+            "(y) against its paired change in one cost (x), both against the unsteered chain of "
+            "the same task, with 95% bootstrap intervals. Accuracy, closed thinking and answered "
+            "are shares of chains (pp); repetition is the share of repeated token n-grams in the "
+            "reasoning; compression ratio is zlib's on the reasoning (loops compress well); NLL is "
+            "the reasoning's mean negative log-likelihood under the unsteered model (coherence). "
+            "See docs/costs.md.</p>" + f"<pre>{html.escape(text.strip())}</pre>")
+    return Section(CHARTS["costs"], body, "costs",
+                   _stage_function("nnsteer.tradeoffs", "tradeoff_chart")(rows).to_dict())
+
+
 def example_chains_section(run: RunDir) -> Section:
     """One eval task's chains, unsteered and steered each way per behaviour, spans coloured by label.
 
@@ -651,7 +684,7 @@ def example_chains_section(run: RunDir) -> Section:
                           columns=["chain_id", "task_id", "behaviour", "direction", "vector", "response"])
     spans = read_parquet(_need(run.steered_annotations),
                          columns=["chain_id", "label", "start", "end", "status"])
-    chains = chains.filter((pl.col("vector").is_null()) | (pl.col("vector") == "behaviour"))
+    chains = chains.filter(pl.col("vector").is_null() | pl.col("vector").is_in(["none", "behaviour"]))
     wanted = {("none", None)} | {(d, b) for b in chains["behaviour"].drop_nulls().unique()
                                  for d in ("positive", "negative")}
     task_ids = [t for (t,), group in chains.group_by("task_id", maintain_order=True)
@@ -659,6 +692,7 @@ def example_chains_section(run: RunDir) -> Section:
     if not task_ids:
         raise _Unavailable("no eval task has an unsteered chain and both steering directions")
     task_id = sorted(task_ids)[0]
+    figures_of = _chain_figures(run, task_id)
     rows = chains.filter(pl.col("task_id") == task_id).sort(
         pl.col("behaviour").fill_null(""), pl.col("direction") != "none", pl.col("direction") != "positive")
     cells = []
@@ -674,11 +708,26 @@ def example_chains_section(run: RunDir) -> Section:
             at = span["end"]
         pieces.append(html.escape(text[at:]))
         name = "unsteered" if row["direction"] == "none" else f'{row["behaviour"]}, {row["direction"]}'
-        cells.append(f'<tr><th>{html.escape(name)}</th><td style="white-space:pre-wrap">{"".join(pieces)}</td></tr>')
+        figures = f'<div class="figures">{html.escape(figures_of[row["chain_id"]])}</div>' \
+            if row["chain_id"] in figures_of else ""
+        cells.append(f'<tr><th>{html.escape(name)}{figures}</th>'
+                     f'<td style="white-space:pre-wrap">{"".join(pieces)}</td></tr>')
     legend = " ".join(f'<span style="background:{c};padding:0 0.3em">{label}</span>'
                       for label, c in colours.items())
     return Section("Example chains", f"<p>Eval task <code>{html.escape(task_id)}</code>, greedy chains; "
                    f"annotated spans: {legend}</p><table>{''.join(cells)}</table>")
+
+
+def _chain_figures(run: RunDir, task_id: str) -> dict[str, str]:
+    """Per chain of ``task_id``, its cost figures from ``evaluation.parquet`` (if measured)."""
+    if not run.evaluation.exists():
+        return {}
+    evaluation = read_parquet(run.evaluation)
+    if "nll_unsteered" not in evaluation.columns:
+        return {}
+    figures = _stage_function("nnsteer.tradeoffs", "chain_figures")
+    rows = evaluation.filter(pl.col("task_id") == task_id).unique("chain_id")
+    return {row["chain_id"]: figures(row) for row in rows.iter_rows(named=True)}
 
 
 _BUILDERS: list[tuple[str, Callable[[RunDir], Section]]] = [
@@ -691,6 +740,7 @@ _BUILDERS: list[tuple[str, Callable[[RunDir], Section]]] = [
     ("Selected layers", layers_section),
     (CHARTS["steering"], steering_section),
     (CHARTS["forest"], forest_section),
+    (CHARTS["costs"], costs_section),
     ("Example chains", example_chains_section),
 ]
 
@@ -707,6 +757,7 @@ td {{ max-width: 520px; overflow-wrap: break-word; }}
 .missing {{ color: #888; font-style: italic; }}
 .chart {{ margin: 1em 0; }}
 pre {{ white-space: pre-wrap; }}
+.figures {{ font-weight: normal; font-size: 0.85em; color: #555; max-width: 220px; }}
 #errors:empty {{ display: none; }}
 #errors {{ color: #b00; border: 1px solid #b00; padding: 0.5em; }}
 </style>

@@ -207,8 +207,9 @@ def test_summary_numbers_hand_computed():
     assert "negative ×1: 10.0%" in text and "-10.0 pp [-20.0, +0.0]" in text
     assert "no clear change (interval includes 0)" in text
     assert "random positive ×1" in text and "no clear change, as a control should" in text
-    assert "Positive steering raised the target behaviour, interval excluding 0, in 1 of 1" in text
-    assert "Negative steering lowered the target behaviour, interval excluding 0, in 0 of 1" in text
+    assert "Positive steering raised the target behaviour (Holm-adjusted p < 0.05) in 1 of 1" in text
+    assert "Negative steering lowered the target behaviour (Holm-adjusted p < 0.05) in 0 of 1" in text
+    assert "Holm-adjusted across all 3 steered conditions" in text
 
 
 def test_too_few_tasks_give_means_without_intervals_or_verdicts():
@@ -223,7 +224,7 @@ def test_too_few_tasks_give_means_without_intervals_or_verdicts():
     assert "Intervals and verdicts need at least 8 tasks" in text
     eight = {**{(f"t{i}", "base"): 0.2 for i in range(8)},
              **{(f"t{i}", "pos"): 0.3 + 0.01 * i for i in range(8)}}
-    assert "raised (interval excludes 0)" in summary_text(summarise(_evaluation_rows(eight)))
+    assert "raised (interval excludes 0; Holm-adjusted p" in summary_text(summarise(_evaluation_rows(eight)))
 
 
 def test_summary_flags_a_random_control_that_moves_and_averages_chains_of_a_task():
@@ -331,6 +332,8 @@ def test_bad_input_leaves_outputs_intact(tmp_path, tokenizer):
         evaluate(run, tokenizer=tokenizer, denominator="sentences")
     with pytest.raises(BadInput, match="--annotator 'gpt'"):
         evaluate(run, tokenizer=tokenizer, annotator="gpt")
+    with pytest.raises(BadInput, match="--grader must be 'offline' or 'openai:<model>'"):
+        evaluate(run, tokenizer=tokenizer, grader="gpt-4o")
     assert run.evaluation.read_bytes() == before
 
 
@@ -406,4 +409,65 @@ def test_steer_then_evaluate_on_a_tiny_model(tmp_path, tiny_llama):
     assert evaluation.height == 2 * len(conditions) * 6
     summary = summarise(evaluation, n_boot=100)
     assert summary.height == len(conditions) and set(summary["behaviour"]) == {"backtracking"}
+
+
+def test_every_chain_gets_its_costs(tmp_path, tiny_llama, capsys):
+    """A real steer on a tiny model, then evaluate with the model: every cost column on
+    every chain's rows, equal to the per-chain functions; the summary pairs them."""
+    import torch
+
+    from nnsteer.costs import METRICS, answer_text, nll_unsteered, text_costs
+    from nnsteer.grader import grade_offline
+    from nnsteer.steer import steer_chains
+    from nnsteer.store import write_json
+    from nnsteer.tradeoffs import summarise_costs
+    from nnsteer.vectors import VectorSet, save_vectors
+
+    run = RunDir(tmp_path)
+    prompts = ["Is 91 a prime number? Think step by step.", "Wait, what is 12 times 12?",
+               "Name a colour."]
+    write_parquet(pl.DataFrame({"task_id": ["e0", "e1", "e2"], "category": ["Mathematical Logic"] * 3,
+                                "prompt": prompts, "answer": ["No", "144", None],
+                                "split": ["eval"] * 3, "source": ["file"] * 3}), run.tasks, {})
+    generator = torch.Generator().manual_seed(0)
+    save_vectors(VectorSet({label: torch.randn(4, 64, generator=generator)
+                            for label in ("backtracking", "overall")}), run.vectors)
+    write_json(run.layers, {"backtracking": {"vector_layer": 2, "layers": [2], "coefficient": 4.0}})
+    steer_chains(run, tiny_llama, behaviours=["backtracking"], max_new_tokens=12)
+    capsys.readouterr()
+    evaluation = evaluate(run, annotator="rules", tokenizer=tiny_llama.tokenizer, n_boot=100,
+                          lm=tiny_llama, batch_size=3)
+    assert "of 3, 1 have no reference answer" in capsys.readouterr().err
+    chains = pl.read_parquet(run.steered).to_dicts()
+    nll = nll_unsteered(tiny_llama, chains)
+    per_chain = evaluation.unique("chain_id").sort("chain_id")
+    assert per_chain.height == len(chains) == 15
+    for chain, value in zip(chains, nll):
+        row = per_chain.filter(pl.col("chain_id") == chain["chain_id"]).row(0, named=True)
+        assert (row["reasoning_tokens"], row["closed_thinking"], row["answered"], row["repetition"],
+                row["compression_ratio"]) == tuple(vars(text_costs(chain, tiny_llama.tokenizer)).values())
+        assert row["nll_unsteered"] == pytest.approx(value, abs=1e-4)
+        reference = {"e0": "No", "e1": "144", "e2": None}[chain["task_id"]]
+        expected = grade_offline(answer_text(chain), reference) if answer_text(chain) else (
+            None if reference is None else False)
+        assert row["correct"] is expected and row["grader"] == "offline"
+    assert evaluation.filter(pl.col("nll_unsteered").is_null()).height == 0
+    costs = summarise_costs(evaluation, n_boot=100)
+    assert set(costs["metric"]) == {"correct", *METRICS}
+    meta = read_metadata(run.evaluation)
+    assert meta["repetition_ngram"] == 4 and len(meta["costs"]) == costs.height
+    assert meta["options"]["grader"] == "offline"
+    text = (run.root / "summary.txt").read_text()
+    assert "Costs: paired differences" in text and "NLL under the unsteered model" in text
+
+    # The report's example chains come from this real steer: the unsteered chain (vector
+    # "none") and both directions, each with its cost figures.
+    from nnsteer.report import costs_section, example_chains_section
+
+    body = example_chains_section(run).body
+    assert body.count("<tr>") == 3 and "<th>unsteered<div" in body
+    assert "backtracking, positive<div" in body and "backtracking, negative<div" in body
+    assert body.count("NLL unsteered: ") == 3 and "repeated 4-grams: " in body
+    costs = costs_section(run)
+    assert costs.spec is not None and "NLL under the unsteered model" in costs.body
     assert "backtracking: baseline" in (run.root / "summary.txt").read_text()

@@ -59,13 +59,24 @@ def _evaluation(coefficients=(1.0,)) -> pl.DataFrame:
                                (b, "positive", "random", c, base), (b, "negative", "random", c, base)]
         for behaviour, direction, vector, coefficient, share in conditions:
             chain = f"{task}|{behaviour or 'baseline'}|{direction}|{coefficient:g}|{vector}"
+            costs = _chain_costs(t, behaviour, direction, vector)
             for label in STEERED_LABELS:
                 target = behaviour in (None, label)
                 rows.append({"chain_id": chain, "task_id": task, "behaviour": behaviour,
                              "direction": direction, "label": label, "tokens": 10 if target else 0,
                              "fraction": share if target else 0.0, "coefficient": coefficient,
-                             "vector": vector, "denominator": "labelled"})
+                             "vector": vector, "denominator": "labelled", **costs})
     return pl.DataFrame(rows)
+
+
+def _chain_costs(t: int, behaviour, direction: str, vector: str) -> dict:
+    """Per-chain costs: positive backtracking steering loops (repetition +30 pp, NLL +1
+    nat/token, fewer closed chains); everything else as the baseline, with task noise."""
+    looping = (behaviour, direction, vector) == ("backtracking", "positive", "behaviour")
+    return {"correct": t % 2 == 0, "reasoning_tokens": 100 + t, "closed_thinking": not looping or t < 2,
+            "answered": not looping or t < 2, "repetition": 0.05 + 0.01 * t + (0.3 if looping else 0),
+            "compression_ratio": 2.0 + 0.1 * t + (1.5 if looping else 0),
+            "nll_unsteered": 1.5 + 0.05 * t + (1.0 if looping else 0), "grader": "offline"}
 
 
 def _validation(labels) -> dict:
@@ -149,7 +160,10 @@ def test_first_lines_say_which_behaviour_got_no_vector_and_the_verdicts(full_rep
     page = full_report.report.read_text()
     glance = page.split("<h2>At a glance</h2>", 1)[1].split("</section>", 1)[0]
     assert "No vector for initializing: no usable span in annotations.parquet" in glance
-    assert "Positive steering raised the target behaviour, interval excluding 0, in 4 of 4" in glance
+    assert "Positive steering raised the target behaviour (Holm-adjusted p &lt; 0.05) in 4 of 4" in glance
+    assert "backtracking, positive ×1: moved the behaviour but broke something: closed thinking" in glance
+    assert "repeated 4-grams +30.0 pp [+30.0, +30.0]" in glance and "NLL under the unsteered" in glance
+    assert "deduction, positive ×1: moved" not in glance
     assert page.index("At a glance") < page.index("<h2>Provenance</h2>")
 
 
@@ -230,8 +244,8 @@ def test_missing_stages_say_not_run_yet(tmp_path):
     run = RunDir(tmp_path)
     write_parquet(_annotations(), run.annotations, provenance("annotate", {}, MODEL))
     page = write_report(run).read_text()
-    # attribution, validation, similarity, layers, steering, forest, example chains
-    assert page.count('class="missing">Not run yet') == 7
+    # attribution, validation, similarity, layers, steering, forest, costs, example chains
+    assert page.count('class="missing">Not run yet') == 8
     assert "<td>backtracking</td>" in page
     assert not run.charts.exists()
 

@@ -81,6 +81,23 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return model_choice_options(func)
 
 
+def cost_model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--remote --device --dtype --batch-size`` of the unsteered model that ``evaluate``
+    scores the chains with (the chains' own model, so no ``--model``)."""
+    options = [
+        click.option("--remote", is_flag=True,
+                     help="Score the chains' NLL on NDIF (needs NDIF_API_KEY)."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1, or auto."),
+        click.option("--dtype", default="auto", show_default=True,
+                     help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Chains per forward pass or NDIF request of the NLL."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def generation_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``--limit --max-new-tokens --prompt-template``, as the stages that generate take;
     ``what`` names the tasks."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from nnsteer.cli.common import llm_limits
+from nnsteer.cli.common import cost_model_options, llm_limits
 from nnsteer.models import DEFAULT_MODEL
 
 
@@ -28,17 +28,26 @@ from nnsteer.models import DEFAULT_MODEL
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Only picks the default run directory, runs/<model-slug>.")
+@click.option("--grader", default="offline", show_default=True,
+              help="How final answers are graded against the tasks' answers: offline, or "
+                   "openai:<model> (an LLM judge, at --base-url if given).")
+@cost_model_options
 @click.pass_context
 def command(ctx: click.Context, annotator: str | None, base_url: str | None, workers: int,
             timeout: float, retries: int, annotator_prompt: str | None, denominator: str,
-            n_boot: int, seed: int, model: str) -> None:
-    """Annotate steered chains and measure behaviour shares (evaluation.parquet, chart, summary)."""
-    from nnsteer.cli.common import run_dir
+            n_boot: int, seed: int, model: str, grader: str, remote: bool, device: str | None,
+            dtype: str, batch_size: int) -> None:
+    """Annotate steered chains and measure behaviour shares and what steering cost
+    (evaluation.parquet, chart, summary)."""
+    from nnsteer.cli.common import open_model, run_dir
     from nnsteer.evaluate import CHART_FILE, SUMMARY_FILE, evaluate
+    from nnsteer.tradeoffs import steered_model
 
     run = run_dir(ctx, model)
+    name = steered_model(run)
+    lm = None if name is None else open_model(name, remote, device, dtype)
     evaluate(run, annotator=annotator, base_url=base_url, workers=workers, timeout=timeout,
              retries=retries, denominator=denominator, n_boot=n_boot, seed=seed,
-             annotator_prompt=annotator_prompt)
+             annotator_prompt=annotator_prompt, lm=lm, grader=grader, batch_size=batch_size)
     click.echo((run.root / SUMMARY_FILE).read_text(), nl=False)
     click.echo(f"wrote {run.evaluation}, {run.charts / CHART_FILE}, {run.root / SUMMARY_FILE}")
