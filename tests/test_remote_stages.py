@@ -129,16 +129,19 @@ def _same_chains(local: pl.DataFrame, remote: pl.DataFrame) -> None:
 
 
 def _assert_token_ids_only(server, chains: pl.DataFrame) -> None:
-    """Generation budget: one int64 ``[batch, new tokens]`` tensor per request.
+    """Generation budget: one int64 ``[batch, new tokens]`` tensor per request, and with
+    steering one float32 ``[batch]`` of steered-token counts.
 
     ``torch.save`` writes a view's whole storage, so the bytes may include the prompt ids.
     """
     longest_prompt = chains["prompt_ids"].list.len().max()
     for record in server.requests:
-        (ids,) = record.tensors
+        ids, *counts = sorted(record.tensors, key=lambda t: t.dtype != "int64")
         assert not record.others
         assert ids.dtype == "int64" and ids.shape[0] <= BATCH and ids.shape[1] <= MAX_NEW_TOKENS
-        assert record.response_bytes < BATCH * (longest_prompt + MAX_NEW_TOKENS) * 8 + ENVELOPE
+        assert [(c.dtype, c.shape) for c in counts] in ([], [("float32", ids.shape[:1])])
+        assert record.response_bytes < (BATCH * (longest_prompt + MAX_NEW_TOKENS) * 8
+                                        + BATCH * 4 + 2 * ENVELOPE)
 
 
 def test_generate_remote_equals_local(study, lm, tmp_path, remote_run):
