@@ -9,6 +9,7 @@ the mask is set. It shares no code with the nnsight block.
 
 from __future__ import annotations
 
+import polars as pl
 import pytest
 import torch
 from conftest import make_tiny
@@ -292,3 +293,109 @@ def test_calibration_maximises_f1():
                                         + (inside > t).sum() / 4)).item()
         for t in torch.linspace(-2, 6, 801) if (inside > t).sum() > 0)
     assert found["f1"] == pytest.approx(best)
+
+
+@pytest.mark.parametrize("backend", ["strict", "ndif"])
+def test_every_mode_runs_remotely_as_locally(tokenizer, monkeypatch, backend):
+    """One batch of every mode through the strict backend and the loopback NDIF (allow-lists,
+    bf16 autocast) equals the same batch run locally under bf16 autocast."""
+    from fake_ndif import ndif_remote
+    from strict_remote import strict_remote
+
+    lm = make_tiny("llama", tokenizer)
+    monkeypatch.setattr(generation, "thinking_end_ids", lambda lm: [30])  # "?"
+    condition = Condition("backtracking", 0, 0.1, unit(_vectors(64, [0], seed=3)[0]))
+    vectors = _vectors(64, [1, 2])
+    specs = [SteeringSpec(vectors, COEFFICIENT, "positive", where) for where in WHERE_FLAGS]
+    specs += [SteeringSpec(vectors, COEFFICIENT, "negative", "thinking", "step-starts", condition),
+              None]
+    prompts = (PROMPTS * 3)[: len(specs)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        local = _run(lm, prompts, specs, batch_size=4)
+    with (strict_remote if backend == "strict" else ndif_remote)(lm) as server:
+        remote = _run(lm, prompts, specs, batch_size=4)
+    assert remote == local
+    assert len(server.requests) == 2
+    for record in server.requests:  # the upload: vectors once, in the model's dtype
+        assert record.request_bytes < 40_000
+
+
+# --- the steer stage ---------------------------------------------------------------------
+
+
+def test_steer_stage_records_modes(tmp_path, tiny_llama):
+    from test_steer import LAYERS, NEW as STAGE_NEW, write_vectors
+    from test_generation import write_tasks
+
+    from nnsteer.steer import steer_chains
+    from nnsteer.store import RunDir, read_metadata, write_json
+
+    run = RunDir(tmp_path)
+    write_tasks(run, n_train=1, n_eval=2)
+    write_json(run.layers, LAYERS)
+    write_vectors(run, tiny_llama.arch.n_layers, tiny_llama.arch.d_model)
+    plain = steer_chains(run, tiny_llama, behaviours=["backtracking"], max_new_tokens=STAGE_NEW)
+    assert set(plain["mode"]) == {"none", "all"}
+    table = steer_chains(run, tiny_llama, behaviours=["backtracking"], max_new_tokens=STAGE_NEW,
+                         where=["all", "prompt"], at="step-starts", when="example-testing@0>0")
+    mode = "all+step-starts+when example-testing@0>0"
+    assert set(table["mode"]) == {"none", mode, "prompt+step-starts+when example-testing@0>0"}
+    assert table.height == 2 * (1 + 2 * 2 * 2)
+    steered = table.filter(pl.col("mode") == mode)
+    assert all(cid.endswith(f"|{mode}") for cid in steered["chain_id"])
+    assert (table.filter(pl.col("mode") == "none")["steered_tokens"] == 0).all()
+    assert (steered["steered_tokens"] > 0).all()
+    assert read_metadata(run.steered)["options"]["when"] == "example-testing@0>0"
+    write_json(run.layers, {**LAYERS, "example-testing": {**LAYERS["example-testing"],
+               "conditions": {"0": {"threshold": 0.0}}}})
+    again = steer_chains(run, tiny_llama, behaviours=["backtracking"], max_new_tokens=STAGE_NEW,
+                         where=["all", "prompt"], at="step-starts", when="example-testing@0")
+    assert again["output_ids"].to_list() == table["output_ids"].to_list()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(when="nothing@0>1"), "has no vector for 'nothing'"),
+    (dict(when="backtracking@7>1"), "layer 7 is out of range"),
+    (dict(when="backtracking@0"), "no calibrated threshold for 'backtracking' at layer 0"),
+    (dict(where=["thinking"]), "has no thinking format"),
+    (dict(where=["all", "all"]), "give distinct modes"),
+    (dict(at="often"), "--at 'often'"),
+])
+def test_steer_stage_bad_modes_are_one_line(tmp_path, tiny_llama, options, message):
+    from test_steer import LAYERS, write_vectors
+    from test_generation import write_tasks
+
+    from nnsteer.steer import steer_chains
+    from nnsteer.store import RunDir, write_json
+
+    run = RunDir(tmp_path)
+    write_tasks(run, n_train=1, n_eval=1)
+    write_json(run.layers, LAYERS)
+    write_vectors(run, tiny_llama.arch.n_layers, tiny_llama.arch.d_model,
+                  labels=["backtracking", "example-testing"])
+    with pytest.raises(BadInput, match=message) as err:
+        steer_chains(run, tiny_llama, behaviours=["backtracking"], max_new_tokens=2, **options)
+    assert "\n" not in str(err.value) and not run.steered.exists()
+
+
+def test_evaluate_and_report_keep_modes_apart():
+    from nnsteer.evaluate import summarise, summary_text
+    from nnsteer.report import forest_chart
+
+    rows = []
+    for task in range(3):
+        for direction, mode, share in (("none", "none", 0.2), ("positive", "all", 0.5),
+                                       ("positive", "thinking", 0.3)):
+            rows.append({"chain_id": f"t{task}|{mode}", "task_id": f"t{task}",
+                         "behaviour": None if direction == "none" else "backtracking",
+                         "direction": direction, "vector": "none" if direction == "none" else
+                         "behaviour", "coefficient": 0.0 if direction == "none" else 1.0,
+                         "mode": mode, "label": "backtracking", "tokens": 1, "total": 2,
+                         "fraction": share + task / 100, "denominator": "labelled"})
+    summary = summarise(pl.DataFrame(rows), n_boot=10)
+    steered = summary.filter(pl.col("direction") != "none")
+    assert steered["mode"].to_list() == ["all", "thinking"]
+    assert steered["diff"].to_list() == pytest.approx([0.3, 0.1])
+    assert "positive [thinking] ×1" in summary_text(summary)
+    chart = forest_chart(summary, {"backtracking": [1]}).to_dict()
+    assert chart["facet"]["column"]["field"] == "mode"
