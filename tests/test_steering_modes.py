@@ -399,3 +399,73 @@ def test_evaluate_and_report_keep_modes_apart():
     assert "positive [thinking] ×1" in summary_text(summary)
     chart = forest_chart(summary, {"backtracking": [1]}).to_dict()
     assert chart["facet"]["column"]["field"] == "mode"
+
+
+# --- calibration of --when thresholds ------------------------------------------------------
+
+
+def _labelled_run(tmp_path, lm):
+    """Train chains of the tiny model, spans over thirds of each response, vectors, layers."""
+    from test_generation import write_tasks
+
+    from nnsteer.generation import generate_chains
+    from nnsteer.labels import LABELS
+    from nnsteer.store import RunDir, provenance, write_json, write_parquet
+    from nnsteer.vectors import extract_vectors
+
+    run = RunDir(tmp_path)
+    write_tasks(run, n_train=3)
+    chains = generate_chains(run, lm, max_new_tokens=12, batch_size=2)
+    rows, turn = [], 0
+    for chain_id, response in zip(chains["chain_id"], chains["response"]):
+        cuts = [0, len(response) // 3, 2 * len(response) // 3, len(response)]
+        for start, end in zip(cuts, cuts[1:]):
+            rows.append({"chain_id": chain_id, "label": LABELS[turn % 2], "start": start,
+                         "end": end, "text": response[start:end], "annotator": "test",
+                         "status": "ok"})
+            turn += 1
+    write_parquet(pl.DataFrame(rows), run.annotations, provenance("annotate", {}, lm.provenance()))
+    extract_vectors(run, lm, batch_size=2, min_spans=1)
+    write_json(run.layers, {LABELS[0]: {"vector_layer": 1, "layers": [1], "coefficient": 1.0}})
+    return run, LABELS[0]
+
+
+def test_calibration_equals_hidden_states_and_best_f1(tmp_path, tiny_llama):
+    from nnsteer.calibration import calibrate_conditions
+    from nnsteer.store import read_json
+    from nnsteer.vectors import annotated_chains, load_vectors, read_inputs
+
+    run, label = _labelled_run(tmp_path, tiny_llama)
+    found = calibrate_conditions(run, tiny_llama, batch_size=2, progress=False)
+    chains, spans = read_inputs(run, tiny_llama.name)
+    vector = load_vectors(run.vectors)[label]
+    inside, outside = {}, {}
+    for chain in annotated_chains(chains, spans, tiny_llama.tokenizer):
+        with torch.no_grad():  # hidden_states[-1] has the final norm: the last block's own output
+            states = tiny_llama.hf_model(torch.tensor([chain.ids]), output_hidden_states=True)
+            last = tiny_llama.hf_model.model.layers[-1]
+            outputs = []
+            handle = last.register_forward_hook(lambda m, a, o: outputs.append(o))
+            tiny_llama.hf_model(torch.tensor([chain.ids]))
+            handle.remove()
+        hidden = [*states.hidden_states[1:-1], outputs[0]]
+        labelled = {p for s in chain.spans if s.label == label for p in chain.tokens(s.start, s.end)}
+        for layer in range(tiny_llama.arch.n_layers):
+            values = hidden[layer][0] @ (vector[layer] / vector[layer].norm())
+            for p in range(chain.prompt_len, len(chain.ids)):
+                (inside if p in labelled else outside).setdefault(layer, []).append(float(values[p]))
+    for layer, stats in found[label].items():
+        assert stats["n_inside"] == len(inside[layer]) and stats["n_outside"] == len(outside[layer])
+        cuts = sorted(inside[layer] + outside[layer])
+        best = 0.0
+        for t in [cuts[0] - 1] + [(a + b) / 2 for a, b in zip(cuts, cuts[1:])]:
+            tp = sum(v > t for v in inside[layer])
+            fp = sum(v > t for v in outside[layer])
+            best = max(best, 2 * tp / (tp + fp + len(inside[layer])))
+        assert stats["f1"] == pytest.approx(best, abs=1e-6)
+        tp = sum(v > stats["threshold"] for v in inside[layer])
+        assert stats["recall"] == pytest.approx(tp / len(inside[layer]))
+    entry = read_json(run.layers)[label]
+    assert entry["conditions"]["1"] == found[label][1]
+    assert entry["provenance"]["calibrate_conditions"]["stage"] == "select"
+    assert (entry["vector_layer"], entry["layers"]) == (1, [1])  # only keys added
