@@ -97,11 +97,11 @@ def _project(lm: LoadedModel, batch: list[AnnotatedChain], units: torch.Tensor) 
                            padding_side="left", return_tensors="pt")
     width = ids["input_ids"].shape[1]
     keep = max(len(c.ids) - c.prompt_len for c in batch)
-    layers, n_layers = lm.layers, lm.arch.n_layers
+    layers, n_layers, n_rows = lm.layers, lm.arch.n_layers, len(batch)
     positions = (ids["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with lm.nn.trace(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
                      position_ids=positions, **lm.remote_options()):
-        out = units.new_zeros(n_layers, len(batch), keep, units.shape[1])
+        out = units.new_zeros(n_layers, n_rows, keep, units.shape[1])
         for layer in range(n_layers):
             h = layers[layer].output[:, width - keep:].float()
             u = units[layer].to(h.device)

@@ -469,3 +469,47 @@ def test_calibration_equals_hidden_states_and_best_f1(tmp_path, tiny_llama):
     assert entry["conditions"]["1"] == found[label][1]
     assert entry["provenance"]["calibrate_conditions"]["stage"] == "select"
     assert (entry["vector_layer"], entry["layers"]) == (1, [1])  # only keys added
+
+
+def test_cli_steer_modes(tmp_path, tiny_llama):
+    from click.testing import CliRunner
+    from test_generation import write_tasks
+    from test_steer import LAYERS, write_vectors
+
+    from nnsteer.cli import cli
+    from nnsteer.store import RunDir, write_json
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    write_tasks(run, n_train=1, n_eval=1)
+    write_json(run.layers, LAYERS)
+    write_vectors(run, tiny_llama.arch.n_layers, tiny_llama.arch.d_model)
+    model_dir = tmp_path / "model"
+    tiny_llama.hf_model.save_pretrained(model_dir)
+    tiny_llama.tokenizer.save_pretrained(model_dir)
+    base = ["--run-dir", str(run.root), "steer", "--model", str(model_dir), "--device", "cpu",
+            "--max-new-tokens", "3", "--behaviours", "backtracking", "--no-random-control"]
+    result = CliRunner().invoke(cli, base + ["--where", "all,prompt", "--at", "step-starts",
+                                             "--when", "example-testing@1>0.5"])
+    assert result.exit_code == 0, result.output
+    assert sorted(set(pl.read_parquet(run.steered)["mode"])) == [
+        "all+step-starts+when example-testing@1>0.5", "none",
+        "prompt+step-starts+when example-testing@1>0.5"]
+    bad = CliRunner().invoke(cli, base + ["--when", "example-testing@1>lots"])
+    assert bad.exit_code == 2 and "threshold 'lots' is not a number" in bad.output
+
+
+@pytest.mark.parametrize("backend", ["strict", "ndif"])
+def test_calibration_runs_remotely_as_locally(tmp_path, tokenizer, backend):
+    from fake_ndif import ndif_remote
+    from strict_remote import strict_remote
+
+    from nnsteer.calibration import calibrate_conditions
+
+    lm = make_tiny("llama", tokenizer)
+    run, label = _labelled_run(tmp_path, lm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        local = calibrate_conditions(run, lm, batch_size=2, progress=False)
+    with (strict_remote if backend == "strict" else ndif_remote)(lm):
+        remote = calibrate_conditions(run, lm, batch_size=2, progress=False)
+    assert remote == local
