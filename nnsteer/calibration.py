@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
