@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-
 import torch
 from tqdm.auto import tqdm
 
