@@ -54,7 +54,7 @@ MIN_TASKS_FOR_INTERVAL = 8
 DIRECTIONS = ("none", "positive", "negative")
 VECTORS = ("none", "behaviour", "random")
 #: What makes a condition: chains that agree on these were steered the same way.
-CONDITION = ("direction", "vector", "coefficient")
+CONDITION = ("direction", "vector", "coefficient", "mode")
 SUMMARY_FILE = "summary.txt"
 CHART_FILE = "steering.html"
 
@@ -76,7 +76,8 @@ def chain_fractions(
     """
     labels = _denominator_labels(denominator)
     grouped = spans_by_chain(spans)
-    keep = ["chain_id", "task_id", "behaviour", "direction", "vector", "coefficient"]
+    chains = with_mode(chains)
+    keep = ["chain_id", "task_id", "behaviour", "direction", "vector", "coefficient", "mode"]
     rows = []
     for chain in tqdm(chains.iter_rows(named=True), total=chains.height, desc="token shares",
                       unit="chain", disable=not progress):
@@ -90,7 +91,7 @@ def chain_fractions(
                          "denominator": denominator})
     schema = {"chain_id": pl.String, "task_id": pl.String, "behaviour": pl.String,
               "direction": pl.String, "vector": pl.String, "coefficient": pl.Float64,
-              "label": pl.String, "tokens": pl.Int64, "total": pl.Int64,
+              "mode": pl.String, "label": pl.String, "tokens": pl.Int64, "total": pl.Int64,
               "fraction": pl.Float64, "denominator": pl.String}
     return pl.DataFrame(rows, schema=schema)
 
@@ -130,6 +131,7 @@ def summarise(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
     if len(denominators) != 1:
         raise BadInput(f"evaluation mixes denominators {sorted(denominators)}: summarise one at a time")
     unit = UNITS[denominators[0]]
+    evaluation = with_mode(evaluation)
     conditions = list(CONDITION)
     baseline_chains = evaluation.filter(pl.col("direction") == "none")
     steered_chains = evaluation.filter(pl.col("direction") != "none")
@@ -137,7 +139,7 @@ def summarise(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
     for behaviour in _ordered(steered_chains["behaviour"].drop_nulls().unique().to_list()):
         baseline = _per_task(baseline_chains, behaviour)
         rows.append({"behaviour": behaviour, "direction": "none", "vector": "none",
-                     "coefficient": None, **_share_stats(baseline, n_boot, seed, min_tasks),
+                     "coefficient": None, "mode": "none", **_share_stats(baseline, n_boot, seed, min_tasks),
                      "n_unlabelled": _unlabelled(baseline_chains, behaviour)})
         steered = steered_chains.filter(pl.col("behaviour") == behaviour)
         for key, group in sorted(steered.group_by(conditions), key=lambda kv: _condition_order(*kv[0])):
@@ -146,7 +148,8 @@ def summarise(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
                          **_share_stats(shares, n_boot, seed, min_tasks, baseline),
                          "n_unlabelled": _unlabelled(group, behaviour)})
     schema = {"behaviour": pl.String, "direction": pl.String, "vector": pl.String,
-              "coefficient": pl.Float64, "n_tasks": pl.Int64, "mean": pl.Float64,
+              "coefficient": pl.Float64, "mode": pl.String, "n_tasks": pl.Int64,
+              "mean": pl.Float64,
               "ci_low": pl.Float64, "ci_high": pl.Float64, "n_pairs": pl.Int64,
               "diff": pl.Float64, "diff_low": pl.Float64, "diff_high": pl.Float64,
               "n_unlabelled": pl.Int64, "p": pl.Float64}
@@ -373,8 +376,17 @@ def _ordered(behaviours: list[str]) -> list[str]:
     return sorted(behaviours, key=order.index)
 
 
-def _condition_order(direction: str, vector: str, coefficient: float) -> tuple:
-    return VECTORS.index(vector), DIRECTIONS.index(direction), coefficient
+def _condition_order(direction: str, vector: str, coefficient: float, mode: str) -> tuple:
+    return mode != "all", mode, VECTORS.index(vector), DIRECTIONS.index(direction), coefficient
+
+
+def with_mode(chains: pl.DataFrame) -> pl.DataFrame:
+    """``chains`` with a ``mode`` column: as written, or for a table from before steering
+    modes, ``none`` for baselines and ``all`` (the paper's setting) for steered chains."""
+    if "mode" in chains.columns:
+        return chains
+    return chains.with_columns(mode=pl.when(pl.col("direction") == "none").then(pl.lit("none"))
+                               .otherwise(pl.lit("all")))
 
 
 def _per_task(chains: pl.DataFrame, behaviour: str) -> pl.DataFrame:
@@ -425,6 +437,8 @@ def _condition_name(row: dict[str, Any], with_coefficient: bool = True) -> str:
     if row["direction"] == "none":
         return "baseline"
     name = row["direction"] if row["vector"] == "behaviour" else f"random {row['direction']}"
+    if row.get("mode", "all") != "all":
+        name = f"{name} [{row['mode']}]"
     return f"{name} ×{row['coefficient']:g}" if with_coefficient else name
 
 

@@ -2,8 +2,9 @@
 
 :func:`generate` is the one entry point: task prompts in, token ids and text out. A
 :class:`SteeringSpec` adds (``positive``) or subtracts (``negative``) ``coefficient ×
-vector`` to the output of each of its decoder blocks, at every position and every step,
-each of ``n`` layers receiving ``coefficient / n`` (paper). The intervention lives inside
+vector`` to the output of each of its decoder blocks, by default at every position and
+every step (paper; :mod:`nnsteer.modes` narrows where), each of ``n`` layers receiving
+``coefficient / n``. The intervention lives inside
 an nnsight ``generate`` context, so ``lm.remote`` sends the same code to NDIF.
 
 :func:`run_chain_jobs` is what the ``generate`` and ``steer`` stages share: it writes the
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from nnsteer.errors import BadInput, say
 from nnsteer.models import LoadedModel
+from nnsteer.modes import Condition, block_inputs, check_mode, step_boundary_ids
 from nnsteer.positions import decode_response
 from nnsteer.remote import with_retries
 from nnsteer.thinking import (  # noqa: F401 - THINK_OPEN/CLOSE: the tags, for analysis scripts
@@ -40,6 +42,7 @@ from nnsteer.thinking import (  # noqa: F401 - THINK_OPEN/CLOSE: the tags, for a
     ThinkingChoice,
     ThinkingFormat,
     choose,
+    end_of_thinking_ids,
     thinking_of,
 )
 from nnsteer.store import (
@@ -94,15 +97,21 @@ GREEDY: dict[str, Any] = {
 class SteeringSpec:
     """Vectors to add at decoder-block outputs: ``{layer: [d_model] vector}``.
 
-    Each of the ``n`` layers receives ``±coefficient / n × vector`` (sign from ``direction``).
+    Each of the ``n`` layers receives ``±coefficient / n × vector`` (sign from ``direction``),
+    at the positions ``where``, ``at`` and ``when`` select (:mod:`nnsteer.modes`; the
+    defaults steer every position of every step).
     """
 
     vectors: dict[int, torch.Tensor]
     coefficient: float
     direction: Direction = "positive"
+    where: str = "all"
+    at: str = "every"
+    when: Condition | None = None
 
     def validate(self, lm: LoadedModel) -> None:
-        """:class:`BadInput` unless the spec fits ``lm``: layers in range, widths, finite values."""
+        """:class:`BadInput` unless the spec fits ``lm``: layers in range, widths, finite
+        values, a mode ``lm`` can run."""
         if not self.vectors:
             raise BadInput("steering spec has no layers")
         if self.direction not in ("positive", "negative"):
@@ -123,14 +132,29 @@ class SteeringSpec:
                 )
             if not torch.isfinite(vector).all():
                 raise BadInput(f"steering vector for layer {layer} contains NaN or inf")
+        check_mode(self.where, self.at)
+        if self.where in ("thinking", "answer") and not end_of_thinking_ids(lm):
+            raise BadInput(f"--where {self.where}: {lm.name} has no thinking format "
+                           f"({thinking_of(lm).summary()}; see --thinking-format)")
+        if self.when is not None:
+            self._validate_condition(lm)
 
-    def deltas(self) -> dict[int, torch.Tensor]:
-        """What is added at each layer: ``±coefficient / n_layers × vector`` (float32)."""
+    def _validate_condition(self, lm: LoadedModel) -> None:
+        when = self.when
+        lm.arch.check_layers([when.layer], what=f"--when {when.name}: layer")
+        if tuple(when.vector.shape) != (lm.arch.d_model,):
+            raise BadInput(f"--when {when.name}: the vector has shape {tuple(when.vector.shape)}; "
+                           f"the model's width is {lm.arch.d_model}")
+        if when.layer > min(self.vectors):
+            raise BadInput(f"--when {when.name}: the detection layer must not come after the "
+                           f"first steered layer ({min(self.vectors)}): the decision is made in "
+                           "the same forward, before the first addition")
+
+    @property
+    def scale(self) -> float:
+        """What multiplies each layer's vector: ``±coefficient / n_layers``."""
         sign = 1.0 if self.direction == "positive" else -1.0
-        scale = sign * self.coefficient / len(self.vectors)
-        return {
-            layer: scale * v.detach().to("cpu", torch.float32) for layer, v in self.vectors.items()
-        }
+        return sign * self.coefficient / len(self.vectors)
 
 
 #: One spec for every prompt, or one spec (or ``None``: unsteered) per prompt.
@@ -147,6 +171,7 @@ class Generation:
     thinking_start: int
     thinking_end: int
     finish_reason: Literal["eos", "length"]
+    steered_tokens: int = 0
 
 
 def check_prompt_template(name: str) -> str:
@@ -272,6 +297,10 @@ def generate_batches(
             raise BadInput(f"prompt {i} is empty")
     for spec in {id(s): s for s in specs if s is not None}.values():
         spec.validate(lm)
+    conditions = {s.when.name for s in specs if s is not None and s.when is not None}
+    if len(conditions) > 1:
+        raise BadInput(f"one run steers with one --when condition at most, got "
+                       f"{', '.join(sorted(conditions))}")
 
     tokenizer = lm.tokenizer
     thinking = thinking_of(lm)
@@ -285,7 +314,7 @@ def generate_batches(
         for k, first in enumerate(range(0, len(order), batch_size), start=1):
             indices = order[first : first + batch_size]
             started = time.perf_counter()
-            new_ids = with_retries(
+            new_ids, steered = with_retries(
                 lambda: _generate_batch(
                     lm, [prompt_ids[i] for i in indices], [specs[i] for i in indices],
                     max_new_tokens, stop,
@@ -293,8 +322,8 @@ def generate_batches(
                 what=f"generate batch {k}/{n_batches}",
             )
             generations = [
-                _finish(tokenizer, prompt_ids[i], row, stop, thinking.format)
-                for i, row in zip(indices, new_ids)
+                _finish(tokenizer, prompt_ids[i], row, stop, thinking.format, n)
+                for i, row, n in zip(indices, new_ids, steered)
             ]
             seconds += time.perf_counter() - started
             n_tokens += sum(len(g.output_ids) for g in generations)
@@ -325,20 +354,26 @@ def _generate_batch(
     specs: list[SteeringSpec | None],
     max_new_tokens: int,
     stop: set[int] | None = None,
-) -> list[list[int]]:
-    """New token ids of one left-padded batch (pads after EOS included); ``stop``: the ids
-    that end a chain, when they are more than the generation config's EOS."""
+) -> tuple[list[list[int]], list[int]]:
+    """New token ids of one left-padded batch (pads after EOS included), and per row the
+    number of positions steered (prompt positions and generated inputs before the EOS);
+    ``stop``: the ids that end a chain, when they are more than the generation config's EOS."""
     batch = lm.tokenizer.pad(
         {"input_ids": prompt_ids}, padding=True, padding_side="left", return_tensors="pt"
     )
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     width = input_ids.shape[1]
-    steer = _batch_deltas(specs, lm.arch.d_model)
-    layers = lm.layers
-    if stop and not stop <= eos_ids(lm):
-        until = {"eos_token_id": sorted(stop)}
-    else:
-        until = {}
+    until = {"eos_token_id": sorted(stop)} if stop and not stop <= eos_ids(lm) else {}
+    modes = {(s.where, s.at) for s in specs if s is not None}
+    steer = block_inputs(
+        specs, [len(p) for p in prompt_ids], dtype=lm.dtype, vocab_size=lm.arch.vocab_size,
+        end_of_thinking=end_of_thinking_ids(lm) if {"thinking", "answer"} & {w for w, _ in modes}
+        else [],
+        boundaries=step_boundary_ids(lm.tokenizer) if any(a != "every" for _, a in modes)
+        else ([], []),
+        eos=sorted(eos_ids(lm)),
+    )
+    layers, embed = lm.layers, lm.arch.embed(lm.nn)
     # An open-ended ``tracer.iter[:]`` ends by design with a "never reached" warning.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached.*")
@@ -346,31 +381,75 @@ def _generate_batch(
                              **GREEDY, **until) as tracer:
             with tracer.invoke(input_ids=input_ids, attention_mask=attention_mask):
                 if steer:
+                    counts = steer["scale"].new_zeros(len(prompt_ids)).save()
+                    state = {}
                     for _ in tracer.iter[:]:
-                        for layer, delta in steer:
+                        ids = embed.input
+                        if not state:
+                            code = ids.new_zeros(steer["vocab"])
+                            code[steer["boundary"]] += 1
+                            code[steer["newline"]] += 2
+                            code[steer["eos"]] += 4
+                            close = ids.new_tensor(steer["close"] or [-1])
+                            k = close.shape[0]
+                            seen = ids == -1
+                            found = ids[:, k - 1:] == close[k - 1]
+                            for j in range(k - 1):
+                                found = found & (ids[:, j: ids.shape[1] - k + 1 + j] == close[j])
+                            seen[:, k - 1:] = found
+                            answer = seen.cumsum(1) > 0
+                            c = code[ids]
+                            newline = (c & 2) > 0
+                            start = ((c & 1) > 0) | (newline & newline.roll(1, 1))
+                            start[:, 0] = (c[:, 0] & 1) > 0
+                            start[:, -1] = True
+                            lengths = ids.new_tensor(steer["lengths"])
+                            live = ids.new_ones(ids.shape[1]).cumsum(0) > ids.shape[1] - lengths[:, None]
+                            flags = steer["flags"].to(ids.device)
+                            state["tail"] = ids[:, -k:]
+                            state["answer"] = answer[:, -1]
+                            state["newline"] = newline[:, -1]
+                            state["alive"] = live[:, -1]
+                            phase = 0
+                        else:
+                            c = code[ids[:, -1]]
+                            tail = state["tail"].roll(-1, 1)
+                            tail[:, -1] = ids[:, -1]
+                            newline = (c & 2) > 0
+                            state["alive"] = state["alive"] & ((c & 4) == 0)
+                            state["answer"] = state["answer"] | (tail == close).all(1)
+                            start = (((c & 1) > 0) | (newline & state["newline"]))[:, None]
+                            state["tail"], state["newline"] = tail, newline
+                            answer, live = state["answer"][:, None], state["alive"][:, None]
+                            phase = 2
+                        thinking, answering = flags[:, phase: phase + 1], flags[:, phase + 1: phase + 2]
+                        mask = (answer & answering) | (~answer & thinking)
+                        mask = mask & (start | ~flags[:, 4:5]) & live
+                        for layer in steer["visit"]:
                             h = layers[layer].output
-                            h[:] += delta.to(device=h.device, dtype=h.dtype)[:, None, :]
+                            if layer == steer["detect"]:
+                                unit = steer["direction"].to(h.device)
+                                fired = (h.float() * unit).sum(-1) > steer["threshold"]
+                                mask = mask.to(h.device) & (fired | ~flags[:, 5:6].to(h.device))
+                            if layer in steer["layers"]:
+                                j = steer["layers"].index(layer)
+                                vectors = steer["table"].to(h.device)[steer["rows"][j]].float()
+                                delta = vectors * steer["scale"][j].to(h.device)[:, None]
+                                on = mask.to(device=h.device, dtype=h.dtype)[:, :, None]
+                                h[:] += delta.to(dtype=h.dtype)[:, None, :] * on
+                        counts += mask.sum(1).to(counts.device)
             with tracer.invoke():
                 new_ids = tracer.result[:, width:].clone().save()
-    return new_ids.tolist()
-
-
-def _batch_deltas(specs: list[SteeringSpec | None], d_model: int) -> list[tuple[int, torch.Tensor]]:
-    """``(layer, [batch, d_model] addition)`` in layer order; zero rows for unsteered prompts."""
-    per_layer: dict[int, torch.Tensor] = {}
-    for row, spec in enumerate(specs):
-        if spec is None:
-            continue
-        for layer, delta in spec.deltas().items():
-            per_layer.setdefault(layer, torch.zeros(len(specs), d_model))[row] = delta
-    return sorted(per_layer.items())
+    steered = counts.long().tolist() if steer else [0] * len(prompt_ids)
+    return new_ids.tolist(), steered
 
 
 def _finish(
     tokenizer: Any, prompt_ids: list[int], new_ids: list[int], stop: set[int],
-    fmt: ThinkingFormat = THINK_TAGS,
+    fmt: ThinkingFormat = THINK_TAGS, steered: int = 0,
 ) -> Generation:
-    """Cut a generated row after its first EOS and decode it; ``fmt`` finds the reasoning."""
+    """Cut a generated row after its first EOS and decode it; ``fmt`` finds the reasoning
+    (``steered``: positions steered)."""
     cut = next((i + 1 for i, t in enumerate(new_ids) if t in stop), None)
     output_ids = new_ids[:cut]
     response = decode_response(tokenizer, output_ids)
@@ -382,6 +461,7 @@ def _finish(
         thinking_start=start,
         thinking_end=end,
         finish_reason="length" if cut is None else "eos",
+        steered_tokens=steered,
     )
 
 
@@ -464,6 +544,8 @@ CHAIN_SCHEMA: dict[str, Any] = {
     "coefficient": pl.Float64,
     "layers": pl.List(pl.Int64),
     "vector": pl.String,
+    "mode": pl.String,
+    "steered_tokens": pl.Int64,
 }
 
 
@@ -481,6 +563,7 @@ class ChainJob:
     coefficient: float = 0.0
     layers: tuple[int, ...] = field(default_factory=tuple)
     vector: str = "none"
+    mode: str = "none"
 
 
 def run_chain_jobs(
@@ -568,7 +651,11 @@ def _reusable_rows(
     if read_metadata(path).get("resume_key") != resume_key:
         say(f"{path} was written with other settings or inputs: generating it again")
         return empty
-    existing = read_parquet(path, columns=list(CHAIN_SCHEMA)).cast(CHAIN_SCHEMA)
+    existing = read_parquet(path)
+    if not set(CHAIN_SCHEMA) <= set(existing.columns):
+        say(f"{path} was written without the mode columns: generating it again")
+        return empty
+    existing = existing.select(list(CHAIN_SCHEMA)).cast(CHAIN_SCHEMA)
     thinking = thinking_of(lm)
     expected = {
         job.chain_id: _job_columns(job, prompt_token_ids(lm.tokenizer, job.prompt, prompt_template,
@@ -599,6 +686,7 @@ _JOB_COLUMNS = (
     "coefficient",
     "layers",
     "vector",
+    "mode",
 )
 
 
@@ -614,6 +702,7 @@ def _job_columns(job: ChainJob, prompt_ids: list[int]) -> dict[str, Any]:
         "coefficient": float(job.coefficient),
         "layers": list(job.layers),
         "vector": job.vector,
+        "mode": job.mode,
     }
 
 
@@ -626,4 +715,5 @@ def _chain_row(model: str, job: ChainJob, gen: Generation) -> dict[str, Any]:
         "thinking_start": gen.thinking_start,
         "thinking_end": gen.thinking_end,
         "finish_reason": gen.finish_reason,
+        "steered_tokens": gen.steered_tokens,
     }

@@ -219,6 +219,8 @@ CHOICES: dict[tuple[str, str], str | tuple[str, ...]] = {
     ("select", "labels"): "nnsteer.labels.LABELS",
     ("select", "layers"): "nnsteer.labels.LABELS",
     ("steer", "behaviours"): "nnsteer.labels.LABELS",
+    ("steer", "where"): "nnsteer.modes.WHERE",
+    ("steer", "at"): "nnsteer.modes.AT",
     ("evaluate", "denominator"): "nnsteer.evaluate.DENOMINATORS",
     ("model", "dtype"): ("auto", "float32", "bfloat16", "float16", "float64"),
     ("model", "thinking_format"): "nnsteer.thinking.FORMAT_CHOICES",

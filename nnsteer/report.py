@@ -553,10 +553,12 @@ def _n_coefficients(summary: pl.DataFrame) -> int:
 
 
 def _condition(row: dict[str, Any]) -> str:
-    """``baseline``, ``positive``, ``negative``, ``random positive``, ``random negative``."""
+    """``baseline``, ``positive``, ``negative``, ``random positive``, ``random negative``,
+    then ``[mode]`` for a steering mode other than ``all``."""
     if row["direction"] == "none":
         return "baseline"
-    return row["direction"] if row["vector"] == "behaviour" else f"random {row['direction']}"
+    name = row["direction"] if row["vector"] == "behaviour" else f"random {row['direction']}"
+    return name if row.get("mode", "all") == "all" else f"{name} [{row['mode']}]"
 
 
 def forest_section(run: RunDir) -> Section:
@@ -578,7 +580,7 @@ def forest_chart(summary: pl.DataFrame, layers: dict[str, list[int]]) -> Any:
     import altair as alt
 
     steered = summary.filter(pl.col("direction") != "none")
-    rows = [{"behaviour": r["behaviour"], "vector": r["vector"],
+    rows = [{"behaviour": r["behaviour"], "vector": r["vector"], "mode": r.get("mode", "all"),
              "condition": f"{_condition(r)} ×{r['coefficient']:g} (n={r['n_pairs']})",
              "diff": 100 * r["diff"] if r["diff"] is not None else None,
              "low": 100 * r["diff_low"] if r["diff_low"] is not None else None,
@@ -586,7 +588,7 @@ def forest_chart(summary: pl.DataFrame, layers: dict[str, list[int]]) -> Any:
              "layers": ", ".join(map(str, layers.get(r["behaviour"], [])))}
             for r in steered.iter_rows(named=True)]
     data = pl.DataFrame(rows, schema={"behaviour": pl.String, "vector": pl.String,
-                                      "condition": pl.String, "diff": pl.Float64,
+                                      "mode": pl.String, "condition": pl.String, "diff": pl.Float64,
                                       "low": pl.Float64, "high": pl.Float64, "layers": pl.String})
     colour = alt.Color("vector:N", title="vector", scale=alt.Scale(
         domain=["behaviour", "random"], range=[CONDITION_COLOURS["behaviour"], CONDITION_COLOURS["random"]]))
@@ -603,8 +605,10 @@ def forest_chart(summary: pl.DataFrame, layers: dict[str, list[int]]) -> Any:
         data=data,
     ).properties(width=520)
     behaviours = list(dict.fromkeys(data["behaviour"].to_list()))
+    modes = list(dict.fromkeys(data["mode"].to_list()))
     return layered.facet(row=alt.Row("behaviour:N", title=None, sort=behaviours, header=alt.Header(
-        labelAngle=0, labelAlign="left", labelFontWeight="bold"))).resolve_scale(
+        labelAngle=0, labelAlign="left", labelFontWeight="bold")),
+        column=alt.Column("mode:N", title="steering mode", sort=modes)).resolve_scale(
         y="independent").properties(title=alt.Title(
             "Paired change against the baseline, behaviour vector and random control",
             subtitle="point: mean over tasks of steered − baseline; bar: 95% bootstrap interval; "

@@ -5,6 +5,9 @@ For each behaviour in ``layers.json``, the behaviour's vector taken at its
 ``layers`` with ``coefficient / len(layers)``; one unsteered baseline per task is the
 reference. A control steers with a seeded random direction of the same norm at the same
 layers and coefficient. Every chain of every behaviour and direction shares the batches.
+``where``, ``at`` and ``when`` narrow the positions steered (:mod:`nnsteer.modes`); each
+``where`` given is one more condition, recorded in the ``mode`` column with the random
+control under the same mask.
 
 Example:
     >>> steer_chains(RunDir("runs/smollm2-135m"), lm, coefficients=[0.5, 1.0], limit=10)
@@ -24,8 +27,9 @@ from nnsteer.generation import (
     run_chain_jobs, split_tasks,
 )
 from nnsteer.models import LoadedModel
+from nnsteer.modes import Condition, check_mode, mode_name, parse_when, unit
 from nnsteer.select import LayerChoice, check_coefficient, read_layers
-from nnsteer.store import RunDir, provenance, read_metadata, read_parquet
+from nnsteer.store import RunDir, provenance, read_json, read_metadata, read_parquet
 from nnsteer.vectors import VectorSet, load_vectors
 
 DIRECTIONS = ("positive", "negative")
@@ -70,10 +74,13 @@ def _seed_for(seed: int, behaviour: str) -> int:
 
 
 def steered_chain_id(
-    task_id: str, behaviour: str, direction: str, coefficient: float, vector: str
+    task_id: str, behaviour: str, direction: str, coefficient: float, vector: str,
+    mode: str = "all",
 ) -> str:
-    """``{task_id}|{behaviour}|{direction}|{coefficient:g}|{vector}``."""
-    return f"{task_id}|{behaviour}|{direction}|{coefficient:g}|{vector}"
+    """``{task_id}|{behaviour}|{direction}|{coefficient:g}|{vector}``, then ``|{mode}``
+    unless the mode is ``all``."""
+    suffix = "" if mode == "all" else f"|{mode}"
+    return f"{task_id}|{behaviour}|{direction}|{coefficient:g}|{vector}{suffix}"
 
 
 def baseline_chain_id(task_id: str) -> str:
@@ -93,12 +100,18 @@ def steer_chains(
     batch_size: int = 8,
     seed: int = 0,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    where: Sequence[str] = ("all",),
+    at: str = "every",
+    when: str | None = None,
 ) -> pl.DataFrame:
     """The ``steer`` stage: baseline, positive and negative chains per eval task (``run.steered``).
 
     ``coefficients`` (a sweep) replaces each behaviour's ``layers.json`` coefficient;
     ``random_control`` adds chains steered by a norm-matched random vector;
-    ``prompt_template`` names the user-turn preset (``generation.PROMPT_TEMPLATES``). Resumable.
+    ``prompt_template`` names the user-turn preset (``generation.PROMPT_TEMPLATES``);
+    ``where`` (one condition each), ``at`` and ``when`` (``LABEL@LAYER>THRESHOLD``, or
+    ``LABEL@LAYER`` for ``select --calibrate-conditions``' threshold) choose the positions
+    steered (:mod:`nnsteer.modes`). Resumable.
     A sweep adds conditions: chains already in ``run.steered`` at other coefficients,
     with the same vectors, layers and settings, are kept (and stay in the table).
     """
@@ -106,10 +119,18 @@ def steer_chains(
     for c in coefficients or []:
         check_coefficient(c, "--coefficients")
     tasks = split_tasks(run, "eval", limit)
+    if not where or len(set(where)) != len(where):
+        raise BadInput(f"--where: give distinct modes, at least one, got {list(where)}")
+    for name in where:
+        check_mode(name, at)
     choices = read_layer_choices(run, behaviours, lm)
     behaviours = list(choices)
-    vectors = _behaviour_vectors(load_vectors(run.vectors), choices, lm, seed, random_control)
+    vector_set = load_vectors(run.vectors)
+    vectors = _behaviour_vectors(vector_set, choices, lm, seed, random_control)
+    condition = None if when is None else read_condition(run, when, vector_set, lm)
     used = {b: {k: _digest(v) for k, v in kinds.items()} for b, kinds in vectors.items()}
+    if condition is not None:
+        used["when"] = {condition.name: _digest(condition.vector)}
     earlier = _earlier_coefficients(run, chains_resume_key(lm, max_new_tokens, used), choices)
     plan = {behaviour: sorted({*(coefficients or [choice.coefficient]), *earlier.get(behaviour, ())})
             for behaviour, choice in choices.items()}
@@ -121,23 +142,16 @@ def steer_chains(
             for coefficient in plan[behaviour]:
                 for direction in DIRECTIONS:
                     for kind, vector in vectors[behaviour].items():
-                        spec = SteeringSpec(
-                            {layer: vector for layer in choice.layers}, coefficient, direction
-                        )
-                        jobs.append(
-                            ChainJob(
-                                steered_chain_id(task_id, behaviour, direction, coefficient, kind),
-                                task_id,
-                                "eval",
-                                prompt,
-                                spec,
-                                behaviour,
-                                direction,
-                                coefficient,
-                                choice.layers,
-                                kind,
-                            )
-                        )
+                        for place in where:
+                            spec = SteeringSpec({layer: vector for layer in choice.layers},
+                                                coefficient, direction, place, at, condition)
+                            mode = mode_name(place, at, condition)
+                            jobs.append(ChainJob(
+                                steered_chain_id(task_id, behaviour, direction, coefficient,
+                                                 kind, mode),
+                                task_id, "eval", prompt, spec, behaviour, direction,
+                                coefficient, choice.layers, kind, mode,
+                            ))
     options = {
         "behaviours": behaviours,
         "coefficients": coefficients,
@@ -147,6 +161,9 @@ def steer_chains(
         "batch_size": batch_size,
         "seed": seed,
         "prompt_template": prompt_template,
+        "where": list(where),
+        "at": at,
+        "when": condition.name if condition else None,
     }
     return run_chain_jobs(
         lm,
@@ -158,6 +175,27 @@ def steer_chains(
         batch_size=batch_size,
         prompt_template=prompt_template,
     )
+
+
+def read_condition(run: RunDir, when: str, vector_set: VectorSet, lm: LoadedModel) -> Condition:
+    """The :class:`Condition` ``--when LABEL@LAYER[>THRESHOLD]`` names: the label's unit
+    vector at that layer; without a threshold, the one ``select --calibrate-conditions``
+    wrote to ``layers.json``. :class:`BadInput` in one line for a label without a vector,
+    a layer out of range or no calibrated threshold."""
+    label, layer, threshold = parse_when(when)
+    if label not in vector_set.vectors:
+        raise BadInput(f"--when {when!r}: {run.vectors} has no vector for {label!r} "
+                       f"(it has {', '.join(vector_set.labels) or 'none'})")
+    lm.arch.check_layers([layer], what=f"--when {when!r}: layer")
+    if threshold is None:
+        entry = read_json(run.layers).get(label, {})
+        calibrated = entry.get("conditions", {}).get(str(layer)) if isinstance(entry, dict) else None
+        if not isinstance(calibrated, dict) or "threshold" not in calibrated:
+            raise BadInput(f"--when {when!r}: {run.layers} has no calibrated threshold for "
+                           f"{label!r} at layer {layer}; run `nnsteer select "
+                           "--calibrate-conditions` or give LABEL@LAYER>THRESHOLD")
+        threshold = float(calibrated["threshold"])
+    return Condition(label, layer, threshold, unit(vector_set[label][layer]))
 
 
 def _earlier_coefficients(

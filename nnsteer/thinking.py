@@ -101,6 +101,11 @@ class ThinkingFormat:
         """The format's own tokens that end a chain, besides the model's EOS."""
         return frozenset()
 
+    def end_marker(self, tokenizer: Any) -> list[int]:
+        """The token ids, in order, whose first appearance in a chain ends its reasoning
+        (what steering by phase watches for); empty where the format has no end."""
+        return []
+
     def _find(self, tokenizer: Any, ids: list[int], response: str
               ) -> tuple[Span, Span, tuple[Span, Span] | None]:
         """Reasoning and answer chars, and their id spans where the ids give them (else None)."""
@@ -134,6 +139,14 @@ class TagFormat(ThinkingFormat):
     def end_ids(self, tokenizer: Any) -> frozenset[int]:
         close = token_id(tokenizer, self.close_tag)
         return frozenset() if close is None else frozenset({close})
+
+    def end_marker(self, tokenizer: Any) -> list[int]:
+        """The closing tag's one token, or its spelling where the vocabulary splits it (a
+        model known to write the tag, such as ``smollm2-135m-r1``)."""
+        close = token_id(tokenizer, self.close_tag)
+        if close is not None:
+            return [close]
+        return list(tokenizer(self.close_tag, add_special_tokens=False)["input_ids"])
 
     def text_spans(self, response: str) -> tuple[Span, Span]:
         """Reasoning and answer chars found by the tags in the text alone."""
@@ -197,6 +210,11 @@ class HarmonyFormat(ThinkingFormat):
 
     def stop_ids(self, tokenizer: Any) -> frozenset[int]:
         return frozenset(filter(None, (token_id(tokenizer, t) for t in (self.RETURN, self.CALL))))
+
+    def end_marker(self, tokenizer: Any) -> list[int]:
+        """``<|channel|>final``: the answer's channel opening. ``<|end|>`` cannot serve: the
+        prompt's own messages end with it."""
+        return list(tokenizer(f"{self.CHANNEL}final", add_special_tokens=False)["input_ids"])
 
     def messages(self, tokenizer: Any, ids: Sequence[int]) -> list[tuple[str, Span]]:
         """``(channel, content id span)`` of each message in ``ids``, in order."""
@@ -377,11 +395,11 @@ def thinking_of(lm: Any) -> ThinkingChoice:
     return ThinkingChoice.from_provenance(record) if record else choose(lm.tokenizer, lm.name)
 
 
-def end_of_thinking_ids(lm: Any) -> frozenset[int]:
-    """The ids that end a loaded model's reasoning in its thinking format
-    (:meth:`ThinkingFormat.end_ids`): ``</think>``, ``[/THINK]`` or harmony's ``<|end|>``;
-    empty where the end is not one token."""
-    return thinking_of(lm).format.end_ids(lm.tokenizer)
+def end_of_thinking_ids(lm: Any) -> list[int]:
+    """The ids, in order, whose first appearance ends a loaded model's reasoning in its
+    thinking format (:meth:`ThinkingFormat.end_marker`): ``</think>``, ``[/THINK]`` or
+    harmony's ``<|channel|>final``, as one token or spelled over several; empty for ``none``."""
+    return thinking_of(lm).format.end_marker(lm.tokenizer)
 
 
 def _template_text(tokenizer: Any) -> str:

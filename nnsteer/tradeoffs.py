@@ -28,6 +28,7 @@ from nnsteer import costs as chain_costs
 from nnsteer.errors import say
 from nnsteer.evaluate import (
     CONDITION, MIN_TASKS_FOR_INTERVAL, _condition_name, _condition_order, _share_stats, with_holm,
+    with_mode,
 )
 from nnsteer.grader import OFFLINE, gradable_offline, grade_answers, resolve_grader
 from nnsteer.models import LoadedModel, cache_dir
@@ -142,7 +143,7 @@ def summarise_costs(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
     Empty if ``evaluation`` has no cost columns.
     """
     present = [m for m in COLUMNS if m in evaluation.columns]
-    chains = evaluation.unique("chain_id", keep="first", maintain_order=True)
+    chains = with_mode(evaluation).unique("chain_id", keep="first", maintain_order=True)
     baseline = chains.filter(pl.col("direction") == "none")
     steered = chains.filter(pl.col("direction") != "none")
     tables = []

@@ -137,14 +137,17 @@ def _same_chains(local: pl.DataFrame, remote: pl.DataFrame) -> None:
 
 
 def _assert_token_ids_only(server, chains: pl.DataFrame) -> None:
-    """Generation budget: one int64 ``[batch, new tokens]`` tensor per request, a copy:
-    ``torch.save`` writes a view's whole storage, and the prompt ids would come back too."""
+    """Generation budget: one int64 ``[batch, new tokens]`` tensor per request, a copy
+    (``torch.save`` writes a view's whole storage, and the prompt ids would come back too),
+    and with steering one float32 ``[batch]`` of steered-token counts."""
     for record in server.requests:
-        (ids,) = record.tensors
+        ids, *counts = sorted(record.tensors, key=lambda t: t.dtype != "int64")
         assert not record.others
         assert ids.dtype == "int64" and ids.shape[0] <= BATCH and ids.shape[1] <= MAX_NEW_TOKENS
+        assert [(c.dtype, c.shape) for c in counts] in ([], [("float32", ids.shape[:1])])
         alone = io.BytesIO()
-        torch.save({ids.name: torch.zeros(ids.shape, dtype=torch.int64)}, alone)
+        torch.save({t.name: torch.zeros(t.shape, dtype=getattr(torch, t.dtype))
+                    for t in record.tensors}, alone)
         assert record.response_bytes <= len(alone.getvalue())
 
 

@@ -150,6 +150,8 @@ def test_think_tags_in_the_text(tokenizer):
     assert detect(tokenizer, "smollm2-135m")[0] is NONE
     ids = tokenizer.encode("<think>\nTwo fours are 8.\n</think>\n\nEight", add_special_tokens=False)
     assert THINK_TAGS.end_ids(tokenizer) == frozenset()
+    marker = THINK_TAGS.end_marker(tokenizer)  # the tag, spelled over several tokens
+    assert len(marker) > 1 and tokenizer.decode(marker) == "</think>" and _holds(ids, marker)
     parts = THINK_TAGS.spans(tokenizer, ids)
     response = decode_response(tokenizer, ids)
     assert response[slice(*parts.reasoning)] == "\nTwo fours are 8.\n"
@@ -198,6 +200,11 @@ def test_harmony(format_tokenizer):
     assert ids[parts.reasoning_ids[1]] == special["<|end|>"]
     assert HARMONY.end_ids(tok) == {special["<|end|>"]}
     assert HARMONY.stop_ids(tok) == {special["<|return|>"], special["<|call|>"]}
+    # Steering by phase watches for the final channel's opening, which the prompt never holds
+    # (its messages end with <|end|> too).
+    marker = HARMONY.end_marker(tok)
+    assert tok.decode(marker) == "<|channel|>final" and not _holds(prompt, marker)
+    assert _holds(ids, marker) and not _holds(ids[: parts.reasoning_ids[1] + 1], marker)
     cut = ids[: parts.reasoning_ids[0] + 5]  # cut inside the analysis message
     _check(tok, HARMONY, cut, decode_response(tok, cut[parts.reasoning_ids[0]:]), "")
     final_only = tok.encode("<|channel|>final<|message|>8<|return|>", add_special_tokens=False)
@@ -256,10 +263,10 @@ def test_apply_records_and_says(format_tokenizer, capsys):
                                        "enable_thinking switch: nnsteer turns thinking on "
                                        "(enable_thinking=True)\n")
     assert lm.extra["thinking"] == choice.provenance() and thinking_of(lm) == choice
-    assert end_of_thinking_ids(lm) == {lm.tokenizer.convert_tokens_to_ids("</think>")}
+    assert end_of_thinking_ids(lm) == [lm.tokenizer.convert_tokens_to_ids("</think>")]
     apply_thinking(lm, "none", origin="[model] thinking_format")
     assert thinking_of(lm).format is NONE and "set by [model] thinking_format" in thinking_of(lm).reason
-    assert end_of_thinking_ids(lm) == frozenset()
+    assert end_of_thinking_ids(lm) == []
 
 
 def test_the_config_sets_the_format(format_tokenizer, tmp_path, monkeypatch):
@@ -289,6 +296,11 @@ def test_models_prints_the_thinking_format():
     result = CliRunner().invoke(cli, ["models", "--thinking-format", "think-tags", "--device", "cpu"])
     assert ("thinking format think-tags (set by --thinking-format; detected none"
             in _one_space(result.output))
+
+
+def _holds(ids: list[int], marker: list[int]) -> bool:
+    """Whether ``marker`` stands in ``ids`` as a contiguous run."""
+    return any(ids[i:i + len(marker)] == marker for i in range(len(ids) - len(marker) + 1))
 
 
 def _one_space(text: str) -> str:

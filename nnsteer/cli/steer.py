@@ -41,6 +41,14 @@ def _numbers(ctx: click.Context, param: click.Parameter, value: str | None) -> l
     help="Also steer with a random vector of the same norm at the same layers.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control.")
+@click.option("--where", callback=_names, default="all", show_default=True,
+              help="Comma-separated phases to steer, one condition each: all, prompt, generated, "
+                   "thinking, answer (docs/steering-modes.md).")
+@click.option("--at", "at", default="every", show_default=True,
+              help="every position, or step-starts: only where a sentence or paragraph ends.")
+@click.option("--when", default=None, metavar="LABEL@LAYER>THRESHOLD",
+              help="Steer only where the residual at LAYER projects on LABEL's unit vector above "
+                   "THRESHOLD (LABEL@LAYER: the threshold select --calibrate-conditions wrote).")
 @generation_options("eval tasks")
 @click.pass_context
 def command(
@@ -54,6 +62,9 @@ def command(
     coefficients: list[float] | None,
     random_control: bool,
     seed: int,
+    where: list[str],
+    at: str,
+    when: str | None,
     limit: int | None,
     max_new_tokens: int,
     prompt_template: str,
@@ -74,5 +85,8 @@ def command(
         batch_size=batch_size,
         seed=seed,
         prompt_template=prompt_template,
+        where=where,
+        at=at,
+        when=when,
     )
     click.echo(f"{run.steered}: {chains.height} chains")
