@@ -239,9 +239,9 @@ def test_harmony_generation_stops_on_its_own_end_tokens(format_tokenizer):
     choice = thinking_of(lm)
     assert choice.format is HARMONY and call in eos_ids(lm, choice)
     prompt = prompt_token_ids(tok, "What is 2 × 4?", thinking=choice)
-    rows = _generate_batch(lm, [prompt], [None], 6, eos_ids(lm, choice))
+    rows, _ = _generate_batch(lm, [prompt], [None], 6, eos_ids(lm, choice))
     assert rows == [[call]]
-    assert len(_generate_batch(lm, [prompt], [None], 6)[0]) == 6  # without the format: on to the limit
+    assert len(_generate_batch(lm, [prompt], [None], 6)[0][0]) == 6  # without the format: on to the limit
 
 
 def test_none(format_tokenizer):
