@@ -23,10 +23,11 @@ from nnsteer.generation import (
     DEFAULT_PROMPT_TEMPLATE, ChainJob, SteeringSpec, chains_resume_key, check_prompt_template,
     run_chain_jobs, split_tasks,
 )
+from nnsteer.identity import check_made_on
 from nnsteer.models import LoadedModel
 from nnsteer.select import LayerChoice, check_coefficient, read_layers
 from nnsteer.store import RunDir, provenance, read_metadata, read_parquet
-from nnsteer.vectors import VectorSet, load_vectors
+from nnsteer.vectors import VectorSet, load_vectors, per_layer, steered_rows
 
 DIRECTIONS = ("positive", "negative")
 
@@ -92,12 +93,14 @@ def steer_chains(
     batch_size: int = 8,
     seed: int = 0,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    force: bool = False,
 ) -> pl.DataFrame:
     """The ``steer`` stage: baseline, positive and negative chains per eval task (``run.steered``).
 
     ``coefficients`` (a sweep) replaces each behaviour's ``layers.json`` coefficient;
     ``random_control`` adds chains steered by a norm-matched random vector;
-    ``prompt_template`` names the user-turn preset (``generation.PROMPT_TEMPLATES``). Resumable.
+    ``prompt_template`` names the user-turn preset (``generation.PROMPT_TEMPLATES``);
+    ``force`` steers with vectors made on another model (:func:`check_made_on`). Resumable.
     A sweep adds conditions: chains already in ``run.steered`` at other coefficients,
     with the same vectors, layers and settings, are kept (and stay in the table).
     """
@@ -107,7 +110,9 @@ def steer_chains(
     tasks = split_tasks(run, "eval", limit)
     choices = read_layer_choices(run, behaviours, lm)
     behaviours = list(choices)
-    vectors = _behaviour_vectors(load_vectors(run.vectors), choices, lm, seed, random_control)
+    vector_set = load_vectors(run.vectors)
+    check_made_on(vector_set.metadata, lm, str(run.vectors), force)
+    vectors = _behaviour_vectors(vector_set, choices, lm, seed, random_control)
     used = {b: {k: _digest(v) for k, v in kinds.items()} for b, kinds in vectors.items()}
     earlier = _earlier_coefficients(run, chains_resume_key(lm, max_new_tokens, used), choices)
     plan = {behaviour: sorted({*(coefficients or [choice.coefficient]), *earlier.get(behaviour, ())})
@@ -121,7 +126,7 @@ def steer_chains(
                 for direction in DIRECTIONS:
                     for kind, vector in vectors[behaviour].items():
                         spec = SteeringSpec(
-                            {layer: vector for layer in choice.layers}, coefficient, direction
+                            per_layer(vector, choice.layers), coefficient, direction
                         )
                         jobs.append(
                             ChainJob(
@@ -191,7 +196,7 @@ def _behaviour_vectors(
         )
     vectors = {}
     for behaviour, choice in choices.items():
-        vector = vector_set[behaviour][choice.vector_layer].to(torch.float32)
+        vector = steered_rows(vector_set, behaviour, choice.vector_layer, choice.layers).float()
         if not torch.isfinite(vector).all():
             raise BadInput(
                 f"the {behaviour!r} vector at layer {choice.vector_layer} contains NaN or inf"

@@ -41,6 +41,7 @@ def _numbers(ctx: click.Context, param: click.Parameter, value: str | None) -> l
     help="Also steer with a random vector of the same norm at the same layers.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control.")
+@click.option("--force", is_flag=True, help="Use vectors made on another model (fingerprint or id differs).")
 @generation_options("eval tasks")
 @click.pass_context
 def command(
@@ -57,6 +58,7 @@ def command(
     limit: int | None,
     max_new_tokens: int,
     prompt_template: str,
+    force: bool,
 ) -> None:
     """Generate steered chains (positive, negative) and baselines on the eval tasks."""
     from nnsteer.steer import steer_chains
@@ -74,5 +76,6 @@ def command(
         batch_size=batch_size,
         seed=seed,
         prompt_template=prompt_template,
+        force=force,
     )
     click.echo(f"{run.steered}: {chains.height} chains")
