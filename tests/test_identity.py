@@ -72,3 +72,18 @@ def test_cli_force(run, tiny_llama, tmp_path):  # noqa: F811
     last = refused.output.splitlines()[-1]  # after the weight-loading progress bar
     assert refused.exit_code == 2 and last.startswith("nnsteer: error: ") and last.endswith("--force to use them anyway")
     assert CliRunner().invoke(cli, [*base, "--force"]).exit_code == 0
+
+
+def test_extracted_vectors_describe_themselves(tmp_path, tokenizer, tiny_llama):
+    from test_vectors import make_chains, write_run
+
+    from nnsteer.store import read_metadata
+    from nnsteer.vectors import extract_vectors
+
+    run = write_run(tmp_path, tiny_llama.name, make_chains(tokenizer, thinking=False)[3:5])
+    extract_vectors(run, tiny_llama, variant="paper")
+    meta = read_metadata(run.vectors)
+    assert {k: meta[k] for k in ("hook_site", "family", "fingerprint", "vector_dtype")} == {
+        "hook_site": application(tiny_llama)["hook_site"], "family": "llama",
+        "fingerprint": weights_fingerprint(tiny_llama.hf_model), "vector_dtype": "float32"}
+    check_made_on(meta, tiny_llama, str(run.vectors))
