@@ -9,11 +9,13 @@ from nnsteer.errors import BadInput, NnsteerError
 
 if TYPE_CHECKING:
     from nnsteer.models import Architecture, LoadedModel, load_model, wrap_model
+    from nnsteer.hooks import steering
     from nnsteer.store import RunDir
 
 #: Imported on first use, so that ``nnsteer`` (the command) starts without torch.
 _LAZY = {"Architecture": "nnsteer.models", "LoadedModel": "nnsteer.models",
-         "load_model": "nnsteer.models", "wrap_model": "nnsteer.models", "RunDir": "nnsteer.store"}
+         "load_model": "nnsteer.models", "wrap_model": "nnsteer.models", "RunDir": "nnsteer.store",
+         "steering": "nnsteer.hooks"}
 
 
 def __getattr__(name: str) -> Any:
@@ -30,5 +32,6 @@ __all__ = [
     "RunDir",
     "__version__",
     "load_model",
+    "steering",
     "wrap_model",
 ]

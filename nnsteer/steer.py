@@ -26,11 +26,12 @@ from nnsteer.generation import (
     DEFAULT_PROMPT_TEMPLATE, ChainJob, SteeringSpec, chains_resume_key, check_prompt_template,
     run_chain_jobs, split_tasks,
 )
+from nnsteer.identity import check_made_on
 from nnsteer.models import LoadedModel
 from nnsteer.modes import Condition, check_mode, mode_name, parse_when, unit
 from nnsteer.select import LayerChoice, check_coefficient, read_layers
 from nnsteer.store import RunDir, provenance, read_json, read_metadata, read_parquet
-from nnsteer.vectors import VectorSet, load_vectors
+from nnsteer.vectors import VectorSet, load_vectors, per_layer, steered_rows
 
 DIRECTIONS = ("positive", "negative")
 
@@ -103,6 +104,7 @@ def steer_chains(
     where: Sequence[str] = ("all",),
     at: str = "every",
     when: str | None = None,
+    force: bool = False,
 ) -> pl.DataFrame:
     """The ``steer`` stage: baseline, positive and negative chains per eval task (``run.steered``).
 
@@ -111,7 +113,8 @@ def steer_chains(
     ``prompt_template`` names the user-turn preset (``generation.PROMPT_TEMPLATES``);
     ``where`` (one condition each), ``at`` and ``when`` (``LABEL@LAYER>THRESHOLD``, or
     ``LABEL@LAYER`` for ``select --calibrate-conditions``' threshold) choose the positions
-    steered (:mod:`nnsteer.modes`). Resumable.
+    steered (:mod:`nnsteer.modes`); ``force`` steers with vectors made on another model
+    (:func:`check_made_on`). Resumable.
     A sweep adds conditions: chains already in ``run.steered`` at other coefficients,
     with the same vectors, layers and settings, are kept (and stay in the table).
     """
@@ -126,6 +129,7 @@ def steer_chains(
     choices = read_layer_choices(run, behaviours, lm)
     behaviours = list(choices)
     vector_set = load_vectors(run.vectors)
+    check_made_on(vector_set.metadata, lm, str(run.vectors), force)
     vectors = _behaviour_vectors(vector_set, choices, lm, seed, random_control)
     condition = None if when is None else read_condition(run, when, vector_set, lm)
     used = {b: {k: _digest(v) for k, v in kinds.items()} for b, kinds in vectors.items()}
@@ -143,7 +147,7 @@ def steer_chains(
                 for direction in DIRECTIONS:
                     for kind, vector in vectors[behaviour].items():
                         for place in where:
-                            spec = SteeringSpec({layer: vector for layer in choice.layers},
+                            spec = SteeringSpec(per_layer(vector, choice.layers),
                                                 coefficient, direction, place, at, condition)
                             mode = mode_name(place, at, condition)
                             jobs.append(ChainJob(
@@ -230,7 +234,7 @@ def _behaviour_vectors(
         )
     vectors = {}
     for behaviour, choice in choices.items():
-        vector = vector_set[behaviour][choice.vector_layer].to(torch.float32)
+        vector = steered_rows(vector_set, behaviour, choice.vector_layer, choice.layers).float()
         if not torch.isfinite(vector).all():
             raise BadInput(
                 f"the {behaviour!r} vector at layer {choice.vector_layer} contains NaN or inf"

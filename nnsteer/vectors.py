@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,7 @@ import torch
 
 from nnsteer.annotate import check_annotated, label_positions, spans_by_chain
 from nnsteer.errors import BadInput, say
+from nnsteer.identity import application
 from nnsteer.labels import LABELS, OVERALL, STEERED_LABELS
 from nnsteer.models import LoadedModel
 from nnsteer.positions import decode_response, overlapping_tokens, token_offsets
@@ -144,6 +145,28 @@ def load_vectors(path: Path | str) -> VectorSet:
     rank = {**{label: i for i, label in enumerate(LABELS)}, OVERALL: len(LABELS) + 1}
     ordered = sorted(vectors, key=lambda name: (rank.get(name, len(LABELS)), name))
     return VectorSet({name: vectors[name] for name in ordered}, metadata)
+
+
+#: Metadata key: the labels whose vector differs per layer (imported control vectors), so
+#: that each steered layer gets its own row rather than the row at ``vector_layer``.
+PER_LAYER = "per_layer_labels"
+
+
+def steered_rows(vs: VectorSet, label: str, vector_layer: int, layers: Sequence[int]) -> torch.Tensor:
+    """What steering ``label`` adds, before scaling: its vector at ``vector_layer``
+    (``[d_model]``), or for a :data:`PER_LAYER` label its rows at ``layers``
+    (``[len(layers), d_model]``)."""
+    if label in vs.metadata.get(PER_LAYER, ()):
+        return vs[label][list(layers)]
+    return vs[label][vector_layer]
+
+
+def per_layer(vector: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """``{layer: vector}``: the same ``[d_model]`` vector at every layer, or row i of a
+    ``[len(layers), d_model]`` one at ``layers[i]``."""
+    if vector.dim() == 1:
+        return {layer: vector for layer in layers}
+    return {layer: vector[i] for i, layer in enumerate(layers)}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -331,6 +354,7 @@ def extract_vectors(
         "variant": variant,
         "normalisation": NORMALISATION[variant],
         "annotations": file_digest(run.annotations),
+        **application(lm),
     }
     vs = VectorSet(difference_of_means(sums.means(), variant), metadata)
     save_vectors(vs, run.vectors)

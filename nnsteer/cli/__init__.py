@@ -87,9 +87,9 @@ class _Group(click.Group):
         if self._loaded:
             return
         with _interrupt_after():
-            from nnsteer.cli import models, stages
+            from nnsteer.cli import models, portable, stages
 
-        for command in [models.command, *stages.COMMANDS]:
+        for command in [models.command, *portable.COMMANDS, *stages.COMMANDS]:
             self.add_command(command)
         self._loaded = True
 

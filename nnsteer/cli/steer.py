@@ -49,6 +49,7 @@ def _numbers(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 @click.option("--when", default=None, metavar="LABEL@LAYER>THRESHOLD",
               help="Steer only where the residual at LAYER projects on LABEL's unit vector above "
                    "THRESHOLD (LABEL@LAYER: the threshold select --calibrate-conditions wrote).")
+@click.option("--force", is_flag=True, help="Use vectors made on another model (fingerprint or id differs).")
 @generation_options("eval tasks")
 @click.pass_context
 def command(
@@ -68,6 +69,7 @@ def command(
     limit: int | None,
     max_new_tokens: int,
     prompt_template: str,
+    force: bool,
 ) -> None:
     """Generate steered chains (positive, negative) and baselines on the eval tasks."""
     from nnsteer.steer import steer_chains
@@ -88,5 +90,6 @@ def command(
         where=where,
         at=at,
         when=when,
+        force=force,
     )
     click.echo(f"{run.steered}: {chains.height} chains")
