@@ -71,7 +71,8 @@ def additions(
         if not 0 <= layer < vs.n_layers:
             raise BadInput(f"layer {layer} is out of range: the vectors have layers 0..{vs.n_layers - 1}")
     rows = steered_rows(vs, behaviour, vector_layer if vector_layer is not None else layers[0], layers)
-    return SteeringSpec(per_layer(rows.float(), layers), coefficient, direction).deltas()
+    spec = SteeringSpec(per_layer(rows.float(), layers), coefficient, direction)
+    return {layer: spec.scale * vector for layer, vector in spec.vectors.items()}
 
 
 def run_additions(
