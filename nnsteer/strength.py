@@ -222,3 +222,28 @@ def auto_coefficients(
             "grid": grid, "bounds": asdict(bounds), "sweep": rows, "chosen": coefficient,
             "reason": reason, "file": SWEEP_FILE, "settings": settings}}
     return out
+
+
+def sweep_frame(provenances: Mapping[str, Mapping[str, Any]]) -> pl.DataFrame:
+    """The recorded sweeps of ``layers.json`` entries' provenance, by behaviour, as one table:
+    ``behaviour``, ``coefficient``, ``effect`` (pp), ``coherence``, ``repetition``,
+    ``accuracy``, and ``verdict`` (chosen, qualifies, or why not); empty without a sweep."""
+    rows = []
+    for behaviour, made in provenances.items():
+        record = made.get("coefficient_sweep")
+        if not isinstance(record, dict):
+            continue
+        bounds = Bounds(**record["bounds"])
+        for row in record["sweep"]:
+            effect = row.get("effect")
+            why = bounds.exceeded(row)
+            if not (_known(effect) and effect > 0):
+                why.insert(0, "no positive effect")
+            verdict = ("chosen" if row["coefficient"] == record["chosen"]
+                       else ", ".join(why) or "qualifies")
+            rows.append({"behaviour": behaviour, "coefficient": float(row["coefficient"]),
+                         **{k: row.get(k) for k in ("effect", *_COSTS)}, "verdict": verdict})
+    schema = {"behaviour": pl.String, "coefficient": pl.Float64, "effect": pl.Float64,
+              "coherence": pl.Float64, "repetition": pl.Float64, "accuracy": pl.Float64,
+              "verdict": pl.String}
+    return pl.DataFrame(rows, schema=schema)

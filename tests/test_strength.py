@@ -173,3 +173,25 @@ def test_cli_bad_values_are_one_line(auto_run, args, message):
                                              else []) + args)
     assert result.exit_code != 0 and message in result.output, result.output
     assert not run.layers.exists()
+
+
+def test_report_costs_section_shows_the_sweep_with_its_bounds(tmp_path):
+    from test_report import write_synthetic_run
+
+    from nnsteer.report import costs_section
+
+    run = write_synthetic_run(tmp_path)
+    assert "coefficient sweep" not in costs_section(run).body  # fixed coefficients: no sweep
+    layers = json.loads(run.layers.read_text())
+    chosen, reason = choose_coefficient(RECORDED, Bounds())
+    layers["backtracking"]["provenance"]["coefficient_sweep"] = {
+        "grid": [r["coefficient"] for r in RECORDED], "bounds": vars(Bounds()),
+        "sweep": RECORDED, "chosen": chosen, "reason": reason}
+    run.layers.write_text(json.dumps(layers))
+    body = costs_section(run).body
+    assert "coefficient sweep" in body and "coherence (NLL) at most +0.5 nats/token" in body
+    assert "<td>backtracking</td><td>2</td><td>6</td><td>0.3</td><td>8</td><td>-5</td><td>chosen</td>" \
+        in body
+    assert "<td>4</td><td>9</td><td>0.45</td><td>14</td><td>-8</td><td>repetition +14.0 pp &gt; 10" \
+        in body
+    assert "<td>1</td><td>3</td><td>0.1</td><td>2</td><td>-1</td><td>qualifies</td>" in body
