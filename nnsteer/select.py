@@ -205,10 +205,10 @@ def select_layers(
         raise BadInput(f"--top-k {top_k}: expected at least 1")
     auto = coefficient == AUTO
     if auto:
-        from nnsteer.strength import Bounds, check_grid
+        from nnsteer.strength import check_auto
 
-        bounds = Bounds(max_coherence_cost, max_repetition_cost, max_accuracy_cost)
-        grid = check_grid(grid)
+        bounds, grid = check_auto(run, grid, max_coherence_cost, max_repetition_cost,
+                                  max_accuracy_cost)
         coefficient = min(grid)
     coefficient = check_coefficient(coefficient, "--coefficient")
     vs = load_vectors(run.vectors)

@@ -33,7 +33,7 @@ from nnsteer.errors import BadInput
 from nnsteer.generation import DEFAULT_PROMPT_TEMPLATE, ChainJob, SteeringSpec, run_chain_jobs
 from nnsteer.models import LoadedModel
 from nnsteer.select import LayerChoice
-from nnsteer.store import RunDir, provenance
+from nnsteer.store import RunDir, provenance, read_parquet
 
 #: The default grid: log-spaced from 0.25 to 8 (each twice the one before).
 DEFAULT_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -122,6 +122,18 @@ def choose_coefficient(sweep: Sequence[Mapping[str, Any]], bounds: Bounds) -> tu
                       f"the smallest of the grid, ×{smallest:g}")
 
 
+def check_auto(run: RunDir, grid: Sequence[float] | None, max_coherence_cost: float,
+               max_repetition_cost: float, max_accuracy_cost: float) -> tuple[Bounds, list[float]]:
+    """The bounds and the sorted grid of ``--coefficient auto``, checked before any work:
+    :class:`BadInput` in one line for a bad value, or a ``run.tasks`` with no validation task."""
+    bounds = Bounds(max_coherence_cost, max_repetition_cost, max_accuracy_cost)
+    grid = check_grid(grid)
+    if "validation" not in read_parquet(run.tasks, ["split"])["split"].to_list():
+        raise BadInput(f"{run.tasks}: no validation tasks for --coefficient auto: run "
+                       "`nnsteer tasks --validation-per-category N` (then the stages after it)")
+    return bounds, grid
+
+
 def sweep_coefficients(
     run: RunDir,
     lm: LoadedModel,
@@ -148,10 +160,6 @@ def sweep_coefficients(
     from nnsteer.vectors import load_vectors, per_layer
 
     grid = check_grid(grid)
-    if not run.tasks.exists() or "validation" not in pl.read_parquet(run.tasks, columns=["split"])[
-            "split"].to_list():
-        raise BadInput(f"{run.tasks}: no validation tasks for --coefficient auto: run "
-                       "`nnsteer tasks --validation-per-category N` (then the stages after it)")
     tasks = split_tasks(run, "validation", limit)
     vector_set = load_vectors(run.vectors)
     check_made_on(vector_set.metadata, lm, str(run.vectors), False)

@@ -195,3 +195,14 @@ def test_report_costs_section_shows_the_sweep_with_its_bounds(tmp_path):
     assert "<td>4</td><td>9</td><td>0.45</td><td>14</td><td>-8</td><td>repetition +14.0 pp &gt; 10" \
         in body
     assert "<td>1</td><td>3</td><td>0.1</td><td>2</td><td>-1</td><td>qualifies</td>" in body
+
+
+def test_auto_without_validation_tasks_is_one_line(auto_run):
+    run, model_dir = auto_run
+    write_tasks(run, source="builtin", per_category=1, eval_per_category=1)
+    result = CliRunner().invoke(cli, ["--run-dir", str(run.root), "select", "--model", str(model_dir),
+                                      "--layers", "backtracking=2", "--coefficient", "auto"])
+    assert result.exit_code != 0 and not run.layers.exists()
+    assert "no validation tasks for --coefficient auto: run `nnsteer tasks " \
+           "--validation-per-category N`" in result.output
+    assert result.output.strip().count("\n") == 0, result.output

@@ -93,6 +93,10 @@ def command(ctx: click.Context, model: str | None, skip_fraction: float, top_k: 
         name = model or read_parquet(run.chains, ["model"]).get_column("model").cast(pl.String)[0]
         return open_model(name, remote, device, dtype)
 
+    if coefficient == AUTO:  # before the model loads
+        from nnsteer.strength import check_auto
+
+        check_auto(run, grid, max_coherence_cost, max_repetition_cost, max_accuracy_cost)
     select_layers(run, skip_fraction=skip_fraction, top_k=top_k, layers=_parse_layers(by_hand),
                   coefficient=coefficient, labels=list(labels) or None,
                   lm=lm() if coefficient == AUTO else None, grid=grid,
