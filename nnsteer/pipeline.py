@@ -236,6 +236,8 @@ def _is_annotator(value: Any) -> bool:
 PATTERNS: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
     ("annotate", "annotator"): (_is_annotator, "auto, rules, learned or openai:<model>"),
     ("evaluate", "annotator"): (_is_annotator, "auto, rules, learned or openai:<model>"),
+    ("select", "coefficient"): (lambda v: v == "auto" or not isinstance(v, str),
+                                'a number >= 0 or "auto"'),
 }
 
 

@@ -672,9 +672,31 @@ def costs_section(run: RunDir) -> Section:
             "are shares of chains (pp); repetition is the share of repeated token n-grams in the "
             "reasoning; compression ratio is zlib's on the reasoning (loops compress well); NLL is "
             "the reasoning's mean negative log-likelihood under the unsteered model (coherence). "
-            "See docs/costs.md.</p>" + f"<pre>{html.escape(text.strip())}</pre>")
+            "See docs/costs.md.</p>" + f"<pre>{html.escape(text.strip())}</pre>"
+            + sweep_html(run))
     return Section(CHARTS["costs"], body, "costs",
                    _stage_function("nnsteer.tradeoffs", "tradeoff_chart")(rows).to_dict())
+
+
+def sweep_html(run: RunDir) -> str:
+    """``select --coefficient auto``'s sweep with its bounds, from ``layers.json``
+    (``""`` if the coefficients were fixed)."""
+    entries = _layer_choices(run)
+    frame = _stage_function("nnsteer.strength", "sweep_frame")(
+        {label: entry.provenance for label, entry in entries.items()})
+    if frame.is_empty():
+        return ""
+    record = next(e.provenance["coefficient_sweep"] for e in entries.values()
+                  if "coefficient_sweep" in e.provenance)
+    bounds = record["bounds"]
+    return ("<h3>How hard to steer: the coefficient sweep</h3><p>"
+            "<code>select --coefficient auto</code> steered the validation tasks positively at "
+            "each coefficient and chose the largest whose behaviour effect was positive and "
+            f"whose costs stayed within bounds: coherence (NLL) at most +{bounds['coherence']:g} "
+            f"nats/token, repetition at most +{bounds['repetition']:g} pp, accuracy at most "
+            f"−{bounds['accuracy']:g} pp. Effects and costs are paired differences from the "
+            "unsteered chain of the same validation task (effect and costs in pp, coherence in "
+            "nats/token).</p>" + _table(frame))
 
 
 def example_chains_section(run: RunDir) -> Section:

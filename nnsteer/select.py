@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -27,6 +27,12 @@ from nnsteer.errors import BadInput
 from nnsteer.labels import STEERED_LABELS
 from nnsteer.store import RunDir, damaged, provenance, read_json, read_parquet, write_json
 from nnsteer.vectors import load_vectors
+
+if TYPE_CHECKING:
+    from nnsteer.models import LoadedModel
+
+#: ``coefficient`` that asks for a dose-response on the validation tasks (:mod:`nnsteer.strength`).
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -171,17 +177,39 @@ def select_layers(
     skip_fraction: float = 0.2,
     top_k: int = 1,
     layers: dict[str, list[int]] | None = None,
-    coefficient: float = 1.0,
+    coefficient: float | str = 1.0,
     labels: Sequence[str] | None = None,
+    lm: LoadedModel | None = None,
+    grid: list[float] | None = None,
+    max_coherence_cost: float = 0.5,
+    max_repetition_cost: float = 10.0,
+    max_accuracy_cost: float = 10.0,
+    validation_limit: int | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
 ) -> dict:
     """Write ``layers.json`` and return it; print each label's choice with runner-up and margin.
 
     ``labels`` defaults to the steered labels that have a vector. ``layers`` gives some or
     all labels' layers by hand (the first one is the vector layer); the others come from
     ``attribution.parquet``.
+
+    ``coefficient="auto"`` chooses each label's coefficient by a dose-response on the
+    first ``validation_limit`` validation tasks with ``lm`` (:mod:`nnsteer.strength`): the
+    largest of ``grid`` whose effect is positive and whose costs stay within the
+    ``max_*_cost`` bounds (nats/token, pp, pp), generating ``max_new_tokens`` per chain in
+    batches of ``batch_size``; the sweep and the reason go into the entry's provenance
+    (``coefficient_sweep``). The other options are ignored without ``auto``.
     """
     if top_k < 1:
         raise BadInput(f"--top-k {top_k}: expected at least 1")
+    auto = coefficient == AUTO
+    if auto:
+        from nnsteer.strength import check_auto
+
+        bounds, grid = check_auto(run, grid, max_coherence_cost, max_repetition_cost,
+                                  max_accuracy_cost)
+        coefficient = min(grid)
     coefficient = check_coefficient(coefficient, "--coefficient")
     vs = load_vectors(run.vectors)
     first = first_allowed_layer(vs.n_layers, skip_fraction)
@@ -210,12 +238,26 @@ def select_layers(
                            "rerun `nnsteer attribute` or give its layers by hand")
         choices.append(rank_layers(table, label, first, top_k))
     options = {"skip_fraction": skip_fraction, "top_k": top_k, "layers": by_hand,
-               "coefficient": coefficient, "labels": labels}
+               "coefficient": AUTO if auto else coefficient, "labels": labels}
     made = provenance("select", options)
-    result = {c.label: {"vector_layer": c.layers[0], "layers": c.layers, "coefficient": coefficient,
-                        "chosen_by": "attribution" if c.effects else "hand", "provenance": made}
+    swept: dict[str, dict[str, Any]] = {}
+    if auto:
+        from nnsteer.strength import auto_coefficients
+
+        swept = auto_coefficients(
+            run, lm, {c.label: LayerChoice(c.layers[0], tuple(c.layers), 1.0) for c in choices},
+            bounds, grid, limit=validation_limit, max_new_tokens=max_new_tokens,
+            batch_size=batch_size)
+    result = {c.label: {"vector_layer": c.layers[0], "layers": c.layers,
+                        "coefficient": swept.get(c.label, {}).get("coefficient", coefficient),
+                        "chosen_by": "attribution" if c.effects else "hand",
+                        "provenance": {**made, **{k: v for k, v in swept.get(c.label, {}).items()
+                                                  if k != "coefficient"}}}
               for c in choices}
     write_json(run.layers, result)
     for choice in choices:
         print(choice.describe())
+    for label, entry in swept.items():
+        print(f"{label}: coefficient ×{entry['coefficient']:g}: "
+              f"{entry['coefficient_sweep']['reason']}")
     return result

@@ -35,7 +35,9 @@ CATEGORIES: tuple[str, ...] = (
     "Scientific Reasoning",
 )
 
-SPLITS: tuple[str, ...] = ("train", "eval")
+SPLITS: tuple[str, ...] = ("train", "validation", "eval")
+#: The split ``select --coefficient auto`` sweeps on: never trained on, never evaluated.
+VALIDATION = "validation"
 
 #: Columns of ``tasks.parquet``, in order.
 SCHEMA: dict[str, type[pl.DataType]] = {
@@ -98,7 +100,7 @@ def parse_task(record: dict[str, Any], where: str,
         raise BadInput(f"{where}: unknown category {category!r} (known: {', '.join(categories)})")
     split = _text(record.get("split")) or "train"
     if split not in SPLITS:
-        raise BadInput(f"{where}: split must be train or eval, not {split!r}")
+        raise BadInput(f"{where}: split must be one of {', '.join(SPLITS)}, not {split!r}")
     return {
         "task_id": _text(record.get("task_id")),
         "category": canonical,
@@ -140,10 +142,11 @@ def load_builtin_tasks() -> pl.DataFrame:
 
 
 def cap_tasks(tasks: pl.DataFrame, per_category: int | None, eval_per_category: int | None) -> pl.DataFrame:
-    """The first ``per_category`` train and ``eval_per_category`` eval tasks of each category,
+    """The first ``per_category`` train and ``eval_per_category`` eval tasks (and every
+    validation task) of each category,
     ordered by category (the paper's as in :data:`CATEGORIES`, then others in order of
     first appearance), then train before eval."""
-    caps = {"train": per_category, "eval": eval_per_category}
+    caps = {"train": per_category, "eval": eval_per_category, VALIDATION: None}
     limit = {split: len(tasks) if cap is None else cap for split, cap in caps.items()}
     rank_in_group = pl.int_range(pl.len()).over("category", "split")
     order = [*CATEGORIES, *(c for c in dict.fromkeys(tasks["category"]) if c not in CATEGORIES)]
@@ -158,6 +161,26 @@ def cap_tasks(tasks: pl.DataFrame, per_category: int | None, eval_per_category: 
         .sort("_category", "_split", maintain_order=True)
         .select(list(SCHEMA))
     )
+
+
+def carve_validation(tasks: pl.DataFrame, per_category: int | None) -> pl.DataFrame:
+    """``tasks`` with the last ``per_category`` train tasks of each category moved to the
+    :data:`VALIDATION` split (None or 0: unchanged); eval tasks are never moved.
+
+    :class:`BadInput` if a category would be left without a train task.
+    """
+    if not per_category:
+        return tasks
+    rank_from_end = pl.int_range(pl.len(), 0, -1).over("category", "split")
+    train = pl.col("split") == "train"
+    left = (tasks.filter(train).group_by("category", maintain_order=True).len()
+            .filter(pl.col("len") <= per_category))
+    if left.height:
+        category, n = left.row(0)
+        raise BadInput(f"--validation-per-category {per_category}: category {category!r} has "
+                       f"only {n} train task(s), and needs one left to train on")
+    return tasks.with_columns(split=pl.when(train & (rank_from_end <= per_category))
+                              .then(pl.lit(VALIDATION)).otherwise(pl.col("split")))
 
 
 def save_tasks(run: RunDir, tasks: pl.DataFrame, options: dict[str, Any]) -> None:

@@ -144,7 +144,7 @@ def generate_tasks(
             items, problems = _parse_reply(reply, category)
             for number, task in items:
                 key = normalise(task["prompt"])
-                split = next((s for s in SPLITS if _count(generated, category, s) < wanted[s]), None)
+                split = next((s for s in SPLITS if _count(generated, category, s) < wanted.get(s, 0)), None)
                 if key in seen:
                     problems.append(f"item {number} repeats an existing task")
                 elif split is not None:

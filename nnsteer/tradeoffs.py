@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -56,16 +57,17 @@ _CHAIN_COLUMNS = ["chain_id", "task_id", "prompt_ids", "output_ids", "response",
 def cost_table(
     run: RunDir, tokenizer: Any, lm: LoadedModel | None = None, *, grader: str = OFFLINE,
     base_url: str | None = None, workers: int = 8, batch_size: int = 8,
-    timeout: float | None = None, retries: int | None = None,
+    timeout: float | None = None, retries: int | None = None, chains: Path | None = None,
 ) -> pl.DataFrame:
-    """One row per chain of ``run.steered``: ``chain_id``, :data:`COLUMNS` and ``grader``.
+    """One row per chain of ``run.steered`` (or of the chains file ``chains``):
+    ``chain_id``, :data:`COLUMNS` and ``grader``.
 
     ``nll_unsteered`` needs ``lm`` (the chains' model, run unsteered; null without it).
     Tasks with no reference answer, or one the offline grader cannot check, get a null
     ``correct``; the run says so once.
     """
     grader = resolve_grader(grader)
-    chains = read_parquet(run.steered, _CHAIN_COLUMNS)
+    chains = read_parquet(chains or run.steered, _CHAIN_COLUMNS)
     tasks = _task_answers(run)
     rows = chains.join(tasks, on="task_id", how="left").to_dicts()
     references = [row["answer"] for row in rows]

@@ -323,3 +323,22 @@ def test_min_spans_below_one_in_a_config_is_one_line(tmp_path):
     extract = next(s for s in STAGES if s.name == "extract")
     with pytest.raises(BadInput, match=r"c.toml: \[extract\] min_spans = 0: must be 1 or more"):
         stage_options(load_config(path), extract, stage_function(extract))
+
+
+def test_select_auto_in_a_config_sweeps_the_validation_tasks(pipeline_config, tmp_path):
+    auto = write_config(tmp_path / "auto.toml", pipeline_config.read_text().replace(
+        "eval_per_category = 1", "eval_per_category = 1\nvalidation_per_category = 1")
+        + '\n[select]\ncoefficient = "auto"\ngrid = [0.5, 2.0]\nvalidation_limit = 2\n'
+          "max_new_tokens = 6\n")
+    run = run_pipeline(load_config(auto), run_dir=tmp_path / "run", log=lambda line: None)
+    layers = json.loads(run.layers.read_text())
+    for entry in layers.values():
+        record = entry["provenance"]["coefficient_sweep"]
+        assert [r["coefficient"] for r in record["sweep"]] == [0.5, 2.0]
+        assert entry["coefficient"] == record["chosen"] in (0.5, 2.0)
+    steered = pl.read_parquet(run.steered)
+    assert set(steered.filter(pl.col("direction") != "none")["coefficient"]) <= {0.5, 2.0}
+    with pytest.raises(BadInput, match=r'\[select\] coefficient = \'strong\': must be a number >= 0 or "auto"'):
+        bad = write_config(tmp_path / "bad.toml", auto.read_text().replace(
+            'coefficient = "auto"', 'coefficient = "strong"'))
+        run_pipeline(load_config(bad), run_dir=tmp_path / "run", only=["select"])

@@ -124,7 +124,7 @@ def test_jsonl_file_fills_ids_and_default_split(tmp_path):
      "t.csv row 3: empty category"),
     ("t.csv", "prompt,category\n  ,Verbal Logic\n", "t.csv row 2: empty prompt"),
     ("t.csv", "question,category\nWhy?,Verbal Logic\n", "t.csv: missing column(s) prompt"),
-    ("t.csv", "prompt,category,split\nWhy?,Verbal Logic,test\n", "t.csv row 2: split must be train or eval"),
+    ("t.csv", "prompt,category,split\nWhy?,Verbal Logic,test\n", "t.csv row 2: split must be one of train, validation, eval"),
     ("t.csv", "prompt,category,split\nAdd 2 and 3.,Verbal Logic,train\nadd 2 AND  3.,Verbal Logic,eval\n",
      "t.csv row 3: same task as"),
     ("t.csv", "prompt,category,task_id\nWhy?,Verbal Logic,a\nHow?,Verbal Logic,a\n",

@@ -23,23 +23,29 @@ _PER_CATEGORY = click.IntRange(min=0)
               help="Keep only the first N train tasks of each category.")
 @click.option("--eval-per-category", type=_PER_CATEGORY, default=None,
               help="Keep only the first M eval tasks of each category.")
+@click.option("--validation-per-category", type=_PER_CATEGORY, default=None,
+              help="Move the last N train tasks of each category to a validation split "
+                   "(for select --coefficient auto; never trained on, never evaluated).")
 @click.pass_context
 def command(ctx: click.Context, from_file: Path | None, per_category: int | None,
-            eval_per_category: int | None) -> None:
+            eval_per_category: int | None, validation_per_category: int | None) -> None:
     """Write tasks.parquet: the built-in set (330 tasks) or --from FILE.
 
     New tasks written by Claude: `nnsteer tasks generate` (see its --help).
     """
     if ctx.invoked_subcommand is not None:
-        if from_file is not None or per_category is not None or eval_per_category is not None:
-            raise BadInput("--from, --per-category and --eval-per-category before a subcommand: "
+        if (from_file is not None or per_category is not None or eval_per_category is not None
+                or validation_per_category is not None):
+            raise BadInput("--from, --per-category, --eval-per-category and "
+                           "--validation-per-category before a subcommand: "
                            "they belong to `nnsteer tasks` alone (`tasks generate` has its own)")
         return
     from nnsteer.tasks import write_tasks
 
     run = run_dir(ctx)
     tasks = write_tasks(run, source="builtin" if from_file is None else "file", path=from_file,
-                        per_category=per_category, eval_per_category=eval_per_category)
+                        per_category=per_category, eval_per_category=eval_per_category,
+                        validation_per_category=validation_per_category)
     _summary(tasks, run.tasks)
 
 
