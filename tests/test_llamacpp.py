@@ -35,7 +35,7 @@ except ImportError:
     if REQUIRED:
         raise
     pytest.skip("llama-cpp-python is not installed: `bash scripts/llamacpp.sh` builds it once into "
-                "the nnsteer cache (about 25 min on 2 cores) and installs it", allow_module_level=True)
+                "the nnsteer cache (about 4.5 min on 2 cores) and installs it", allow_module_level=True)
 
 import nnsteer  # noqa: E402
 from nnsteer.export import export_vector  # noqa: E402
