@@ -15,7 +15,8 @@ version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 cache="${NNSTEER_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nnsteer}/llama-cpp-python-$version"
 python="${PYTHON:-python}"
 
-if [ ! -d "$cache" ]; then
+# lib/ is what this layout adds to the former one (wheel/ and converter/ only): such a cache is rebuilt.
+if [ ! -d "$cache/lib" ]; then
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
     started=$(date +%s)
@@ -39,7 +40,7 @@ if [ ! -d "$cache" ]; then
     mkdir -p "$(dirname "$cache")"
     rm -rf "$cache.tmp" && mkdir "$cache.tmp"
     mv "$work/wheel" "$work/lib" "$work/converter" "$cache.tmp/"
-    mv "$cache.tmp" "$cache"  # complete or absent, never half-written
+    rm -rf "$cache" && mv "$cache.tmp" "$cache"  # complete or absent, never half-written
     echo "llamacpp.sh: built llama.cpp (llama-cpp-python $version) in $(( $(date +%s) - started )) s, cached in $cache"
 fi
 
