@@ -106,6 +106,10 @@ def text_costs(chain: dict[str, Any], tokenizer: Any) -> TextCosts:
                      compression_ratio(reasoning))
 
 
+#: Logits unembedded at once by :func:`nll_unsteered` (float32: 256 MB).
+LOGIT_CHUNK = 1 << 26
+
+
 def nll_unsteered(
     lm: LoadedModel, chains: Sequence[dict[str, Any]], *, batch_size: int = 8,
     progress: bool = False,
@@ -163,18 +167,25 @@ def _mean_nll(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, position_i
     """``[chains]`` float32: the weighted mean of ``-log p(wanted | prefix)`` per chain.
 
     Only the predicting positions are unembedded (the final norm's output at ``rows``
-    times the unembedding), and the forward stops there: no ``[batch, length, vocab]``
-    logits are made.
+    times the unembedding), in float32 chunks of at most :data:`LOGIT_CHUNK` logits, and
+    the forward stops there: no ``[batch, length, vocab]`` logits are made.
     """
     model = lm.nn  # the traced block must not capture nnsteer objects (NDIF refuses them)
     norm, head = lm.arch.final_norm(model), lm.arch.unembed(model)
+    step = max(1, LOGIT_CHUNK // lm.arch.vocab_size)
+    starts = list(range(0, len(rows), step))
     with model.trace(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                      **lm.remote_options()) as tracer:
         h = norm.output
-        picked = h.reshape(-1, h.shape[-1]).index_select(0, rows.to(h.device))
-        logits = torch.nn.functional.linear(picked, head.weight)
-        logp = torch.log_softmax(logits.double(), -1)
-        chosen = logp.gather(1, wanted.to(h.device).unsqueeze(1)).squeeze(1)
-        means = (-(weights.to(h.device).T @ chosen)).float().save()
+        flat = h.reshape(-1, h.shape[-1])
+        rows, wanted = rows.to(h.device), wanted.to(h.device)
+        parts = []
+        for s in starts:
+            logits = torch.nn.functional.linear(flat.index_select(0, rows[s: s + step]),
+                                                head.weight).float()
+            target = logits.gather(1, wanted[s: s + step].unsqueeze(1)).squeeze(1)
+            parts.append(torch.logsumexp(logits, -1) - target)
+        nll = torch.cat(parts).double()
+        means = (weights.to(h.device).T @ nll).float().save()
         tracer.stop()
     return means.cpu()

@@ -104,6 +104,17 @@ def test_nll_unsteered_matches_a_plain_forward(tiny_llama, tokenizer):
     assert nll_unsteered(tiny_llama, chains[:3], batch_size=1) == pytest.approx(values[:3], abs=2e-4)
 
 
+def test_nll_unsteered_is_the_same_in_small_logit_chunks(tiny_llama, tokenizer, monkeypatch):
+    """Unembedding three rows at a time (many chunks, the last one short) changes nothing."""
+    import nnsteer.costs
+
+    chains = [_chain(tokenizer, "Question one: how many legs?", "Four legs per cow, so 7 cows.", "7"),
+              _chain(tokenizer, "Q2", "Wait, wait, wait, wait, wait, wait, wait.", None, finish="length")]
+    whole = nll_unsteered(tiny_llama, chains, batch_size=2)
+    monkeypatch.setattr(nnsteer.costs, "LOGIT_CHUNK", 3 * tiny_llama.arch.vocab_size)
+    assert nll_unsteered(tiny_llama, chains, batch_size=2) == pytest.approx(whole, abs=1e-6)
+
+
 def test_nll_unsteered_runs_under_ndif_rules(tiny_llama, tokenizer):
     """The same trace through the strict NDIF backend (allow-lists): one float per chain back."""
     from strict_remote import strict_remote
