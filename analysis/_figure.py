@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from nnsteer.errors import NnsteerError
-from nnsteer.report import chart_spec, save_charts
-from nnsteer.store import RunDir
+from nnsteer.report.page import chart_spec, save_charts
+from nnsteer.runs.store import RunDir
 
 
 def main(name: str, doc: str | None) -> None:

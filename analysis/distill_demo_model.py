@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from nnsteer.generation import TASK_TEMPLATE, THINK_CLOSE, THINK_OPEN, chat_prompt
-from nnsteer.lora import adapter_state, attach, save_adapter
-from nnsteer.models import embedded_dir
+from nnsteer.generation.loop import TASK_TEMPLATE, THINK_CLOSE, THINK_OPEN, chat_prompt
+from nnsteer.modeling.lora import adapter_state, attach, save_adapter
+from nnsteer.modeling.models import embedded_dir
 
 _FILLER = re.compile(r"^(?:(?:okay|alright|ok|so|hmm|well)[,.!]?\s+)+", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s")

@@ -18,10 +18,10 @@ from collections import Counter
 
 import torch
 
-from nnsteer.agreement import agreement, read_annotated_chains, word_labels
+from nnsteer.annotation.agreement import agreement, read_annotated_chains, word_labels
 from nnsteer.labels import LABELS
-from nnsteer.rules import rules_annotate
-from nnsteer.spans import parse_annotation
+from nnsteer.annotation.rules import rules_annotate
+from nnsteer.annotation.spans import parse_annotation
 
 CLASSES = [*LABELS, "none"]
 

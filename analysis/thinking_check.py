@@ -18,10 +18,10 @@ from pathlib import Path
 
 import polars as pl
 
-from nnsteer.generation import THINK_CLOSE, THINK_OPEN
+from nnsteer.generation.loop import THINK_CLOSE, THINK_OPEN
 from nnsteer.labels import STEERED_LABELS
-from nnsteer.annotate import annotate_frame
-from nnsteer.store import RunDir, read_metadata
+from nnsteer.annotation.stage import annotate_frame
+from nnsteer.runs.store import RunDir, read_metadata
 
 
 def thinking_row(run: RunDir) -> dict[str, str]:

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nnsteer.agreement import Agreement, agreement, read_annotated_chains, word_labels
+from nnsteer.annotation.agreement import Agreement, agreement, read_annotated_chains, word_labels
 from nnsteer.labels import LABELS
-from nnsteer.learned_annotator import (
+from nnsteer.annotation.learned import (
     CLASSES, LAYER, WINDOW, Head, SentenceEncoder, sentence_features,
 )
-from nnsteer.rules import rules_annotate
-from nnsteer.spans import parse_annotation
-from nnsteer.store import atomic_path
+from nnsteer.annotation.rules import rules_annotate
+from nnsteer.annotation.spans import parse_annotation
+from nnsteer.runs.store import atomic_path
 
 #: Layer counts whose encodings the cache keeps (the head uses one of them).
 CACHED_LAYERS = (4, 8)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from nnsteer.agreement import read_annotated_chains
-from nnsteer.learned_annotator import ENCODER, WINDOW, shipped_annotator
-from nnsteer.models import _load_weights, resolve_source
+from nnsteer.annotation.agreement import read_annotated_chains
+from nnsteer.annotation.learned import ENCODER, WINDOW, shipped_annotator
+from nnsteer.modeling.models import _load_weights, resolve_source
 from _output import emit  # bench/_output.py
 
 TEXT = ("Okay, so I need to find how many apples are left. There were 24 and 9 were taken, so "

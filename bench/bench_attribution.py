@@ -3,7 +3,7 @@
 Compares, on the same chains and spans:
 
 - ``forward``: one plain forward pass over the whole chain (no gradient), the unit;
-- ``nnsteer <metric>``: :func:`nnsteer.attribution.probe_effects` (one clean forward with a
+- ``nnsteer <metric>``: :func:`nnsteer.selection.attribution.probe_effects` (one clean forward with a
   KV cache, then one batched one-token forward and backward for all the chain's spans);
 - ``authors``: the released code's approach, one forward and backward pass over the
   chain's prefix up to each span's end, per span (an nnsight trace, as theirs).
@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from nnsteer.attribution import Probe, probe_effects
-from nnsteer.models import load_model
+from nnsteer.selection.attribution import Probe, probe_effects
+from nnsteer.modeling.models import load_model
 
 TEXT = ("Okay, so I need to figure out how many ways there are to arrange the books. "
         "Wait, maybe I should count the cases first. For example, with two books there are "

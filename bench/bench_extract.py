@@ -34,10 +34,10 @@ import polars as pl
 import torch
 
 from nnsteer.labels import LABELS
-from nnsteer.models import LoadedModel, load_model
-from nnsteer.residuals import Selection, sum_sample_means
-from nnsteer.store import RunDir, provenance, write_parquet
-from nnsteer.vectors import annotated_chains, extract_vectors, paper_samples, read_inputs
+from nnsteer.modeling.models import LoadedModel, load_model
+from nnsteer.vectors.residuals import Selection, sum_sample_means
+from nnsteer.runs.store import RunDir, provenance, write_parquet
+from nnsteer.vectors.extract import annotated_chains, extract_vectors, paper_samples, read_inputs
 from _output import emit  # bench/_output.py
 
 SENTENCES = [

@@ -1,7 +1,7 @@
 """Throughput of nnsteer's greedy generation against plain transformers ``generate``.
 
 Measures, in one process on the same model and prompts, tokens per second of
-transformers ``generate`` (left-padded batch, greedy), ``nnsteer.generation.generate``
+transformers ``generate`` (left-padded batch, greedy), ``nnsteer.generation.loop.generate``
 unsteered, and steered at one layer (nnsight ``tracer.iter[:]`` at every step), at
 batch 1 and batch 16. Each figure is the best of ``--repeats`` interleaved rounds.
 
@@ -19,9 +19,10 @@ from functools import partial
 
 import torch
 
-from nnsteer.generation import GREEDY, SteeringSpec, eos_ids, generate, prompt_token_ids
-from nnsteer.models import load_model
-from nnsteer.tasks import load_builtin_tasks
+from nnsteer.generation.loop import GREEDY, eos_ids, generate, prompt_token_ids
+from nnsteer.generation.spec import SteeringSpec
+from nnsteer.modeling.models import load_model
+from nnsteer.tasks.stage import load_builtin_tasks
 
 
 def transformers_generate(lm, prompts: list[str], max_new_tokens: int) -> int:

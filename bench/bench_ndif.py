@@ -50,7 +50,7 @@ def paper_shaped_model(tokenizer):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nnsteer.models import wrap_model
+    from nnsteer.modeling.models import wrap_model
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=16,
@@ -65,7 +65,7 @@ def spans_by_quarter(run, lm) -> None:
     """Hand-placed annotations: each chain's response cut in quarters, labels in turn."""
     import polars as pl
 
-    from nnsteer.store import provenance, write_parquet
+    from nnsteer.runs.store import provenance, write_parquet
 
     chains = pl.read_parquet(run.chains)
     rows = []
@@ -84,7 +84,7 @@ def distinct_bytes(stage: str, run, lm) -> int:
     """The data ``stage`` must send at least (module doc)."""
     import polars as pl
 
-    from nnsteer.vectors import load_vectors
+    from nnsteer.vectors.extract import load_vectors
 
     width = 2 if "bfloat16" in str(lm.dtype) or "float16" in str(lm.dtype) else 4
     if stage in ("generate", "steer"):
@@ -118,9 +118,13 @@ def run_study(args) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from fake_ndif import fake_ndif, served  # noqa: E402
 
-    from nnsteer import attribution, generation, steer, tasks, vectors
-    from nnsteer.models import embedded_dir
-    from nnsteer.store import RunDir, write_json
+    from nnsteer.generation import loop as generation
+    from nnsteer.selection import attribution
+    from nnsteer.steer import chains as steer
+    from nnsteer.tasks import files as tasks
+    from nnsteer.vectors import extract as vectors
+    from nnsteer.modeling.models import embedded_dir
+    from nnsteer.runs.store import RunDir, write_json
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir("smollm2-135m"))
     lm = paper_shaped_model(tokenizer)
@@ -283,8 +287,8 @@ def extrapolate(measured: dict, args, shape: tuple[int, int], chains_per_request
 
 
 def extrapolated_table(today: dict, after: dict, args) -> list[str]:
-    from nnsteer.attribution import REQUEST_ROWS
-    from nnsteer.residuals import BATCHES_PER_REQUEST
+    from nnsteer.selection.attribution import REQUEST_ROWS
+    from nnsteer.vectors.residuals import BATCHES_PER_REQUEST
 
     lines = []
     for name, shape in SHAPES.items():

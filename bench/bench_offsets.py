@@ -1,4 +1,4 @@
-"""Time of :func:`nnsteer.positions.token_offsets` against the prefix method it replaced.
+"""Time of :func:`nnsteer.modeling.positions.token_offsets` against the prefix method it replaced.
 
 The prefix method decodes every prefix ``ids[: i + 1]`` (quadratic in the chain length);
 both run in the same process on the same chains of the embedded model's tokenizer
@@ -19,8 +19,8 @@ import random
 import time
 from pathlib import Path
 
-from nnsteer.models import load_tokenizer
-from nnsteer.positions import _windowed_prefix_lengths, decode_response, token_offsets
+from nnsteer.modeling.models import load_tokenizer
+from nnsteer.modeling.positions import _windowed_prefix_lengths, decode_response, token_offsets
 from _output import emit  # bench/_output.py
 
 TEXT = (

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Any
 from nnsteer.errors import BadInput, NnsteerError
 
 if TYPE_CHECKING:
-    from nnsteer.models import Architecture, LoadedModel, load_model, wrap_model
-    from nnsteer.hooks import steering
-    from nnsteer.store import RunDir
+    from nnsteer.modeling.models import Architecture, LoadedModel, load_model, wrap_model
+    from nnsteer.steer.hooks import steering
+    from nnsteer.runs.store import RunDir
 
 #: Imported on first use, so that ``nnsteer`` (the command) starts without torch.
-_LAZY = {"Architecture": "nnsteer.models", "LoadedModel": "nnsteer.models",
-         "load_model": "nnsteer.models", "wrap_model": "nnsteer.models", "RunDir": "nnsteer.store",
-         "steering": "nnsteer.hooks"}
+_LAZY = {"Architecture": "nnsteer.modeling.models", "LoadedModel": "nnsteer.modeling.models",
+         "load_model": "nnsteer.modeling.models", "wrap_model": "nnsteer.modeling.models", "RunDir": "nnsteer.runs.store",
+         "steering": "nnsteer.steer.hooks"}
 
 
 def __getattr__(name: str) -> Any:

@@ -35,7 +35,7 @@ def bootstrap_p(values: Sequence[float] | np.ndarray, n_boot: int = P_DRAWS, see
 
     Twice the smaller share of resampled means on either side of 0 (each counted with
     one added to both counts, so that p is never 0): the dual of the percentile interval
-    of :func:`nnsteer.evaluate.bootstrap_interval` with the same ``n_boot`` and ``seed``,
+    of :func:`nnsteer.evaluation.stage.bootstrap_interval` with the same ``n_boot`` and ``seed``,
     which excludes 0 about when p < 0.05.
     """
     means = bootstrap_means(values, n_boot, seed)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnsteer.models import LoadedModel, embedded_dir, wrap_model
+from nnsteer.modeling.models import LoadedModel, embedded_dir, wrap_model
 from target_tokenizers import FORMAT_NAMES, NAMES, Unavailable, fetch_packages, write_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -58,7 +58,7 @@ def thinking_tokenizer(tokenizer):
 
 _MOE = dict(moe_intermediate_size=16, num_experts_per_tok=2)
 _SMALL = dict(hidden_size=32, intermediate_size=64, head_dim=8)
-#: Tiny settings of every other tested family (``nnsteer.architecture.SUPPORTED_FAMILIES``):
+#: Tiny settings of every other tested family (``nnsteer.modeling.architecture.SUPPORTED_FAMILIES``):
 #: width 32, 2 to 4 layers, 4 experts, and whatever makes the family's quirk real (a
 #: sliding window shorter than the test chains, soft-capping, multipliers, hybrid blocks).
 FAMILY_CONFIGS: dict[str, dict] = {

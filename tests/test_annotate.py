@@ -11,14 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import ANNOTATED_CHAINS, requires_shared
-from nnsteer.annotate import (
+from nnsteer.annotation.stage import (
     annotate_chains, annotate_frame, label_positions, spans_by_chain, token_label_counts,
 )
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.labels import LABELS
-from nnsteer.spans import Span, parse_annotation
-from nnsteer.store import RunDir, read_metadata, write_parquet
+from nnsteer.annotation.spans import Span, parse_annotation
+from nnsteer.runs.store import RunDir, read_metadata, write_parquet
 
 FILES = sorted(ANNOTATED_CHAINS.glob("*.json")) if ANNOTATED_CHAINS.is_dir() else []
 
@@ -236,7 +236,7 @@ def _chain(tokenizer, reasoning: str, answer: str = "The answer is 3.", chain_id
 
 
 def test_label_positions_and_counts_match_tokenizer_offsets(tokenizer):
-    from nnsteer.positions import token_offsets
+    from nnsteer.modeling.positions import token_offsets
 
     chain = _chain(tokenizer, TEXT)
     response, ids, prompt_len = chain["response"], chain["output_ids"], len(chain["prompt_ids"])
@@ -266,7 +266,7 @@ def test_label_positions_and_counts_match_tokenizer_offsets(tokenizer):
 
 
 def test_first_token_span_includes_last_prompt_token(tokenizer):
-    from nnsteer.positions import token_offsets
+    from nnsteer.modeling.positions import token_offsets
 
     chain = _chain(tokenizer, TEXT)
     offsets = token_offsets(tokenizer, chain["output_ids"])
@@ -295,7 +295,7 @@ def test_annotate_frame_offsets_are_into_response(tokenizer):
 
 
 def test_stage_writes_resumes_and_summarises(tokenizer, tmp_path, monkeypatch):
-    from nnsteer.positions import token_offsets
+    from nnsteer.modeling.positions import token_offsets
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     run = RunDir(tmp_path / "run")

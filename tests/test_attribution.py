@@ -15,16 +15,16 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from nnsteer import attribution
-from nnsteer.attribution import (
+from nnsteer.selection import attribution
+from nnsteer.selection.attribution import (
     METRICS, SPANS_FILE, attribute, attribution_chart, check_vectors, find_probes, probe_effects,
     spearman,
 )
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.positions import decode_response
-from nnsteer.store import RunDir, read_metadata, write_parquet
-from nnsteer.vectors import VectorSet, save_vectors
+from nnsteer.modeling.positions import decode_response
+from nnsteer.runs.store import RunDir, read_metadata, write_parquet
+from nnsteer.vectors.extract import VectorSet, save_vectors
 from conftest import FaultAfter, make_tiny
 
 #: The KV cache goes in and out under the name the model's output uses (decided inside
@@ -454,7 +454,7 @@ def test_damaged_attribute_partial_file_is_ignored(llama, three_chains, tmp_path
 
 
 def test_chain_aggregation_is_the_mean_of_chain_means():
-    from nnsteer.attribution import Probe, summarize
+    from nnsteer.selection.attribution import Probe, summarize
 
     probes = [Probe("a", "backtracking", "deduction", 3, 0), Probe("a", "backtracking", "x", 5, 0),
               Probe("b", "backtracking", "x", 4, 0), Probe("b", "example-testing", "x", 4, 0)]

@@ -8,10 +8,10 @@ import zlib
 import pytest
 import torch
 
-from nnsteer.costs import (
+from nnsteer.evaluation.metrics import (
     answer_text, compression_ratio, nll_unsteered, reasoning_token_indices, repetition, text_costs,
 )
-from nnsteer.positions import decode_response
+from nnsteer.modeling.positions import decode_response
 
 
 @pytest.mark.parametrize("words, n, expected", [
@@ -106,12 +106,12 @@ def test_nll_unsteered_matches_a_plain_forward(tiny_llama, tokenizer):
 
 def test_nll_unsteered_is_the_same_in_small_logit_chunks(tiny_llama, tokenizer, monkeypatch):
     """Unembedding three rows at a time (many chunks, the last one short) changes nothing."""
-    import nnsteer.costs
+    import nnsteer.evaluation.metrics
 
     chains = [_chain(tokenizer, "Question one: how many legs?", "Four legs per cow, so 7 cows.", "7"),
               _chain(tokenizer, "Q2", "Wait, wait, wait, wait, wait, wait, wait.", None, finish="length")]
     whole = nll_unsteered(tiny_llama, chains, batch_size=2)
-    monkeypatch.setattr(nnsteer.costs, "LOGIT_CHUNK", 3 * tiny_llama.arch.vocab_size)
+    monkeypatch.setattr(nnsteer.evaluation.metrics, "LOGIT_CHUNK", 3 * tiny_llama.arch.vocab_size)
     assert nll_unsteered(tiny_llama, chains, batch_size=2) == pytest.approx(whole, abs=1e-6)
 
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nnsteer.annotate import annotate_chains
+from nnsteer.annotation.stage import annotate_chains
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.evaluate import (
+from nnsteer.evaluation.stage import (
     MIN_TASKS_FOR_INTERVAL, bootstrap_interval, evaluate, steering_chart, summarise, summary_text,
 )
-from nnsteer.store import RunDir, read_metadata, write_parquet
-from nnsteer.vectors import VectorSet, save_vectors
+from nnsteer.runs.store import RunDir, read_metadata, write_parquet
+from nnsteer.vectors.extract import VectorSet, save_vectors
 
 # Each chain is a list of (label or None, text) segments. Segments are tokenised one by one
 # and concatenated, so the tokens of a segment cover exactly its characters and the hand
@@ -386,9 +386,9 @@ def test_wrong_tokenizer_is_caught(tmp_path, tokenizer):
 def test_steer_then_evaluate_on_a_tiny_model(tmp_path, tiny_llama):
     import torch
 
-    from nnsteer.steer import steer_chains
-    from nnsteer.store import write_json
-    from nnsteer.vectors import VectorSet, save_vectors
+    from nnsteer.steer.chains import steer_chains
+    from nnsteer.runs.store import write_json
+    from nnsteer.vectors.extract import VectorSet, save_vectors
 
     run = RunDir(tmp_path)
     prompts = ["Is 91 a prime number? Think step by step.", "Wait, what is 12 times 12?"]
@@ -416,12 +416,12 @@ def test_every_chain_gets_its_costs(tmp_path, tiny_llama, capsys):
     every chain's rows, equal to the per-chain functions; the summary pairs them."""
     import torch
 
-    from nnsteer.costs import METRICS, answer_text, nll_unsteered, text_costs
-    from nnsteer.grader import grade_offline
-    from nnsteer.steer import steer_chains
-    from nnsteer.store import write_json
-    from nnsteer.tradeoffs import summarise_costs
-    from nnsteer.vectors import VectorSet, save_vectors
+    from nnsteer.evaluation.metrics import METRICS, answer_text, nll_unsteered, text_costs
+    from nnsteer.evaluation.grader import grade_offline
+    from nnsteer.steer.chains import steer_chains
+    from nnsteer.runs.store import write_json
+    from nnsteer.evaluation.costs import summarise_costs
+    from nnsteer.vectors.extract import VectorSet, save_vectors
 
     run = RunDir(tmp_path)
     prompts = ["Is 91 a prime number? Think step by step.", "Wait, what is 12 times 12?",
@@ -462,7 +462,7 @@ def test_every_chain_gets_its_costs(tmp_path, tiny_llama, capsys):
 
     # The report's example chains come from this real steer: the unsteered chain (vector
     # "none") and both directions, each with its cost figures.
-    from nnsteer.report import costs_section, example_chains_section
+    from nnsteer.report.page import costs_section, example_chains_section
 
     body = example_chains_section(run).body
     assert body.count("<tr>") == 3 and "<th>unsteered<div" in body

@@ -1,4 +1,4 @@
-"""Every tested decoder family (``nnsteer.architecture.SUPPORTED_FAMILIES``) on a tiny
+"""Every tested decoder family (``nnsteer.modeling.architecture.SUPPORTED_FAMILIES``) on a tiny
 random-weight model built in memory from its config (``conftest.FAMILY_CONFIGS``), against
 the same independent references as the Llama/Qwen2 tests, whose helpers are reused here:
 
@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from nnsteer.architecture import SUPPORTED_FAMILIES, Architecture
-from nnsteer.attribution import METRICS, find_probes, probe_effects
+from nnsteer.modeling.architecture import SUPPORTED_FAMILIES, Architecture
+from nnsteer.selection.attribution import METRICS, find_probes, probe_effects
 from nnsteer.errors import BadInput
-from nnsteer.generation import SteeringSpec, generate
+from nnsteer.generation.loop import generate
+from nnsteer.generation.spec import SteeringSpec
 from test_attribution import (_annotations, _chain, _nll, _patched_kls, _reference_gradients,
                               _sequence, _vectors)
 from test_generation import PROMPTS, hf_greedy, ids, random_vectors
@@ -240,7 +241,7 @@ def test_explicit_device_map_with_disk_offload_gives_the_same_numbers(saved_gpt_
     puts one decoder block on disk loads, and gives the block outputs of the plain model
     exactly. ``auto`` there is all-or-nothing: everything on cpu, or (too little
     max_memory) everything on disk, which is refused in one line."""
-    from nnsteer.models import load_model
+    from nnsteer.modeling.models import load_model
 
     monkeypatch.setenv("NNSTEER_CACHE", str(tmp_path))
     plain = load_model(str(saved_gpt_oss), device="cpu")
@@ -268,14 +269,14 @@ def test_explicit_device_map_with_disk_offload_gives_the_same_numbers(saved_gpt_
     ("auto", ["1GiB"], "max_memory .*expected a table"),
 ])
 def test_bad_placement_is_one_line(device_map, max_memory, message):
-    from nnsteer.models import check_placement
+    from nnsteer.modeling.models import check_placement
 
     with pytest.raises(BadInput, match=message):
         check_placement(device_map, max_memory)
 
 
 def test_config_placement_reaches_the_loader(tmp_path, saved_gpt_oss):
-    from nnsteer.pipeline import check_model, load_config
+    from nnsteer.pipeline.run import check_model, load_config
 
     config = tmp_path / "c.toml"
     config.write_text(f'[model]\nname = "{saved_gpt_oss}"\ndevice_map = {{"model" = "cpu", '

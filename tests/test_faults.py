@@ -21,8 +21,8 @@ from click.testing import CliRunner
 
 from fake_llm import FakeLLM
 from nnsteer.cli import cli
-from nnsteer.store import LOCK_NAME, RunDir, run_lock, write_parquet
-from nnsteer.vectors import VectorSet, save_vectors
+from nnsteer.runs.store import LOCK_NAME, RunDir, run_lock, write_parquet
+from nnsteer.vectors.extract import VectorSet, save_vectors
 
 KEY = "sk-test-SECRET-0123456789"
 #: Reasoning texts of four sentences each, so that a reply labelling one covers a quarter.
@@ -57,7 +57,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 @pytest.fixture
 def chains_run(tmp_path, monkeypatch, tokenizer) -> RunDir:
     """A run directory with three chains of :data:`TEXTS` and a key in the environment."""
-    from nnsteer.models import cache_dir, embedded_dir
+    from nnsteer.modeling.models import cache_dir, embedded_dir
 
     model = embedded_dir("smollm2-135m")  # the tokenizer of the chains, made once
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -155,7 +155,7 @@ def test_run_with_failed_chains_finishes_its_stages_and_exits_1(chains_run, tmp_
 
 def test_ctrl_c_cancels_pending_requests(chains_run, monkeypatch):
     """Ctrl-C while the first request hangs: the others are never sent, the run ends at once."""
-    import nnsteer.llm_annotator as llm
+    import nnsteer.annotation.llm as llm
 
     server = FakeLLM("hang", hang_s=30)
     real = llm.tqdm
@@ -299,7 +299,7 @@ def test_damaged_inputs_of_select_are_one_line(select_run, name, damage, expecte
                                          ("annotations.parquet", truncate)])
 def test_damaged_inputs_of_annotate_are_one_line(chains_run, tokenizer, name, damage):
     """Damaged chains, and damaged annotations of an earlier run (the resume path)."""
-    from nnsteer.annotate import annotate_chains
+    from nnsteer.annotation.stage import annotate_chains
 
     annotate_chains(chains_run, annotator="rules", tokenizer=tokenizer)
     damage(chains_run.path(name))
@@ -376,7 +376,7 @@ def test_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
     assert invoke("--run-dir", str(run), "tasks", "--per-category", "1")[0] == 0
     before = snapshot(run)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from nnsteer.store import run_lock\n"
+        [sys.executable, "-c", "import sys, time; from nnsteer.runs.store import run_lock\n"
          f"with run_lock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -432,9 +432,9 @@ def test_sigkill_while_outputs_are_set_aside_loses_nothing(tmp_path):
 # ---------------------------------------------------------------------- input checks
 
 def test_wrong_case_status_and_repeated_chains_are_refused(chains_run, tokenizer):
-    from nnsteer.annotate import annotate_chains
+    from nnsteer.annotation.stage import annotate_chains
     from nnsteer.errors import BadInput
-    from nnsteer.vectors import read_inputs
+    from nnsteer.vectors.extract import read_inputs
 
     annotate_chains(chains_run, annotator="rules", tokenizer=tokenizer)
     rows = pl.read_parquet(chains_run.annotations)
@@ -454,7 +454,7 @@ def test_wrong_case_status_and_repeated_chains_are_refused(chains_run, tokenizer
 
 def test_prompt_longer_than_the_model_is_refused(tiny_llama):
     from nnsteer.errors import BadInput
-    from nnsteer.generation import ChainJob, check_lengths
+    from nnsteer.generation.loop import ChainJob, check_lengths
 
     limit = tiny_llama.hf_model.config.max_position_embeddings
     job = ChainJob(chain_id="t1", task_id="t1", split="train", prompt="seven " * limit)
@@ -466,10 +466,10 @@ def test_prompt_longer_than_the_model_is_refused(tiny_llama):
 
 
 def test_vectors_from_other_annotations_are_refused(chains_run, tokenizer):
-    from nnsteer.annotate import annotate_chains
+    from nnsteer.annotation.stage import annotate_chains
     from nnsteer.errors import BadInput
-    from nnsteer.store import file_digest
-    from nnsteer.vectors import check_current
+    from nnsteer.runs.store import file_digest
+    from nnsteer.vectors.extract import check_current
 
     annotate_chains(chains_run, annotator="rules", tokenizer=tokenizer)
     vectors = {"backtracking": torch.ones(2, 4)}

@@ -11,20 +11,20 @@ import torch
 from click.testing import CliRunner
 from conftest import FaultAfter, make_tiny
 
-from nnsteer import generation
-from nnsteer.annotate import annotate_chains
+from nnsteer.generation import loop as generation
+from nnsteer.annotation.stage import annotate_chains
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.generation import (
-    SteeringSpec,
+from nnsteer.generation.loop import (
     chat_prompt,
     generate,
     generate_chains,
     prompt_token_ids,
     reasoning_span,
 )
-from nnsteer.store import RunDir, read_metadata, write_parquet
-from nnsteer.vectors import read_inputs
+from nnsteer.generation.spec import SteeringSpec
+from nnsteer.runs.store import RunDir, read_metadata, write_parquet
+from nnsteer.vectors.extract import read_inputs
 
 PROMPTS = [
     "What is 17 times 23?",
@@ -330,7 +330,7 @@ def test_cli_generate(tiny_llama, tmp_path):
 
 @pytest.mark.embedded
 def test_embedded_model_chain(tmp_path):
-    from nnsteer.models import load_model
+    from nnsteer.modeling.models import load_model
 
     lm = load_model("smollm2-135m", device="cpu")
     [gen] = generate(lm, ["What is 12 + 30?"], max_new_tokens=24, progress=False)

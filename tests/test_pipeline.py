@@ -17,16 +17,15 @@ from click.testing import CliRunner
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.pipeline import (
-    STAGES,
-    Stage,
+from nnsteer.pipeline.run import (
     load_config,
     run_pipeline,
     select_stages,
     stage_function,
     stage_options,
 )
-from nnsteer.store import RunDir
+from nnsteer.runs.registry import STAGE_NAMES, STAGES
+from nnsteer.runs.store import RunDir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -75,9 +74,14 @@ def test_stage_selection():
         select_stages("train")
 
 
-def test_missing_stage_module_is_a_clear_error():
-    with pytest.raises(BadInput, match="stage 'probe' is not available: module nnsteer.probe is missing"):
-        stage_function(Stage("probe", "nnsteer.probe", "probe", (), ()))
+def test_every_stage_of_the_registry_has_one_runner_and_one_command():
+    from nnsteer.cli.stages import STAGE_COMMANDS
+    from nnsteer.pipeline.run import RUNNERS
+
+    assert list(RUNNERS) == list(STAGE_NAMES)
+    assert set(STAGE_COMMANDS) == set(STAGE_NAMES)
+    produced = [name for stage in STAGES for name in stage.output_files()]
+    assert len(produced) == len(set(produced))  # one producer per file
 
 
 def _tasks_run(tmp_path: Path, per_category: int) -> tuple[RunDir, list[str]]:
@@ -267,18 +271,18 @@ def test_stage_that_failed_after_writing_restores_the_old_outputs(tmp_path, monk
     (unfinished) for a rerun with the same options, which continues them."""
     import functools
 
-    import nnsteer.tasks
+    from nnsteer.pipeline.run import RUNNERS
 
     run, _ = _tasks_run(tmp_path, 2)
     before, first = _snapshot(run.root), pl.read_parquet(run.tasks).height
-    real = nnsteer.tasks.write_tasks
+    real = RUNNERS["tasks"]
 
     @functools.wraps(real)
     def interrupted(run, **options):
         real(run, **options)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(nnsteer.tasks, "write_tasks", interrupted)
+    monkeypatch.setitem(RUNNERS, "tasks", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _tasks_run(tmp_path, 1)
     assert run.tasks.read_bytes() == before["tasks.parquet"]  # the finished output, untouched
@@ -286,7 +290,7 @@ def test_stage_that_failed_after_writing_restores_the_old_outputs(tmp_path, monk
     assert not list(run.root.glob(".*.set-aside"))
     _, lines = _tasks_run(tmp_path, 2)  # the old options: up to date
     assert lines == ["[1/1] tasks  skipped (up to date)"]
-    monkeypatch.setattr(nnsteer.tasks, "write_tasks", real)
+    monkeypatch.setitem(RUNNERS, "tasks", real)
     _, lines = _tasks_run(tmp_path, 1)
     assert "running" in lines[0] and pl.read_parquet(run.tasks).height < first
     assert not list(run.root.glob(".*.set-aside")) + list(run.root.glob(".*.unfinished"))

@@ -13,11 +13,12 @@ from click.testing import CliRunner
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.pipeline import STAGES, load_config, stage_function, stage_options
-from nnsteer.released import RELEASED_CHOICES, RELEASED_LAYERS, apply_released, released_options
-from nnsteer.rules import rules_annotate
-from nnsteer.store import RunDir, read_metadata
-from nnsteer.vectors import load_vectors
+from nnsteer.pipeline.run import load_config, stage_function, stage_options
+from nnsteer.runs.registry import STAGES
+from nnsteer.pipeline.released import RELEASED_CHOICES, RELEASED_LAYERS, apply_released, released_options
+from nnsteer.annotation.rules import rules_annotate
+from nnsteer.runs.store import RunDir, read_metadata
+from nnsteer.vectors.extract import load_vectors
 
 import released_reference as port
 from test_llm_annotator import ChatServer
@@ -199,7 +200,7 @@ def _compare(*args: str):
 
 
 def test_compare_script_puts_the_released_file_beside_a_run(tmp_path):
-    from nnsteer.store import write_parquet
+    from nnsteer.runs.store import write_parquet
 
     chains = {"backtracking": [[0.1, 0.4, 0.2], [0.3, float("nan"), 0.6]], "deduction": []}
     torch.save(chains, tmp_path / "layer_effects_tiny.pt")  # shaped like the released files

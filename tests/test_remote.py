@@ -20,10 +20,10 @@ from click.testing import CliRunner
 from nnsight.schema.config import CONFIG
 
 from conftest import make_tiny
-from nnsteer import positions
+from nnsteer.modeling import positions
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput, NnsteerError
-from nnsteer.remote import check_remote, check_route, is_transient, with_retries
+from nnsteer.ndif.remote import check_remote, check_route, is_transient, with_retries
 from fake_ndif import fake_ndif
 from strict_remote import AllowListError, strict_remote
 
@@ -159,7 +159,7 @@ def test_installed_helper_fails_strict_even_registered(lm):
     assert torch.equal(with_helper("local"), local)
     with strict_remote(lm, bf16=False), pytest.raises(AllowListError, match="'nnsteer"):
         with_helper(lm.remote)
-    assert sys.modules["nnsteer.positions"] is positions  # the client's modules are back
+    assert sys.modules["nnsteer.modeling.positions"] is positions  # the client's modules are back
     nnsight.register(positions)
     try:
         # By value, the helper still names importlib's loader, which NDIF's lists refuse.
@@ -368,7 +368,7 @@ def test_check_remote_goes_on_without_env(ndif, capfd):
 def test_nnsight_pin_is_pyprojects():
     import tomllib
 
-    from nnsteer import remote as remote_module
+    from nnsteer.ndif import remote as remote_module
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert f"nnsight{remote_module.NNSIGHT_PIN}" in project["project"]["dependencies"]
@@ -514,7 +514,7 @@ def test_is_transient_server_side_job_error_is_not():
 
 
 def test_config_model_table_takes_the_ndif_options(tmp_path):
-    from nnsteer.pipeline import load_config
+    from nnsteer.pipeline.run import load_config
 
     path = tmp_path / "c.toml"
     path.write_text("[model]\nname = 'org/big-model'\nremote = true\nhot_swap = true\n"
@@ -535,7 +535,7 @@ def test_cli_options_reach_load_model(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(common, "load_model", lambda model, **options: seen.update(options))
-    monkeypatch.setattr("nnsteer.thinking.apply_thinking",
+    monkeypatch.setattr("nnsteer.modeling.thinking.apply_thinking",
                         lambda lm, *thinking: seen.update(thinking=thinking))
 
     @click.command()

@@ -28,18 +28,19 @@ from polars.testing import assert_frame_equal
 
 from conftest import make_tiny
 from nnsteer.labels import LABELS
-from nnsteer import remote, residuals
+from nnsteer.ndif import remote
+from nnsteer.vectors import residuals
 from nnsteer.errors import NnsteerError
-from nnsteer.models import wrap_model
-from nnsteer.store import RunDir, provenance, read_metadata, write_json, write_parquet
+from nnsteer.modeling.models import wrap_model
+from nnsteer.runs.store import RunDir, provenance, read_metadata, write_json, write_parquet
 from fake_ndif import fake_ndif, ndif_remote, served
 from strict_remote import SANDBOXES, strict_remote
 
-generation = pytest.importorskip("nnsteer.generation")
-vectors = pytest.importorskip("nnsteer.vectors")
-attribution = pytest.importorskip("nnsteer.attribution")
-steer = pytest.importorskip("nnsteer.steer")
-tasks = pytest.importorskip("nnsteer.tasks")
+generation = pytest.importorskip("nnsteer.generation.loop")
+vectors = pytest.importorskip("nnsteer.vectors.extract")
+attribution = pytest.importorskip("nnsteer.selection.attribution")
+steer = pytest.importorskip("nnsteer.steer.chains")
+tasks = pytest.importorskip("nnsteer.tasks.stage")
 
 MAX_NEW_TOKENS = 6
 BATCH = 2
@@ -453,7 +454,7 @@ def test_cli_remote_without_the_hub_is_one_line(study, lm, tmp_path):
 
 @pytest.mark.parametrize("sandbox", SANDBOXES)
 def test_smoke_requests_are_accepted_in_both_sandboxes(lm, sandbox):
-    from nnsteer.smoke import smoke_lines
+    from nnsteer.pipeline.smoke import smoke_lines
 
     with ndif_remote(lm, sandbox=sandbox) as ndif:
         lines = smoke_lines(lm)
@@ -463,7 +464,7 @@ def test_smoke_requests_are_accepted_in_both_sandboxes(lm, sandbox):
 
 
 def test_smoke_says_which_kind_the_server_refused(lm):
-    from nnsteer.smoke import smoke_lines
+    from nnsteer.pipeline.smoke import smoke_lines
 
     with ndif_remote(lm) as ndif:
         ndif.fail_jobs("Traceback (most recent call last):\n  ...\nNameError: name 'torch' "

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from nnsteer.cli import cli
 from nnsteer.labels import LABELS, OVERALL, STEERED_LABELS
-from nnsteer.report import CHARTS, write_report
-from nnsteer.store import RunDir, provenance, write_json, write_parquet
+from nnsteer.report.page import CHARTS, write_report
+from nnsteer.runs.store import RunDir, provenance, write_json, write_parquet
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 N_LAYERS, D_MODEL = 6, 8
@@ -168,8 +168,8 @@ def test_first_lines_say_which_behaviour_got_no_vector_and_the_verdicts(full_rep
 
 
 def test_figure3_marks_skipped_chosen_and_runner_up_layers(full_report):
-    from nnsteer.report import figure3_chart, layer_marks
-    from nnsteer.store import read_parquet
+    from nnsteer.report.page import figure3_chart, layer_marks
+    from nnsteer.runs.store import read_parquet
 
     df = read_parquet(full_report.attribution)
     marks = layer_marks(full_report, df)
@@ -201,7 +201,7 @@ def test_validation_table_and_steering_tables(full_report):
 
 
 def test_a_sweep_gives_a_dose_response_chart(tmp_path):
-    from nnsteer.report import chart_spec
+    from nnsteer.report.page import chart_spec
 
     run = write_synthetic_run(tmp_path, coefficients=(0.5, 1.0, 2.0))
     spec = chart_spec(run, "steering")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import FaultAfter, make_tiny
-from nnsteer import residuals
-from nnsteer.residuals import Selection, sum_sample_means
+from nnsteer.vectors import residuals
+from nnsteer.vectors.residuals import Selection, sum_sample_means
 
 GROUPS = ["backtracking", "deduction", "overall"]
 

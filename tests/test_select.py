@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.select import first_allowed_layer, select_layers
-from nnsteer.store import RunDir, write_parquet
-from nnsteer.vectors import VectorSet, save_vectors
+from nnsteer.selection.layers import first_allowed_layer, select_layers
+from nnsteer.runs.store import RunDir, write_parquet
+from nnsteer.vectors.extract import VectorSet, save_vectors
 
 N_LAYERS = 10
 #: Per label, effect by layer. backtracking peaks at layer 1 (skipped by default) and 6.

@@ -7,14 +7,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nnsteer.attribution import attribute
+from nnsteer.selection.attribution import attribute
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.models import resolve_device
-from nnsteer.select import select_layers
-from nnsteer.steer import read_layer_choices
-from nnsteer.store import RunDir, write_json
-from nnsteer.vectors import VectorSet, save_vectors
+from nnsteer.modeling.models import resolve_device
+from nnsteer.selection.layers import select_layers
+from nnsteer.steer.chains import read_layer_choices
+from nnsteer.runs.store import RunDir, write_json
+from nnsteer.vectors.extract import VectorSet, save_vectors
 
 
 def test_generate_needs_tasks_and_loads_no_model(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nnsteer.evaluate import _verdict, bootstrap_interval
+from nnsteer.evaluation.stage import _verdict, bootstrap_interval
 from nnsteer.stats import bootstrap_p, holm
 
 

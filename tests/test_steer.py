@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from conftest import FaultAfter
 from test_generation import PROMPTS, hf_greedy, write_tasks
 
-from nnsteer import generation
+from nnsteer.generation import loop as generation
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.labels import OVERALL, STEERED_LABELS
-from nnsteer.steer import random_like, steer_chains
-from nnsteer.store import RunDir, read_metadata, write_json, write_parquet
-from nnsteer.vectors import VectorSet, save_vectors
+from nnsteer.steer.chains import random_like, steer_chains
+from nnsteer.runs.store import RunDir, read_metadata, write_json, write_parquet
+from nnsteer.vectors.extract import VectorSet, save_vectors
 
 NEW = 6
 LAYERS = {
@@ -219,7 +219,7 @@ def test_cli_steer(run, tiny_llama, tmp_path):
 
 
 def test_interrupted_steer_is_refused_by_evaluate_until_finished(run, tiny_llama, monkeypatch):
-    from nnsteer.evaluate import evaluate
+    from nnsteer.evaluation.stage import evaluate
 
     options = dict(behaviours=["backtracking"], limit=1, max_new_tokens=3, batch_size=2)
     FaultAfter(monkeypatch, generation, "_generate_batch", after=1)

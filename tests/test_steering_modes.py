@@ -14,12 +14,13 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from nnsteer import generation
+from nnsteer.generation import loop as generation
 from nnsteer.errors import BadInput
-from nnsteer.generation import SteeringSpec, chat_prompt, generate
-from nnsteer.modes import (WHERE_FLAGS, Condition, calibrate_threshold, mode_name, parse_when,
-                           step_boundary_ids, unit)
-from nnsteer.thinking import end_of_thinking_ids
+from nnsteer.generation.loop import chat_prompt, generate
+from nnsteer.generation.spec import SteeringSpec
+from nnsteer.generation.modes import calibrate_threshold, step_boundary_ids
+from nnsteer.generation.spec import WHERE_FLAGS, Condition, mode_name, parse_when, unit
+from nnsteer.modeling.thinking import end_of_thinking_ids
 
 PROMPTS = [
     "What is 17 times 23?",
@@ -328,8 +329,8 @@ def test_steer_stage_records_modes(tmp_path, tiny_llama):
     from test_steer import LAYERS, NEW as STAGE_NEW, write_vectors
     from test_generation import write_tasks
 
-    from nnsteer.steer import steer_chains
-    from nnsteer.store import RunDir, read_metadata, write_json
+    from nnsteer.steer.chains import steer_chains
+    from nnsteer.runs.store import RunDir, read_metadata, write_json
 
     run = RunDir(tmp_path)
     write_tasks(run, n_train=1, n_eval=2)
@@ -366,8 +367,8 @@ def test_steer_stage_bad_modes_are_one_line(tmp_path, tiny_llama, options, messa
     from test_steer import LAYERS, write_vectors
     from test_generation import write_tasks
 
-    from nnsteer.steer import steer_chains
-    from nnsteer.store import RunDir, write_json
+    from nnsteer.steer.chains import steer_chains
+    from nnsteer.runs.store import RunDir, write_json
 
     run = RunDir(tmp_path)
     write_tasks(run, n_train=1, n_eval=1)
@@ -380,8 +381,8 @@ def test_steer_stage_bad_modes_are_one_line(tmp_path, tiny_llama, options, messa
 
 
 def test_evaluate_and_report_keep_modes_apart():
-    from nnsteer.evaluate import summarise, summary_text
-    from nnsteer.report import forest_chart
+    from nnsteer.evaluation.stage import summarise, summary_text
+    from nnsteer.report.page import forest_chart
 
     rows = []
     for task in range(3):
@@ -409,10 +410,10 @@ def _labelled_run(tmp_path, lm):
     """Train chains of the tiny model, spans over thirds of each response, vectors, layers."""
     from test_generation import write_tasks
 
-    from nnsteer.generation import generate_chains
+    from nnsteer.generation.loop import generate_chains
     from nnsteer.labels import LABELS
-    from nnsteer.store import RunDir, provenance, write_json, write_parquet
-    from nnsteer.vectors import extract_vectors
+    from nnsteer.runs.store import RunDir, provenance, write_json, write_parquet
+    from nnsteer.vectors.extract import extract_vectors
 
     run = RunDir(tmp_path)
     write_tasks(run, n_train=3)
@@ -432,9 +433,9 @@ def _labelled_run(tmp_path, lm):
 
 
 def test_calibration_equals_hidden_states_and_best_f1(tmp_path, tiny_llama):
-    from nnsteer.calibration import calibrate_conditions
-    from nnsteer.store import read_json
-    from nnsteer.vectors import annotated_chains, load_vectors, read_inputs
+    from nnsteer.steer.calibration import calibrate_conditions
+    from nnsteer.runs.store import read_json
+    from nnsteer.vectors.extract import annotated_chains, load_vectors, read_inputs
 
     run, label = _labelled_run(tmp_path, tiny_llama)
     found = calibrate_conditions(run, tiny_llama, batch_size=2, progress=False)
@@ -478,7 +479,7 @@ def test_cli_steer_modes(tmp_path, tiny_llama):
     from test_steer import LAYERS, write_vectors
 
     from nnsteer.cli import cli
-    from nnsteer.store import RunDir, write_json
+    from nnsteer.runs.store import RunDir, write_json
 
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
@@ -505,7 +506,7 @@ def test_calibration_runs_remotely_as_locally(tmp_path, tokenizer, backend):
     from fake_ndif import ndif_remote
     from strict_remote import strict_remote
 
-    from nnsteer.calibration import calibrate_conditions
+    from nnsteer.steer.calibration import calibrate_conditions
 
     lm = make_tiny("llama", tokenizer)
     run, label = _labelled_run(tmp_path, lm)

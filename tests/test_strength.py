@@ -10,13 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nnsteer.annotate import ANNOTATION_SCHEMA
+from nnsteer.annotation.stage import ANNOTATION_SCHEMA
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.store import RunDir, provenance, write_parquet
-from nnsteer.strength import DEFAULT_GRID, SWEEP_FILE, Bounds, check_grid, choose_coefficient
-from nnsteer.tasks import carve_validation, load_builtin_tasks, write_tasks
-from nnsteer.vectors import VectorSet, save_vectors
+from nnsteer.runs.store import RunDir, provenance, write_parquet
+from nnsteer.selection.strength import DEFAULT_GRID, SWEEP_FILE, Bounds, check_grid, choose_coefficient
+from nnsteer.tasks.stage import carve_validation, load_builtin_tasks, write_tasks
+from nnsteer.vectors.extract import VectorSet, save_vectors
 
 
 def row(coefficient, effect, coherence=0.0, repetition=0.0, accuracy=0.0):
@@ -178,7 +178,7 @@ def test_cli_bad_values_are_one_line(auto_run, args, message):
 def test_report_costs_section_shows_the_sweep_with_its_bounds(tmp_path):
     from test_report import write_synthetic_run
 
-    from nnsteer.report import costs_section
+    from nnsteer.report.page import costs_section
 
     run = write_synthetic_run(tmp_path)
     assert "coefficient sweep" not in costs_section(run).body  # fixed coefficients: no sweep

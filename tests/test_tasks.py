@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput, NnsteerError
-from nnsteer.store import RunDir, read_metadata
-from nnsteer.task_generation import PROGRESS_FILE, generate_tasks
-from nnsteer.tasks import BUILTIN_PATH, CATEGORIES, load_builtin_tasks, normalise, read_task_file, write_tasks
+from nnsteer.runs.store import RunDir, read_metadata
+from nnsteer.tasks.claude import PROGRESS_FILE, generate_tasks
+from nnsteer.tasks.stage import BUILTIN_PATH, CATEGORIES, load_builtin_tasks, normalise, read_task_file, write_tasks
 
 PAPER_CATEGORIES = [
     "Mathematical Logic", "Spatial Reasoning", "Verbal Logic", "Pattern Recognition",
@@ -403,7 +403,7 @@ def test_cli_generate_against_a_compatible_server(tmp_path, claude):
 
 
 def test_pipeline_tasks_stage_asks_claude_once(tmp_path, claude):
-    from nnsteer.pipeline import load_config, run_pipeline
+    from nnsteer.pipeline.run import load_config, run_pipeline
 
     server = claude()
     config = tmp_path / "claude.toml"

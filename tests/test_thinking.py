@@ -16,11 +16,11 @@ from click.testing import CliRunner
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.generation import _finish, _generate_batch, chat_prompt, eos_ids, prompt_token_ids
-from nnsteer.pipeline import load_config
-from nnsteer.positions import decode_response
-from nnsteer.store import read_metadata
-from nnsteer.thinking import (
+from nnsteer.generation.loop import _finish, _generate_batch, chat_prompt, eos_ids, prompt_token_ids
+from nnsteer.pipeline.run import load_config
+from nnsteer.modeling.positions import decode_response
+from nnsteer.runs.store import read_metadata
+from nnsteer.modeling.thinking import (
     FORMATS,
     HARMONY,
     NONE,
@@ -220,7 +220,7 @@ def test_harmony_generation_stops_on_its_own_end_tokens(format_tokenizer):
     import torch
 
     from conftest import build_tiny_hf
-    from nnsteer.models import wrap_model
+    from nnsteer.modeling.models import wrap_model
 
     tok = format_tokenizer("gptoss")
     call = tok.convert_tokens_to_ids("<|call|>")
@@ -271,7 +271,7 @@ def test_apply_records_and_says(format_tokenizer, capsys):
 
 def test_the_config_sets_the_format(format_tokenizer, tmp_path, monkeypatch):
     """``[model] thinking_format`` reaches the loaded model, and the stages' fingerprints."""
-    import nnsteer.pipeline as pipeline
+    import nnsteer.pipeline.run as pipeline
 
     config = tmp_path / "study.toml"
     config.write_text('[model]\nname = "org/gpt"\nthinking_format = "harmony"\nreasoning_effort = "high"\n')
@@ -309,7 +309,7 @@ def _one_space(text: str) -> str:
 
 
 def test_chains_record_the_format(tiny_qwen2, tmp_path):
-    from nnsteer.generation import ChainJob, run_chain_jobs
+    from nnsteer.generation.loop import ChainJob, run_chain_jobs
 
     path = tmp_path / "chains.parquet"
     run_chain_jobs(tiny_qwen2, [ChainJob("c0", "t0", "train", "What is 2 + 2?")], path, {"stage": "generate"},

@@ -12,14 +12,14 @@ import torch
 from click.testing import CliRunner
 
 from conftest import FaultAfter, make_tiny
-from nnsteer import residuals
+from nnsteer.vectors import residuals
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.labels import LABELS
-from nnsteer.annotate import annotate_chains
-from nnsteer.generation import generate_chains
-from nnsteer.store import RunDir, provenance, read_metadata, write_parquet
-from nnsteer.vectors import (
+from nnsteer.annotation.stage import annotate_chains
+from nnsteer.generation.loop import generate_chains
+from nnsteer.runs.store import RunDir, provenance, read_metadata, write_parquet
+from nnsteer.vectors.extract import (
     VectorSet, cosine_similarity, extract_vectors, load_vectors, read_inputs, save_vectors,
 )
 from test_generation import write_tasks
@@ -364,7 +364,7 @@ def test_cli_extract(tmp_path, tokenizer, llama_chains):
 
 @pytest.mark.embedded
 def test_embedded_model_matches_reference(tmp_path, tokenizer):
-    from nnsteer.models import load_model
+    from nnsteer.modeling.models import load_model
 
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
     chains = make_chains(tokenizer, thinking=False)[:2]

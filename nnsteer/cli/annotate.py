@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from nnsteer.cli.common import llm_limits
-from nnsteer.models import DEFAULT_MODEL
+from nnsteer.modeling.models import DEFAULT_MODEL
 
 
 @click.command(name="annotate")
@@ -37,8 +37,8 @@ def command(ctx: click.Context, model: str, annotator: str, base_url: str | None
             agreement_files: tuple[Path, ...]) -> None:
     """Annotate chains into behaviour spans (annotations.parquet)."""
     if agreement_files:
-        from nnsteer.agreement import file_agreement
-        from nnsteer.annotate import OFFLINE_DEFAULT, offline_annotator
+        from nnsteer.annotation.agreement import file_agreement
+        from nnsteer.annotation.stage import OFFLINE_DEFAULT, offline_annotator
 
         annotate = offline_annotator(annotator)
         name = OFFLINE_DEFAULT if annotator == "auto" else annotator
@@ -46,7 +46,7 @@ def command(ctx: click.Context, model: str, annotator: str, base_url: str | None
             click.echo(file_agreement(path, annotate).format(f"{name} vs {path.name}"))
             click.echo()
         return
-    from nnsteer.annotate import annotate_chains, failed_chains_in
+    from nnsteer.annotation.stage import annotate_chains, failed_chains_in
     from nnsteer.cli.common import run_dir
 
     run = run_dir(ctx, model)

@@ -31,8 +31,8 @@ def command(ctx: click.Context, model: str, remote: bool, device: str | None, dt
             batch_size: int, metric: str, spans: str, aggregate: str, limit: int | None,
             validate: int, labels: tuple[str, ...]) -> None:
     """Attribution patching per layer and label (attribution.parquet, charts/attribution.html)."""
-    from nnsteer.attribution import attribute, attribution_chart
-    from nnsteer.store import atomic_path, read_metadata
+    from nnsteer.selection.attribution import attribute, attribution_chart
+    from nnsteer.runs.store import atomic_path, read_metadata
 
     run = run_dir(ctx, model)
     lm = open_model(model, remote, device, dtype)

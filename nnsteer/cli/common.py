@@ -9,10 +9,10 @@ from typing import Any
 
 import click
 
-from nnsteer.models import (DEFAULT_MODEL, LoadedModel, load_model, model_name, model_slug,
+from nnsteer.modeling.models import (DEFAULT_MODEL, LoadedModel, load_model, model_name, model_slug,
                             parse_placement_text)
-from nnsteer.pipeline import create_run_dir
-from nnsteer.store import RunDir, run_lock
+from nnsteer.pipeline.run import create_run_dir
+from nnsteer.runs.store import RunDir, run_lock
 
 
 def model_choice_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -54,8 +54,8 @@ def _keep_ndif_option(ctx: click.Context, param: click.Parameter, value: Any) ->
 
 def thinking_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
     """``--thinking-format --reasoning-effort``, kept for :func:`open_model` (see
-    :mod:`nnsteer.thinking`); a bad value is one line naming the option."""
-    from nnsteer.thinking import FORMAT_CHOICES, REASONING_EFFORTS, check_effort, check_format
+    :mod:`nnsteer.modeling.thinking`); a bad value is one line naming the option."""
+    from nnsteer.modeling.thinking import FORMAT_CHOICES, REASONING_EFFORTS, check_effort, check_format
 
     def keep(check: Callable[[str | None, str], str | None]) -> Callable[..., Any]:
         def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -103,7 +103,7 @@ def generation_options(what: str) -> Callable[[Callable[..., Any]], Callable[...
     ``what`` names the tasks."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        from nnsteer.generation import DEFAULT_PROMPT_TEMPLATE, PROMPT_TEMPLATES
+        from nnsteer.generation.loop import DEFAULT_PROMPT_TEMPLATE, PROMPT_TEMPLATES
 
         func = click.option("--prompt-template", type=click.Choice(list(PROMPT_TEMPLATES)),
                             default=DEFAULT_PROMPT_TEMPLATE, show_default=True,
@@ -120,7 +120,7 @@ def generation_options(what: str) -> Callable[[Callable[..., Any]], Callable[...
 
 def llm_limits(func: Callable[..., Any]) -> Callable[..., Any]:
     """``--timeout --retries`` of each LLM annotator request."""
-    from nnsteer.llm_annotator import DEFAULT_RETRIES, DEFAULT_TIMEOUT
+    from nnsteer.annotation.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 
     func = click.option("--retries", type=click.IntRange(min=0), default=DEFAULT_RETRIES,
                         show_default=True,
@@ -133,7 +133,7 @@ def llm_limits(func: Callable[..., Any]) -> Callable[..., Any]:
 def open_model(model: str, remote: bool, device: str | None, dtype: str) -> LoadedModel:
     """Load the model named by the common options (and ``--hot-swap``, ``--ndif-deadline``),
     with its thinking format (``--thinking-format``, ``--reasoning-effort``)."""
-    from nnsteer.thinking import apply_thinking
+    from nnsteer.modeling.thinking import apply_thinking
 
     meta = click.get_current_context().meta
     device_map, max_memory = parse_placement_text(meta.get("nnsteer.device_map"),
@@ -149,8 +149,8 @@ def open_model(model: str, remote: bool, device: str | None, dtype: str) -> Load
 def describe_thinking(model: str) -> str:
     """``NAME (why)``: the thinking format ``model`` would run with (its tokenizer alone,
     and ``--thinking-format``, ``--reasoning-effort``)."""
-    from nnsteer.models import load_tokenizer
-    from nnsteer.thinking import choose
+    from nnsteer.modeling.models import load_tokenizer
+    from nnsteer.modeling.thinking import choose
 
     meta = click.get_current_context().meta
     return choose(load_tokenizer(model), model, meta.get("nnsteer.thinking_format"),
@@ -167,7 +167,7 @@ def given_run_dir(ctx: click.Context) -> Path | None:
 
 def run_dir(ctx: click.Context, model: str | None = None) -> RunDir:
     """``--run-dir``, else ``runs/<model-slug>``; checked (:func:`check_run_dir`) and
-    locked against other processes until the command ends (:func:`nnsteer.store.run_lock`)."""
+    locked against other processes until the command ends (:func:`nnsteer.runs.store.run_lock`)."""
     root = given_run_dir(ctx)
     if root is None:
         root = Path("runs") / model_slug(model or DEFAULT_MODEL)

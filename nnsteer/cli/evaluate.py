@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from nnsteer.cli.common import cost_model_options, llm_limits
-from nnsteer.models import DEFAULT_MODEL
+from nnsteer.modeling.models import DEFAULT_MODEL
 
 
 @click.command(name="evaluate")
@@ -40,8 +40,8 @@ def command(ctx: click.Context, annotator: str | None, base_url: str | None, wor
     """Annotate steered chains and measure behaviour shares and what steering cost
     (evaluation.parquet, chart, summary)."""
     from nnsteer.cli.common import open_model, run_dir
-    from nnsteer.evaluate import CHART_FILE, SUMMARY_FILE, evaluate
-    from nnsteer.tradeoffs import steered_model
+    from nnsteer.evaluation.stage import CHART_FILE, SUMMARY_FILE, evaluate
+    from nnsteer.evaluation.costs import steered_model
 
     run = run_dir(ctx, model)
     name = steered_model(run)

@@ -22,7 +22,7 @@ def command(ctx: click.Context, model: str, remote: bool, device: str | None, dt
     """Candidate steering vectors of every label at every layer (vectors.safetensors)."""
     from nnsteer.cli.common import open_model, run_dir
     from nnsteer.labels import OVERALL
-    from nnsteer.vectors import extract_vectors, read_inputs
+    from nnsteer.vectors.extract import extract_vectors, read_inputs
 
     run = run_dir(ctx, model)
     read_inputs(run, model)  # bad input fails here, before the model loads

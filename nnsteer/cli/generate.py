@@ -31,8 +31,8 @@ def command(
     prompt_template: str,
 ) -> None:
     """Generate greedy reasoning chains (chains.parquet); a rerun continues where it stopped."""
-    from nnsteer.generation import generate_chains
-    from nnsteer.store import require
+    from nnsteer.generation.loop import generate_chains
+    from nnsteer.runs.store import require
 
     run = run_dir(ctx, model)
     require(run.tasks)  # before loading the model

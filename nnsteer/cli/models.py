@@ -13,7 +13,7 @@ from nnsteer.cli.common import describe_thinking, model_choice_options
               "and attribute request, and say whether NDIF accepted each.")
 def command(model: str, remote: bool, device: str | None, dtype: str, smoke: bool) -> None:
     """What a model is: architecture, layers, width, dtype, and where it runs."""
-    from nnsteer.models import describe_model
+    from nnsteer.modeling.models import describe_model
 
     if smoke and not remote:
         raise click.UsageError("--smoke needs --remote (it sends requests to NDIF)")
@@ -25,7 +25,7 @@ def command(model: str, remote: bool, device: str | None, dtype: str, smoke: boo
         click.echo(f"{key:<{width}}  {value}")
     if smoke:
         from nnsteer.cli.common import open_model
-        from nnsteer.smoke import smoke_lines
+        from nnsteer.pipeline.smoke import smoke_lines
 
         for line in smoke_lines(open_model(model, remote, device, dtype)):
             click.echo(line)

@@ -36,7 +36,7 @@ def _layer_list(ctx: click.Context, param: click.Parameter, value: str | None) -
 def export_command(ctx: click.Context, model: str | None, behaviour: str, fmt: str, out: Path,
                    coefficient: float | None, layers: list[int] | None, direction: str) -> None:
     """Write a behaviour's steering as a llama.cpp control vector or a plain .pt file."""
-    from nnsteer.export import export_vector
+    from nnsteer.steer.export import export_vector
 
     run = run_dir(ctx, model)
     added = export_vector(run, behaviour, fmt, out, coefficient=coefficient, layers=layers,
@@ -54,7 +54,7 @@ def export_command(ctx: click.Context, model: str | None, behaviour: str, fmt: s
 def import_command(ctx: click.Context, file: Path, name: str, replace: bool, force: bool, model: str,
                    remote: bool, device: str | None, dtype: str) -> None:
     """Read a control vector (.gguf from llama.cpp, repeng, EasySteer; or a .pt) into the run's vectors."""
-    from nnsteer.export import import_vector
+    from nnsteer.steer.export import import_vector
 
     run = run_dir(ctx, model)
     lm = open_model(model, remote, device, dtype)

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from nnsteer.cli.common import given_run_dir
-from nnsteer.pipeline import STAGE_NAMES, load_config, run_pipeline
+from nnsteer.pipeline.run import load_config, run_pipeline
+from nnsteer.runs.registry import STAGE_NAMES
 
 
 @click.command(name="run")
@@ -41,7 +42,7 @@ def command(ctx: click.Context, config_path: Path, from_stage: str | None,
                        from_stage=from_stage, only=only, force=force)
     if run.report.exists():
         click.echo(run.report)
-    from nnsteer.annotate import failed_chains_in, failed_note
+    from nnsteer.annotation.stage import failed_chains_in, failed_note
 
     incomplete = False
     for path in (run.annotations, run.steered_annotations):

@@ -79,7 +79,7 @@ def command(ctx: click.Context, model: str | None, skip_fraction: float, top_k: 
             batch_size: int) -> None:
     """Choose steering layers from the attribution table, or by hand (layers.json)."""
     from nnsteer.cli.common import run_dir
-    from nnsteer.select import AUTO, select_layers
+    from nnsteer.selection.layers import AUTO, select_layers
 
     run = run_dir(ctx, model)
 
@@ -88,13 +88,13 @@ def command(ctx: click.Context, model: str | None, skip_fraction: float, top_k: 
         import polars as pl
 
         from nnsteer.cli.common import open_model
-        from nnsteer.store import read_parquet
+        from nnsteer.runs.store import read_parquet
 
         name = model or read_parquet(run.chains, ["model"]).get_column("model").cast(pl.String)[0]
         return open_model(name, remote, device, dtype)
 
     if coefficient == AUTO:  # before the model loads
-        from nnsteer.strength import check_auto
+        from nnsteer.selection.strength import check_auto
 
         check_auto(run, grid, max_coherence_cost, max_repetition_cost, max_accuracy_cost)
     select_layers(run, skip_fraction=skip_fraction, top_k=top_k, layers=_parse_layers(by_hand),
@@ -104,7 +104,7 @@ def command(ctx: click.Context, model: str | None, skip_fraction: float, top_k: 
                   max_accuracy_cost=max_accuracy_cost, validation_limit=validation_limit,
                   max_new_tokens=max_new_tokens, batch_size=batch_size)
     if calibrate_conditions:
-        from nnsteer.calibration import calibrate_conditions as calibrate
+        from nnsteer.steer.calibration import calibrate_conditions as calibrate
 
         calibrate(run, lm(), batch_size=batch_size)
     click.echo(f"wrote {run.layers}")

@@ -72,7 +72,7 @@ def command(
     force: bool,
 ) -> None:
     """Generate steered chains (positive, negative) and baselines on the eval tasks."""
-    from nnsteer.steer import steer_chains
+    from nnsteer.steer.chains import steer_chains
 
     run = run_dir(ctx, model)
     lm = open_model(model, remote, device, dtype)

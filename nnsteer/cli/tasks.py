@@ -9,8 +9,8 @@ import polars as pl
 
 from nnsteer.cli.common import run_dir
 from nnsteer.errors import BadInput
-from nnsteer.task_files import PAPER_EVAL_PER_CATEGORY, PAPER_PER_CATEGORY
-from nnsteer.task_generation import DEFAULT_CLAUDE
+from nnsteer.tasks.files import PAPER_EVAL_PER_CATEGORY, PAPER_PER_CATEGORY
+from nnsteer.tasks.claude import DEFAULT_CLAUDE
 
 _PER_CATEGORY = click.IntRange(min=0)
 
@@ -40,7 +40,7 @@ def command(ctx: click.Context, from_file: Path | None, per_category: int | None
                            "--validation-per-category before a subcommand: "
                            "they belong to `nnsteer tasks` alone (`tasks generate` has its own)")
         return
-    from nnsteer.tasks import write_tasks
+    from nnsteer.tasks.stage import write_tasks
 
     run = run_dir(ctx)
     tasks = write_tasks(run, source="builtin" if from_file is None else "file", path=from_file,
@@ -62,7 +62,7 @@ def command(ctx: click.Context, from_file: Path | None, per_category: int | None
 def generate(ctx: click.Context, per_category: int, eval_per_category: int, model: str,
              base_url: str | None, batch_size: int) -> None:
     """Ask Claude for new tasks (needs ANTHROPIC_API_KEY); resumes where a run stopped."""
-    from nnsteer.task_generation import generate_tasks
+    from nnsteer.tasks.claude import generate_tasks
 
     run = run_dir(ctx)
     tasks = generate_tasks(run, per_category=per_category, model=model, base_url=base_url,

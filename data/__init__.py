@@ -1,0 +1,1 @@
+"""The built-in task set, shipped inside the package as ``nnsteer.tasks.builtin`` (pyproject.toml maps this folder)."""
