@@ -22,9 +22,9 @@ import click
 import polars as pl
 import torch
 
-from nnsteer.selection.attribution import spearman
 from nnsteer.errors import BadInput, NnsteerError
 from nnsteer.runs.store import RunDir, read_metadata, read_parquet
+from nnsteer.selection.attribution import spearman
 
 
 def released_profile(path: Path) -> pl.DataFrame:

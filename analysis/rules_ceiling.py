@@ -19,9 +19,9 @@ from collections import Counter
 import torch
 
 from nnsteer.annotation.agreement import agreement, read_annotated_chains, word_labels
-from nnsteer.labels import LABELS
 from nnsteer.annotation.rules import rules_annotate
 from nnsteer.annotation.spans import parse_annotation
+from nnsteer.labels import LABELS
 
 CLASSES = [*LABELS, "none"]
 

@@ -29,13 +29,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nnsteer.annotation.agreement import Agreement, agreement, read_annotated_chains, word_labels
-from nnsteer.labels import LABELS
+from nnsteer.annotation.agreement import (
+    Agreement,
+    agreement,
+    read_annotated_chains,
+    word_labels,
+)
 from nnsteer.annotation.learned import (
-    CLASSES, LAYER, WINDOW, Head, SentenceEncoder, sentence_features,
+    CLASSES,
+    LAYER,
+    WINDOW,
+    Head,
+    SentenceEncoder,
+    sentence_features,
 )
 from nnsteer.annotation.rules import rules_annotate
 from nnsteer.annotation.spans import parse_annotation
+from nnsteer.labels import LABELS
 from nnsteer.runs.store import atomic_path
 
 #: Layer counts whose encodings the cache keeps (the head uses one of them).

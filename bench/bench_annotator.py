@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
+from _output import emit  # bench/_output.py
 
 from nnsteer.annotation.agreement import read_annotated_chains
 from nnsteer.annotation.learned import ENCODER, WINDOW, shipped_annotator
 from nnsteer.modeling.models import _load_weights, resolve_source
-from _output import emit  # bench/_output.py
 
 TEXT = ("Okay, so I need to find how many apples are left. There were 24 and 9 were taken, so "
         "24 - 9 = 15. Wait, let me double-check that. Hmm, I'm not sure the question says they "

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from nnsteer.selection.attribution import Probe, probe_effects
 from nnsteer.modeling.models import load_model
+from nnsteer.selection.attribution import Probe, probe_effects
 
 TEXT = ("Okay, so I need to figure out how many ways there are to arrange the books. "
         "Wait, maybe I should count the cases first. For example, with two books there are "

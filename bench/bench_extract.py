@@ -32,13 +32,18 @@ from pathlib import Path
 
 import polars as pl
 import torch
+from _output import emit  # bench/_output.py
 
 from nnsteer.labels import LABELS
 from nnsteer.modeling.models import LoadedModel, load_model
-from nnsteer.vectors.residuals import Selection, sum_sample_means
 from nnsteer.runs.store import RunDir, provenance, write_parquet
-from nnsteer.vectors.extract import annotated_chains, extract_vectors, paper_samples, read_inputs
-from _output import emit  # bench/_output.py
+from nnsteer.vectors.extract import (
+    annotated_chains,
+    extract_vectors,
+    paper_samples,
+    read_inputs,
+)
+from nnsteer.vectors.residuals import Selection, sum_sample_means
 
 SENTENCES = [
     "Okay, so I need to figure out how many apples are left in the basket.",

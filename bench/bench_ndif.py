@@ -119,12 +119,12 @@ def run_study(args) -> dict:
     from fake_ndif import fake_ndif, served  # noqa: E402
 
     from nnsteer.generation import loop as generation
+    from nnsteer.modeling.models import embedded_dir
+    from nnsteer.runs.store import RunDir, write_json
     from nnsteer.selection import attribution
     from nnsteer.steer import chains as steer
     from nnsteer.tasks import files as tasks
     from nnsteer.vectors import extract as vectors
-    from nnsteer.modeling.models import embedded_dir
-    from nnsteer.runs.store import RunDir, write_json
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir("smollm2-135m"))
     lm = paper_shaped_model(tokenizer)

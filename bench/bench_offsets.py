@@ -19,9 +19,14 @@ import random
 import time
 from pathlib import Path
 
-from nnsteer.modeling.models import load_tokenizer
-from nnsteer.modeling.positions import _windowed_prefix_lengths, decode_response, token_offsets
 from _output import emit  # bench/_output.py
+
+from nnsteer.modeling.models import load_tokenizer
+from nnsteer.modeling.positions import (
+    _windowed_prefix_lengths,
+    decode_response,
+    token_offsets,
+)
 
 TEXT = (
     "Okay, so I need to figure out how many apples are left in the basket. The problem says "

@@ -1,16 +1,22 @@
 """nnsteer: find and control reasoning behaviours in thinking language models with steering vectors."""
 
-__version__ = "0.1.0"
-
 import importlib
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 from nnsteer.errors import BadInput, NnsteerError
 
+__version__ = version("nnsteer")
+
 if TYPE_CHECKING:
-    from nnsteer.modeling.models import Architecture, LoadedModel, load_model, wrap_model
-    from nnsteer.steer.hooks import steering
+    from nnsteer.modeling.models import (
+        Architecture,
+        LoadedModel,
+        load_model,
+        wrap_model,
+    )
     from nnsteer.runs.store import RunDir
+    from nnsteer.steer.hooks import steering
 
 #: Imported on first use, so that ``nnsteer`` (the command) starts without torch.
 _LAZY = {"Architecture": "nnsteer.modeling.models", "LoadedModel": "nnsteer.modeling.models",

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,7 +36,7 @@ def bootstrap_p(values: Sequence[float] | np.ndarray, n_boot: int = P_DRAWS, see
 
     Twice the smaller share of resampled means on either side of 0 (each counted with
     one added to both counts, so that p is never 0): the dual of the percentile interval
-    of :func:`nnsteer.evaluation.stage.bootstrap_interval` with the same ``n_boot`` and ``seed``,
+    of :func:`nnsteer.stats.bootstrap_interval` with the same ``n_boot`` and ``seed``,
     which excludes 0 about when p < 0.05.
     """
     means = bootstrap_means(values, n_boot, seed)
@@ -58,3 +59,16 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
         running = max(running, min(1.0, (m - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+def bootstrap_interval(
+    values: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (NaNs if there are none)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return math.nan, math.nan
+    means = bootstrap_means(values, n_boot, seed)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)

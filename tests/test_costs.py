@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from nnsteer.evaluation.metrics import (
-    answer_text, compression_ratio, nll_unsteered, reasoning_token_indices, repetition, text_costs,
+    answer_text,
+    compression_ratio,
+    nll_unsteered,
+    reasoning_token_indices,
+    repetition,
+    text_costs,
 )
 from nnsteer.modeling.positions import decode_response
 

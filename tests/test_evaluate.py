@@ -13,10 +13,11 @@ from click.testing import CliRunner
 from nnsteer.annotation.stage import annotate_chains
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.evaluation.stage import (
-    MIN_TASKS_FOR_INTERVAL, bootstrap_interval, evaluate, steering_chart, summarise, summary_text,
-)
+from nnsteer.evaluation.paired import MIN_TASKS_FOR_INTERVAL
+from nnsteer.evaluation.shares import steering_chart, summarise, summary_text
+from nnsteer.evaluation.stage import evaluate
 from nnsteer.runs.store import RunDir, read_metadata, write_parquet
+from nnsteer.stats import bootstrap_interval
 from nnsteer.vectors.extract import VectorSet, save_vectors
 
 # Each chain is a list of (label or None, text) segments. Segments are tokenised one by one
@@ -386,8 +387,8 @@ def test_wrong_tokenizer_is_caught(tmp_path, tokenizer):
 def test_steer_then_evaluate_on_a_tiny_model(tmp_path, tiny_llama):
     import torch
 
-    from nnsteer.steer.chains import steer_chains
     from nnsteer.runs.store import write_json
+    from nnsteer.steer.chains import steer_chains
     from nnsteer.vectors.extract import VectorSet, save_vectors
 
     run = RunDir(tmp_path)
@@ -416,11 +417,16 @@ def test_every_chain_gets_its_costs(tmp_path, tiny_llama, capsys):
     every chain's rows, equal to the per-chain functions; the summary pairs them."""
     import torch
 
-    from nnsteer.evaluation.metrics import METRICS, answer_text, nll_unsteered, text_costs
-    from nnsteer.evaluation.grader import grade_offline
-    from nnsteer.steer.chains import steer_chains
-    from nnsteer.runs.store import write_json
     from nnsteer.evaluation.costs import summarise_costs
+    from nnsteer.evaluation.grader import grade_offline
+    from nnsteer.evaluation.metrics import (
+        METRICS,
+        answer_text,
+        nll_unsteered,
+        text_costs,
+    )
+    from nnsteer.runs.store import write_json
+    from nnsteer.steer.chains import steer_chains
     from nnsteer.vectors.extract import VectorSet, save_vectors
 
     run = RunDir(tmp_path)

@@ -17,10 +17,10 @@ from test_steer import LAYERS, NEW, write_vectors
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.steer.export import export_vector, import_vector, read_control_vector
 from nnsteer.labels import OVERALL
-from nnsteer.steer.chains import random_like, steer_chains
 from nnsteer.runs.store import RunDir, write_json
+from nnsteer.steer.chains import random_like, steer_chains
+from nnsteer.steer.export import export_vector, import_vector, read_control_vector
 from nnsteer.vectors.extract import VectorSet, load_vectors, save_vectors
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nnsight.intervention.backends.remote import RemoteError
-
 from conftest import make_tiny
 from fake_ndif import fake_ndif, served
+from nnsight.intervention.backends.remote import RemoteError
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [2, 2, 50, 51, 52, 53, 54, 55]])
 MASK = torch.tensor([[1] * 8, [0, 0] + [1] * 6])

@@ -17,17 +17,24 @@ from __future__ import annotations
 import polars as pl
 import pytest
 import torch
-
 from conftest import make_tiny
-from nnsteer.modeling.architecture import SUPPORTED_FAMILIES, Architecture
-from nnsteer.selection.attribution import METRICS, find_probes, probe_effects
+from test_attribution import (
+    _annotations,
+    _chain,
+    _nll,
+    _patched_kls,
+    _reference_gradients,
+    _sequence,
+    _vectors,
+)
+from test_generation import PROMPTS, hf_greedy, ids, random_vectors
+from test_models import _layer_outputs
+
 from nnsteer.errors import BadInput
 from nnsteer.generation.loop import generate
 from nnsteer.generation.spec import SteeringSpec
-from test_attribution import (_annotations, _chain, _nll, _patched_kls, _reference_gradients,
-                              _sequence, _vectors)
-from test_generation import PROMPTS, hf_greedy, ids, random_vectors
-from test_models import _layer_outputs
+from nnsteer.modeling.architecture import SUPPORTED_FAMILIES, Architecture
+from nnsteer.selection.attribution import METRICS, find_probes, probe_effects
 
 #: Families whose cache is not plain keys and values: attribution's no-cache path.
 NO_PLAIN_CACHE = {"gpt_oss", "olmo3", "mistral", "gemma2", "gemma3_text", "exaone4",
@@ -189,10 +196,10 @@ def test_cli_study_on_a_saved_model(tokenizer, tmp_path, family):
     """tasks → generate → annotate → extract → attribute → select → steer → evaluate from
     the CLI, on a saved directory of a tiny model that recites a chain with behaviours."""
     from click.testing import CliRunner
-
     from conftest import reciting_hf
-    from nnsteer.cli import cli
     from test_pipeline import PIPELINE_CONFIG, RECITED
+
+    from nnsteer.cli import cli
 
     model_dir = tmp_path / family
     reciting_hf(family, tokenizer, tokenizer.encode(RECITED, add_special_tokens=False)

@@ -18,8 +18,8 @@ import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
-
 from fake_llm import FakeLLM
+
 from nnsteer.cli import cli
 from nnsteer.runs.store import LOCK_NAME, RunDir, run_lock, write_parquet
 from nnsteer.vectors.extract import VectorSet, save_vectors
@@ -194,8 +194,8 @@ def test_credentials_in_the_base_url_are_not_stored(chains_run, tmp_path):
 
 def test_claude_giving_nothing_usable_keeps_the_tasks(tmp_path, monkeypatch):
     """``tasks generate`` against a Messages server whose replies hold no task: exit 1."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802

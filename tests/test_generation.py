@@ -11,10 +11,10 @@ import torch
 from click.testing import CliRunner
 from conftest import FaultAfter, make_tiny
 
-from nnsteer.generation import loop as generation
 from nnsteer.annotation.stage import annotate_chains
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
+from nnsteer.generation import loop as generation
 from nnsteer.generation.loop import (
     chat_prompt,
     generate,

@@ -6,10 +6,16 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from fake_llm import FakeLLM
+
 from nnsteer.errors import BadInput
-from nnsteer.evaluation.grader import final_segment, grade_answers, grade_offline, gradable_offline, resolve_grader
+from nnsteer.evaluation.grader import (
+    final_segment,
+    gradable_offline,
+    grade_answers,
+    grade_offline,
+    resolve_grader,
+)
 
 #: (model's answer text, reference, expected grade)
 TABLE = [

@@ -12,7 +12,12 @@ from test_steer import LAYERS, NEW, run, write_vectors  # noqa: F401  (the run f
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.modeling.identity import application, check_made_on, model_fingerprint, weights_fingerprint
+from nnsteer.modeling.identity import (
+    application,
+    check_made_on,
+    model_fingerprint,
+    weights_fingerprint,
+)
 from nnsteer.steer.chains import steer_chains
 from nnsteer.vectors.extract import VectorSet, save_vectors
 

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ANNOTATED_CHAINS, requires_shared
+
 from nnsteer.annotation.agreement import agreement, read_annotated_chains, word_labels
-from nnsteer.labels import LABELS
 from nnsteer.annotation.learned import (
-    PROVENANCE, WEIGHTS, package_file, pool, read_provenance, shipped_annotator,
+    PROVENANCE,
+    WEIGHTS,
+    package_file,
+    pool,
+    read_provenance,
+    shipped_annotator,
 )
 from nnsteer.annotation.spans import parse_annotation
+from nnsteer.labels import LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 R1 = ["deepseek-r1-distill-llama-8b.json", "deepseek-r1-distill-qwen-14b.json"]
@@ -82,13 +86,13 @@ def test_training_script_on_a_small_subset(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.embedded
 def test_cli_annotate_learned_on_a_tiny_run(tokenizer, tmp_path):
-    from click.testing import CliRunner
     import polars as pl
-
-    from nnsteer.cli import cli
-    from nnsteer.annotation.learned import weights_digest
-    from nnsteer.runs.store import RunDir, read_metadata
+    from click.testing import CliRunner
     from test_annotate import TEXT, _chain, _write_chains
+
+    from nnsteer.annotation.learned import weights_digest
+    from nnsteer.cli import cli
+    from nnsteer.runs.store import RunDir, read_metadata
 
     run = RunDir(tmp_path / "run")
     chain = _chain(tokenizer, TEXT)

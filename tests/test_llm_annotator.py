@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import polars as pl
 import pytest
 
+from nnsteer.annotation.llm import PROMPT, PROMPT_VERSION, annotate_texts
 from nnsteer.annotation.stage import annotate_chains, annotate_frame
 from nnsteer.errors import BadInput
-from nnsteer.annotation.llm import PROMPT, PROMPT_VERSION, annotate_texts
 from nnsteer.runs.store import RunDir, read_metadata, write_parquet
 
 TEXTS = ["Okay, so I need to find x. We know 2x = 6.",

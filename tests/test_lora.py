@@ -13,14 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from click.testing import CliRunner
-
 from conftest import ANNOTATED_CHAINS, build_tiny_hf, requires_shared
+
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.modeling.lora import TARGETS, adapter_state, attach, load_adapter, merge, save_adapter
-from nnsteer.modeling.models import EMBEDDED_MODELS, embedded_adapter, embedded_provenance
+from nnsteer.modeling.lora import (
+    TARGETS,
+    adapter_state,
+    attach,
+    load_adapter,
+    merge,
+    save_adapter,
+)
+from nnsteer.modeling.models import (
+    EMBEDDED_MODELS,
+    embedded_adapter,
+    embedded_provenance,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

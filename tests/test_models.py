@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from nnsteer.errors import BadInput
-from nnsteer.modeling.models import Architecture, describe_model, load_model, model_name, resolve_source
+from nnsteer.modeling.models import (
+    Architecture,
+    describe_model,
+    load_model,
+    model_name,
+    resolve_source,
+)
 
 
 def _layer_outputs(lm, ids, mask):

@@ -11,10 +11,21 @@ import copy
 import random
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
-from nnsteer.modeling.positions import _windowed_prefix_lengths, decode_response, token_offsets
+from nnsteer.modeling.positions import (
+    _windowed_prefix_lengths,
+    decode_response,
+    token_offsets,
+)
 
 TEXT = (
     "Okay, so I need to find how many apples are left. Wait, maybe I'm wrong: "

@@ -8,21 +8,25 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import released_reference as port
 import torch
 from click.testing import CliRunner
-
-from nnsteer.cli import cli
-from nnsteer.errors import BadInput
-from nnsteer.pipeline.run import load_config, stage_function, stage_options
-from nnsteer.runs.registry import STAGES
-from nnsteer.pipeline.released import RELEASED_CHOICES, RELEASED_LAYERS, apply_released, released_options
-from nnsteer.annotation.rules import rules_annotate
-from nnsteer.runs.store import RunDir, read_metadata
-from nnsteer.vectors.extract import load_vectors
-
-import released_reference as port
 from test_llm_annotator import ChatServer
 from test_pipeline import reciting_model
+
+from nnsteer.annotation.rules import rules_annotate
+from nnsteer.cli import cli
+from nnsteer.errors import BadInput
+from nnsteer.pipeline.released import (
+    RELEASED_CHOICES,
+    RELEASED_LAYERS,
+    apply_released,
+    released_options,
+)
+from nnsteer.pipeline.run import load_config, stage_function, stage_options
+from nnsteer.runs.registry import STAGES
+from nnsteer.runs.store import RunDir, read_metadata
+from nnsteer.vectors.extract import load_vectors
 
 #: A stand-in for the authors' annotator prompt (their text stays in their repository):
 #: the reasoning goes where it says {thinking}.

@@ -17,15 +17,15 @@ import nnsight
 import pytest
 import torch
 from click.testing import CliRunner
-from nnsight.schema.config import CONFIG
-
 from conftest import make_tiny
-from nnsteer.modeling import positions
+from fake_ndif import fake_ndif
+from nnsight.schema.config import CONFIG
+from strict_remote import AllowListError, strict_remote
+
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput, NnsteerError
+from nnsteer.modeling import positions
 from nnsteer.ndif.remote import check_remote, check_route, is_transient, with_retries
-from fake_ndif import fake_ndif
-from strict_remote import AllowListError, strict_remote
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [2, 2, 50, 51, 52, 53, 54, 55]])
 MASK = torch.tensor([[1] * 8, [0, 0] + [1] * 6])

@@ -24,17 +24,23 @@ import httpx
 import polars as pl
 import pytest
 import torch
-from polars.testing import assert_frame_equal
-
 from conftest import make_tiny
-from nnsteer.labels import LABELS
-from nnsteer.ndif import remote
-from nnsteer.vectors import residuals
-from nnsteer.errors import NnsteerError
-from nnsteer.modeling.models import wrap_model
-from nnsteer.runs.store import RunDir, provenance, read_metadata, write_json, write_parquet
 from fake_ndif import fake_ndif, ndif_remote, served
+from polars.testing import assert_frame_equal
 from strict_remote import SANDBOXES, strict_remote
+
+from nnsteer.errors import NnsteerError
+from nnsteer.labels import LABELS
+from nnsteer.modeling.models import wrap_model
+from nnsteer.ndif import remote
+from nnsteer.runs.store import (
+    RunDir,
+    provenance,
+    read_metadata,
+    write_json,
+    write_parquet,
+)
+from nnsteer.vectors import residuals
 
 generation = pytest.importorskip("nnsteer.generation.loop")
 vectors = pytest.importorskip("nnsteer.vectors.extract")

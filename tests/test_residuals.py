@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FaultAfter, make_tiny
+
 from nnsteer.vectors import residuals
 from nnsteer.vectors.residuals import Selection, sum_sample_means
 

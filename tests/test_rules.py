@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import ANNOTATED_CHAINS, requires_shared
+
 from nnsteer.annotation.agreement import agreement, file_agreement, word_labels
-from nnsteer.cli import cli
-from nnsteer.errors import BadInput
 from nnsteer.annotation.rules import rules_annotate, sentences
 from nnsteer.annotation.spans import Span
+from nnsteer.cli import cli
+from nnsteer.errors import BadInput
 
 CHAIN = (
     "Okay, so I need to find the area of the triangle. The sides are 3, 4 and 5.\n\n"

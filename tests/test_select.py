@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.selection.layers import first_allowed_layer, select_layers
 from nnsteer.runs.store import RunDir, write_parquet
+from nnsteer.selection.layers import first_allowed_layer, select_layers
 from nnsteer.vectors.extract import VectorSet, save_vectors
 
 N_LAYERS = 10

@@ -7,13 +7,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nnsteer.selection.attribution import attribute
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.modeling.models import resolve_device
+from nnsteer.runs.store import RunDir, write_json
+from nnsteer.selection.attribution import attribute
 from nnsteer.selection.layers import select_layers
 from nnsteer.steer.chains import read_layer_choices
-from nnsteer.runs.store import RunDir, write_json
 from nnsteer.vectors.extract import VectorSet, save_vectors
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nnsteer.evaluation.stage import _verdict, bootstrap_interval
-from nnsteer.stats import bootstrap_p, holm
+from nnsteer.evaluation.paired import verdict
+from nnsteer.stats import bootstrap_interval, bootstrap_p, holm
 
 
 def test_holm_worked_examples():
@@ -31,10 +31,10 @@ def test_bootstrap_p_hand_counts_and_duality_with_the_interval():
 def test_verdict_needs_the_holm_adjusted_test():
     row = {"diff": 0.05, "diff_low": 0.01, "diff_high": 0.09, "p": 0.03, "p_holm": 0.09,
            "vector": "behaviour", "direction": "positive", "n_pairs": 10}
-    text, achieved = _verdict(row)
+    text, achieved = verdict(row)
     assert not achieved and "no clear change after Holm's adjustment" in text
     assert "adjusted p = 0.09" in text and "unadjusted interval excludes 0" in text
-    text, achieved = _verdict({**row, "p_holm": 0.012})
+    text, achieved = verdict({**row, "p_holm": 0.012})
     assert achieved and text == "raised (interval excludes 0; Holm-adjusted p = 0.012)"
-    text, achieved = _verdict({**row, "vector": "random", "p_holm": 0.012})
+    text, achieved = verdict({**row, "vector": "random", "p_holm": 0.012})
     assert not achieved and text.startswith("the random control raised it too")

@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from conftest import FaultAfter
 from test_generation import PROMPTS, hf_greedy, write_tasks
 
-from nnsteer.generation import loop as generation
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
+from nnsteer.generation import loop as generation
 from nnsteer.labels import OVERALL, STEERED_LABELS
-from nnsteer.steer.chains import random_like, steer_chains
 from nnsteer.runs.store import RunDir, read_metadata, write_json, write_parquet
+from nnsteer.steer.chains import random_like, steer_chains
 from nnsteer.vectors.extract import VectorSet, save_vectors
 
 NEW = 6

@@ -14,12 +14,18 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from nnsteer.generation import loop as generation
 from nnsteer.errors import BadInput
+from nnsteer.generation import loop as generation
 from nnsteer.generation.loop import chat_prompt, generate
-from nnsteer.generation.spec import SteeringSpec
 from nnsteer.generation.modes import calibrate_threshold, step_boundary_ids
-from nnsteer.generation.spec import WHERE_FLAGS, Condition, mode_name, parse_when, unit
+from nnsteer.generation.spec import (
+    WHERE_FLAGS,
+    Condition,
+    SteeringSpec,
+    mode_name,
+    parse_when,
+    unit,
+)
 from nnsteer.modeling.thinking import end_of_thinking_ids
 
 PROMPTS = [
@@ -326,11 +332,12 @@ def test_every_mode_runs_remotely_as_locally(tokenizer, monkeypatch, backend):
 
 
 def test_steer_stage_records_modes(tmp_path, tiny_llama):
-    from test_steer import LAYERS, NEW as STAGE_NEW, write_vectors
     from test_generation import write_tasks
+    from test_steer import LAYERS, write_vectors
+    from test_steer import NEW as STAGE_NEW
 
-    from nnsteer.steer.chains import steer_chains
     from nnsteer.runs.store import RunDir, read_metadata, write_json
+    from nnsteer.steer.chains import steer_chains
 
     run = RunDir(tmp_path)
     write_tasks(run, n_train=1, n_eval=2)
@@ -364,11 +371,11 @@ def test_steer_stage_records_modes(tmp_path, tiny_llama):
     (dict(at="often"), "--at 'often'"),
 ])
 def test_steer_stage_bad_modes_are_one_line(tmp_path, tiny_llama, options, message):
-    from test_steer import LAYERS, write_vectors
     from test_generation import write_tasks
+    from test_steer import LAYERS, write_vectors
 
-    from nnsteer.steer.chains import steer_chains
     from nnsteer.runs.store import RunDir, write_json
+    from nnsteer.steer.chains import steer_chains
 
     run = RunDir(tmp_path)
     write_tasks(run, n_train=1, n_eval=1)
@@ -381,7 +388,7 @@ def test_steer_stage_bad_modes_are_one_line(tmp_path, tiny_llama, options, messa
 
 
 def test_evaluate_and_report_keep_modes_apart():
-    from nnsteer.evaluation.stage import summarise, summary_text
+    from nnsteer.evaluation.shares import summarise, summary_text
     from nnsteer.report.page import forest_chart
 
     rows = []
@@ -433,8 +440,8 @@ def _labelled_run(tmp_path, lm):
 
 
 def test_calibration_equals_hidden_states_and_best_f1(tmp_path, tiny_llama):
-    from nnsteer.steer.calibration import calibrate_conditions
     from nnsteer.runs.store import read_json
+    from nnsteer.steer.calibration import calibrate_conditions
     from nnsteer.vectors.extract import annotated_chains, load_vectors, read_inputs
 
     run, label = _labelled_run(tmp_path, tiny_llama)

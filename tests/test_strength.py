@@ -14,7 +14,13 @@ from nnsteer.annotation.stage import ANNOTATION_SCHEMA
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.runs.store import RunDir, provenance, write_parquet
-from nnsteer.selection.strength import DEFAULT_GRID, SWEEP_FILE, Bounds, check_grid, choose_coefficient
+from nnsteer.selection.strength import (
+    DEFAULT_GRID,
+    SWEEP_FILE,
+    Bounds,
+    check_grid,
+    choose_coefficient,
+)
 from nnsteer.tasks.stage import carve_validation, load_builtin_tasks, write_tasks
 from nnsteer.vectors.extract import VectorSet, save_vectors
 

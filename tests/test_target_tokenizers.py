@@ -14,13 +14,22 @@ import shutil
 import polars as pl
 import pytest
 from click.testing import CliRunner
-
 from conftest import reciting_hf
+
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.generation.loop import _finish, prompt_token_ids, reasoning_span, thinking_span
+from nnsteer.generation.loop import (
+    _finish,
+    prompt_token_ids,
+    reasoning_span,
+    thinking_span,
+)
 from nnsteer.modeling.models import ROUND_TRIP_SAMPLE, check_tokenizer, load_tokenizer
-from nnsteer.modeling.positions import decode_response, overlapping_tokens, token_offsets
+from nnsteer.modeling.positions import (
+    decode_response,
+    overlapping_tokens,
+    token_offsets,
+)
 from nnsteer.runs.store import RunDir
 from nnsteer.vectors.extract import load_vectors
 

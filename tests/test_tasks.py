@@ -17,7 +17,14 @@ from nnsteer.cli import cli
 from nnsteer.errors import BadInput, NnsteerError
 from nnsteer.runs.store import RunDir, read_metadata
 from nnsteer.tasks.claude import PROGRESS_FILE, generate_tasks
-from nnsteer.tasks.stage import BUILTIN_PATH, CATEGORIES, load_builtin_tasks, normalise, read_task_file, write_tasks
+from nnsteer.tasks.stage import (
+    BUILTIN_PATH,
+    CATEGORIES,
+    load_builtin_tasks,
+    normalise,
+    read_task_file,
+    write_tasks,
+)
 
 PAPER_CATEGORIES = [
     "Mathematical Logic", "Spatial Reasoning", "Verbal Logic", "Pattern Recognition",

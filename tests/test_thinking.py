@@ -8,18 +8,22 @@ override, and bad values (one line naming the option or the config key).
 from __future__ import annotations
 
 import re
-
 from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from target_tokenizers import FORMAT_NAMES, NAMES
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.generation.loop import _finish, _generate_batch, chat_prompt, eos_ids, prompt_token_ids
-from nnsteer.pipeline.run import load_config
+from nnsteer.generation.loop import (
+    _finish,
+    _generate_batch,
+    chat_prompt,
+    eos_ids,
+    prompt_token_ids,
+)
 from nnsteer.modeling.positions import decode_response
-from nnsteer.runs.store import read_metadata
 from nnsteer.modeling.thinking import (
     FORMATS,
     HARMONY,
@@ -32,7 +36,8 @@ from nnsteer.modeling.thinking import (
     end_of_thinking_ids,
     thinking_of,
 )
-from target_tokenizers import FORMAT_NAMES, NAMES
+from nnsteer.pipeline.run import load_config
+from nnsteer.runs.store import read_metadata
 
 _LOADED: dict[str, object] = {}
 
@@ -218,8 +223,8 @@ def test_harmony_generation_stops_on_its_own_end_tokens(format_tokenizer):
     """A tiny model of gpt-oss's vocabulary whose every next token is ``<|call|>``: with the
     generation config's EOS ``<|endoftext|>`` alone it would run on; the format stops it."""
     import torch
-
     from conftest import build_tiny_hf
+
     from nnsteer.modeling.models import wrap_model
 
     tok = format_tokenizer("gptoss")

@@ -10,20 +10,25 @@ import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import FaultAfter, make_tiny
-from nnsteer.vectors import residuals
-from nnsteer.cli import cli
-from nnsteer.errors import BadInput
-from nnsteer.labels import LABELS
-from nnsteer.annotation.stage import annotate_chains
-from nnsteer.generation.loop import generate_chains
-from nnsteer.runs.store import RunDir, provenance, read_metadata, write_parquet
-from nnsteer.vectors.extract import (
-    VectorSet, cosine_similarity, extract_vectors, load_vectors, read_inputs, save_vectors,
-)
 from test_generation import write_tasks
 from test_residuals import block_outputs
+
+from nnsteer.annotation.stage import annotate_chains
+from nnsteer.cli import cli
+from nnsteer.errors import BadInput
+from nnsteer.generation.loop import generate_chains
+from nnsteer.labels import LABELS
+from nnsteer.runs.store import RunDir, provenance, read_metadata, write_parquet
+from nnsteer.vectors import residuals
+from nnsteer.vectors.extract import (
+    VectorSet,
+    cosine_similarity,
+    extract_vectors,
+    load_vectors,
+    read_inputs,
+    save_vectors,
+)
 
 #: Reasoning with marked spans: ``{label}text{/}``. Boundaries fall inside words on purpose,
 #: one span is longer than the released code's 11-position window, two touch.

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnsteer.annotation.spans import OK, Span, parse_annotation
+from nnsteer.annotation.spans import Span, parse_annotation
 from nnsteer.errors import BadInput
-from nnsteer.labels import LABELS
+from nnsteer.labels import LABELS, OK
 
 NONE = "none"
 

@@ -19,16 +19,16 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from functools import cache
-
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nnsteer.labels import LABELS
-from nnsteer.package_data import package_path
 from nnsteer.annotation.rules import rules_annotate
-from nnsteer.annotation.spans import OK, Span
+from nnsteer.annotation.spans import Span
+from nnsteer.labels import LABELS, OK
+from nnsteer.modeling.models import load_weights, resolve_source
+from nnsteer.package_data import package_path
 from nnsteer.runs.store import file_digest
 
 #: Decoder layers of the encoder whose output (after the final norm) is pooled.
@@ -70,9 +70,7 @@ class SentenceEncoder:
     """Mean-pooled hidden states of the embedded model over sentences of any text."""
 
     def __init__(self, layers: int = LAYER, model: str = ENCODER) -> None:
-        from nnsteer.modeling.models import _load_weights, resolve_source
-
-        hf_model, self.tokenizer = _load_weights(resolve_source(model), "cpu", torch.float32)
+        hf_model, self.tokenizer = load_weights(resolve_source(model), "cpu", torch.float32)
         body = hf_model.model
         body.layers = body.layers[:layers]  # only the layers the features need
         self.body = body

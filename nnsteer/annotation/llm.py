@@ -25,9 +25,9 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from nnsteer.annotation.spans import Span, parse_annotation
 from nnsteer.errors import BadInput, first_line, public_url, say, scrub
-from nnsteer.annotation.spans import OK, Span, parse_annotation
-from nnsteer.labels import LABELS
+from nnsteer.labels import LABELS, OK
 from nnsteer.modeling.models import model_slug
 from nnsteer.runs.store import write_json
 

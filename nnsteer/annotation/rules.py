@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 
-from nnsteer.annotation.spans import OK, Span
+from nnsteer.annotation.spans import Span
+from nnsteer.labels import OK
 
 #: Sentences of the first paragraph, up to this many, are ``initializing``.
 OPENING_SENTENCES = 2

@@ -15,9 +15,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nnsteer.labels import LABELS
+from nnsteer.labels import LABELS, OK, UNALIGNED, UNKNOWN_LABEL
 
-OK, UNALIGNED, UNKNOWN_LABEL, FAILED = "ok", "unaligned", "unknown-label", "failed"
 END_SECTION = "end-section"
 #: Minimum similarity (difflib ratio on letters and digits) for a fuzzy placement.
 FUZZY_THRESHOLD = 0.8

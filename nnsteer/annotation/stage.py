@@ -20,12 +20,33 @@ import click
 import polars as pl
 from tqdm.auto import tqdm
 
+from nnsteer.annotation.learned import shipped_annotator, weights_digest
+from nnsteer.annotation.llm import (
+    API_KEY_ENV,
+    DEFAULT_MODEL,
+    PROMPT_VERSION,
+    annotate_texts,
+    prompt_digest,
+)
+from nnsteer.annotation.rules import rules_annotate
+from nnsteer.annotation.spans import Span
 from nnsteer.errors import BadInput
-from nnsteer.labels import LABELS
-from nnsteer.modeling.positions import merge_positions, overlapping_tokens, span_positions
-from nnsteer.annotation.spans import FAILED, OK, UNALIGNED, UNKNOWN_LABEL, Span
+from nnsteer.labels import FAILED, LABELS, OK, UNALIGNED, UNKNOWN_LABEL
+from nnsteer.modeling.models import cache_dir as user_cache
+from nnsteer.modeling.models import load_tokenizer
+from nnsteer.modeling.positions import (
+    merge_positions,
+    overlapping_tokens,
+    span_positions,
+    token_offsets,
+)
 from nnsteer.runs.store import (
-    RunDir, provenance, read_complete, read_metadata, read_parquet, write_parquet,
+    RunDir,
+    provenance,
+    read_complete,
+    read_metadata,
+    read_parquet,
+    write_parquet,
 )
 
 ANNOTATION_SCHEMA = {
@@ -85,8 +106,6 @@ OFFLINE_DEFAULT = "rules"
 def resolve_annotator(annotator: str) -> str:
     """``auto`` → ``openai:gpt-4o`` if ``OPENAI_API_KEY`` is set, else the offline default
     (with a notice)."""
-    from nnsteer.annotation.llm import API_KEY_ENV, DEFAULT_MODEL
-
     if annotator == "auto":
         if os.environ.get(API_KEY_ENV):
             return f"openai:{DEFAULT_MODEL}"
@@ -103,12 +122,8 @@ def offline_annotator(annotator: str) -> Callable[[str], list[Span]]:
     offline default)."""
     name = OFFLINE_DEFAULT if annotator == "auto" else annotator
     if name == "rules":
-        from nnsteer.annotation.rules import rules_annotate
-
         return rules_annotate
     if name == "learned":
-        from nnsteer.annotation.learned import shipped_annotator
-
         return shipped_annotator().annotate
     raise BadInput(f"--annotator {annotator!r}: expected an offline annotator ({', '.join(OFFLINE)})")
 
@@ -146,8 +161,6 @@ def annotate_frame(
         results: list = [annotate(t) for t in tqdm(
             texts, desc=f"annotate ({annotator})", unit="chain", disable=not progress)]
     else:
-        from nnsteer.annotation.llm import annotate_texts
-
         limits = {k: v for k, v in (("timeout", timeout), ("retries", retries)) if v is not None}
         results = annotate_texts(texts, model=annotator.removeprefix("openai:"),
                                  base_url=base_url, workers=workers, cache_dir=cache_dir,
@@ -191,12 +204,8 @@ def annotate_chains(
     digests = response_digests(chains)
     options = {"annotator": annotator, "source": source}
     if annotator == "learned":
-        from nnsteer.annotation.learned import weights_digest
-
         options["weights"] = weights_digest()
     elif annotator not in OFFLINE:
-        from nnsteer.annotation.llm import PROMPT_VERSION, prompt_digest
-
         options["prompt_version"] = PROMPT_VERSION
         if prompt is not None:
             options |= {"annotator_prompt": str(annotator_prompt),
@@ -204,8 +213,6 @@ def annotate_chains(
     done = _reusable(out_path, options, digests)
     todo = chains.filter(~pl.col("chain_id").is_in(done["chain_id"].unique().to_list()))
     if cache_dir is None and annotator not in OFFLINE:
-        from nnsteer.modeling.models import cache_dir as user_cache
-
         cache_dir = user_cache() / "annotations"
     fresh = annotate_frame(todo, annotator=annotator, base_url=base_url, workers=workers,
                            cache_dir=cache_dir, prompt=prompt, timeout=timeout, retries=retries)
@@ -219,8 +226,6 @@ def annotate_chains(
     if failed:
         click.echo(f"nnsteer: {failed_note(out_path, failed)}", err=True)
     if tokenizer is None and len(chains):
-        from nnsteer.modeling.models import load_tokenizer
-
         tokenizer = load_tokenizer(chains["model"][0])
     return summarize(chains, annotations, tokenizer)
 
@@ -303,8 +308,6 @@ def summarize(chains: pl.DataFrame, annotations: pl.DataFrame, tokenizer: Any) -
     Token counts come from each chain's stored ``output_ids``; unknown labels are pooled
     under their own names.
     """
-    from nnsteer.modeling.positions import token_offsets
-
     grouped = spans_by_chain(annotations)
     tokens = dict.fromkeys(LABELS, 0)
     rows = chains.select("chain_id", "output_ids").iter_rows()

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from nnsteer.cli.common import llm_limits
+from nnsteer.annotation.agreement import file_agreement
+from nnsteer.annotation.stage import (
+    OFFLINE_DEFAULT,
+    annotate_chains,
+    failed_chains_in,
+    offline_annotator,
+)
+from nnsteer.cli.common import llm_limits, run_dir
 from nnsteer.modeling.models import DEFAULT_MODEL
 
 
@@ -37,17 +44,12 @@ def command(ctx: click.Context, model: str, annotator: str, base_url: str | None
             agreement_files: tuple[Path, ...]) -> None:
     """Annotate chains into behaviour spans (annotations.parquet)."""
     if agreement_files:
-        from nnsteer.annotation.agreement import file_agreement
-        from nnsteer.annotation.stage import OFFLINE_DEFAULT, offline_annotator
-
         annotate = offline_annotator(annotator)
         name = OFFLINE_DEFAULT if annotator == "auto" else annotator
         for path in agreement_files:
             click.echo(file_agreement(path, annotate).format(f"{name} vs {path.name}"))
             click.echo()
         return
-    from nnsteer.annotation.stage import annotate_chains, failed_chains_in
-    from nnsteer.cli.common import run_dir
 
     run = run_dir(ctx, model)
     summary = annotate_chains(run, annotator=annotator, base_url=base_url, workers=workers,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from nnsteer.cli.common import model_options, open_model, run_dir
+from nnsteer.runs.store import atomic_path, read_metadata
+from nnsteer.selection.attribution import attribute, attribution_chart
 
 
 @click.command(name="attribute")
@@ -31,9 +33,6 @@ def command(ctx: click.Context, model: str, remote: bool, device: str | None, dt
             batch_size: int, metric: str, spans: str, aggregate: str, limit: int | None,
             validate: int, labels: tuple[str, ...]) -> None:
     """Attribution patching per layer and label (attribution.parquet, charts/attribution.html)."""
-    from nnsteer.selection.attribution import attribute, attribution_chart
-    from nnsteer.runs.store import atomic_path, read_metadata
-
     run = run_dir(ctx, model)
     lm = open_model(model, remote, device, dtype)
     df = attribute(run, lm, metric=metric, batch_size=batch_size, validate=validate,

@@ -9,10 +9,26 @@ from typing import Any
 
 import click
 
-from nnsteer.modeling.models import (DEFAULT_MODEL, LoadedModel, load_model, model_name, model_slug,
-                            parse_placement_text)
-from nnsteer.pipeline.run import create_run_dir
-from nnsteer.runs.store import RunDir, run_lock
+from nnsteer.annotation.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT
+from nnsteer.generation.loop import DEFAULT_PROMPT_TEMPLATE, PROMPT_TEMPLATES
+from nnsteer.modeling.models import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    load_model,
+    load_tokenizer,
+    model_name,
+    model_slug,
+    parse_placement_text,
+)
+from nnsteer.modeling.thinking import (
+    FORMAT_CHOICES,
+    REASONING_EFFORTS,
+    apply_thinking,
+    check_effort,
+    check_format,
+    choose,
+)
+from nnsteer.runs.store import RunDir, create_run_dir, run_lock
 
 
 def model_choice_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -55,8 +71,6 @@ def _keep_ndif_option(ctx: click.Context, param: click.Parameter, value: Any) ->
 def thinking_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
     """``--thinking-format --reasoning-effort``, kept for :func:`open_model` (see
     :mod:`nnsteer.modeling.thinking`); a bad value is one line naming the option."""
-    from nnsteer.modeling.thinking import FORMAT_CHOICES, REASONING_EFFORTS, check_effort, check_format
-
     def keep(check: Callable[[str | None, str], str | None]) -> Callable[..., Any]:
         def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
             ctx.meta[f"nnsteer.{param.name}"] = check(value, f"--{param.name.replace('_', '-')}")
@@ -103,8 +117,6 @@ def generation_options(what: str) -> Callable[[Callable[..., Any]], Callable[...
     ``what`` names the tasks."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        from nnsteer.generation.loop import DEFAULT_PROMPT_TEMPLATE, PROMPT_TEMPLATES
-
         func = click.option("--prompt-template", type=click.Choice(list(PROMPT_TEMPLATES)),
                             default=DEFAULT_PROMPT_TEMPLATE, show_default=True,
                             help="The user turn around each task: step-by-step (nnsteer), "
@@ -120,8 +132,6 @@ def generation_options(what: str) -> Callable[[Callable[..., Any]], Callable[...
 
 def llm_limits(func: Callable[..., Any]) -> Callable[..., Any]:
     """``--timeout --retries`` of each LLM annotator request."""
-    from nnsteer.annotation.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT
-
     func = click.option("--retries", type=click.IntRange(min=0), default=DEFAULT_RETRIES,
                         show_default=True,
                         help="Retries of a request after a 429, a 5xx or a timeout.")(func)
@@ -133,8 +143,6 @@ def llm_limits(func: Callable[..., Any]) -> Callable[..., Any]:
 def open_model(model: str, remote: bool, device: str | None, dtype: str) -> LoadedModel:
     """Load the model named by the common options (and ``--hot-swap``, ``--ndif-deadline``),
     with its thinking format (``--thinking-format``, ``--reasoning-effort``)."""
-    from nnsteer.modeling.thinking import apply_thinking
-
     meta = click.get_current_context().meta
     device_map, max_memory = parse_placement_text(meta.get("nnsteer.device_map"),
                                                   meta.get("nnsteer.max_memory"))
@@ -149,9 +157,6 @@ def open_model(model: str, remote: bool, device: str | None, dtype: str) -> Load
 def describe_thinking(model: str) -> str:
     """``NAME (why)``: the thinking format ``model`` would run with (its tokenizer alone,
     and ``--thinking-format``, ``--reasoning-effort``)."""
-    from nnsteer.modeling.models import load_tokenizer
-    from nnsteer.modeling.thinking import choose
-
     meta = click.get_current_context().meta
     return choose(load_tokenizer(model), model, meta.get("nnsteer.thinking_format"),
                   meta.get("nnsteer.reasoning_effort")).summary()
@@ -184,3 +189,13 @@ def check_run_dir(root: Path, origin: str) -> None:
     for path in create_run_dir(root, origin):
         with contextlib.suppress(OSError):  # something else wrote there meanwhile: keep it
             path.rmdir()
+
+
+def number_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    """A click callback: comma-separated numbers as a list (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from nnsteer.cli.common import cost_model_options, llm_limits
+from nnsteer.cli.common import cost_model_options, llm_limits, open_model, run_dir
+from nnsteer.evaluation.costs import steered_model
+from nnsteer.evaluation.stage import CHART_FILE, SUMMARY_FILE, evaluate
 from nnsteer.modeling.models import DEFAULT_MODEL
 
 
@@ -39,10 +41,6 @@ def command(ctx: click.Context, annotator: str | None, base_url: str | None, wor
             dtype: str, batch_size: int) -> None:
     """Annotate steered chains and measure behaviour shares and what steering cost
     (evaluation.parquet, chart, summary)."""
-    from nnsteer.cli.common import open_model, run_dir
-    from nnsteer.evaluation.stage import CHART_FILE, SUMMARY_FILE, evaluate
-    from nnsteer.evaluation.costs import steered_model
-
     run = run_dir(ctx, model)
     name = steered_model(run)
     lm = None if name is None else open_model(name, remote, device, dtype)

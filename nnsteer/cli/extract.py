@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from nnsteer.cli.common import model_options
+from nnsteer.cli.common import model_options, open_model, run_dir
+from nnsteer.labels import OVERALL
+from nnsteer.vectors.extract import extract_vectors, read_inputs
 
 
 @click.command(name="extract")
@@ -20,10 +22,6 @@ from nnsteer.cli.common import model_options
 def command(ctx: click.Context, model: str, remote: bool, device: str | None, dtype: str,
             batch_size: int, variant: str, min_spans: int) -> None:
     """Candidate steering vectors of every label at every layer (vectors.safetensors)."""
-    from nnsteer.cli.common import open_model, run_dir
-    from nnsteer.labels import OVERALL
-    from nnsteer.vectors.extract import extract_vectors, read_inputs
-
     run = run_dir(ctx, model)
     read_inputs(run, model)  # bad input fails here, before the model loads
     lm = open_model(model, remote, device, dtype)

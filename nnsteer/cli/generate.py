@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from nnsteer.cli.common import generation_options, model_options, open_model, run_dir
+from nnsteer.generation.loop import generate_chains
+from nnsteer.runs.store import require
 
 
 @click.command(name="generate")
@@ -31,9 +33,6 @@ def command(
     prompt_template: str,
 ) -> None:
     """Generate greedy reasoning chains (chains.parquet); a rerun continues where it stopped."""
-    from nnsteer.generation.loop import generate_chains
-    from nnsteer.runs.store import require
-
     run = run_dir(ctx, model)
     require(run.tasks)  # before loading the model
     lm = open_model(model, remote, device, dtype)

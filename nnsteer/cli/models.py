@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from nnsteer.cli.common import describe_thinking, model_choice_options
+from nnsteer.cli.common import describe_thinking, model_choice_options, open_model
+from nnsteer.modeling.models import describe_model
+from nnsteer.pipeline.smoke import smoke_lines
 
 
 @click.command(name="models")
@@ -13,8 +15,6 @@ from nnsteer.cli.common import describe_thinking, model_choice_options
               "and attribute request, and say whether NDIF accepted each.")
 def command(model: str, remote: bool, device: str | None, dtype: str, smoke: bool) -> None:
     """What a model is: architecture, layers, width, dtype, and where it runs."""
-    from nnsteer.modeling.models import describe_model
-
     if smoke and not remote:
         raise click.UsageError("--smoke needs --remote (it sends requests to NDIF)")
     hot_swap = click.get_current_context().meta.get("nnsteer.hot_swap", False)
@@ -24,8 +24,5 @@ def command(model: str, remote: bool, device: str | None, dtype: str, smoke: boo
     for key, value in info.items():
         click.echo(f"{key:<{width}}  {value}")
     if smoke:
-        from nnsteer.cli.common import open_model
-        from nnsteer.pipeline.smoke import smoke_lines
-
         for line in smoke_lines(open_model(model, remote, device, dtype)):
             click.echo(line)

@@ -8,6 +8,7 @@ import click
 
 from nnsteer.cli.common import model_choice_options, open_model, run_dir
 from nnsteer.errors import BadInput
+from nnsteer.steer.export import export_vector, import_vector
 
 
 def _layer_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -36,8 +37,6 @@ def _layer_list(ctx: click.Context, param: click.Parameter, value: str | None) -
 def export_command(ctx: click.Context, model: str | None, behaviour: str, fmt: str, out: Path,
                    coefficient: float | None, layers: list[int] | None, direction: str) -> None:
     """Write a behaviour's steering as a llama.cpp control vector or a plain .pt file."""
-    from nnsteer.steer.export import export_vector
-
     run = run_dir(ctx, model)
     added = export_vector(run, behaviour, fmt, out, coefficient=coefficient, layers=layers,
                           direction=direction)
@@ -54,8 +53,6 @@ def export_command(ctx: click.Context, model: str | None, behaviour: str, fmt: s
 def import_command(ctx: click.Context, file: Path, name: str, replace: bool, force: bool, model: str,
                    remote: bool, device: str | None, dtype: str) -> None:
     """Read a control vector (.gguf from llama.cpp, repeng, EasySteer; or a .pt) into the run's vectors."""
-    from nnsteer.steer.export import import_vector
-
     run = run_dir(ctx, model)
     lm = open_model(model, remote, device, dtype)
     vs = import_vector(run, lm, file, name, replace=replace, force=force)

@@ -6,6 +6,7 @@ import click
 
 from nnsteer.cli.common import run_dir
 from nnsteer.modeling.models import DEFAULT_MODEL
+from nnsteer.report.page import write_report
 
 
 @click.command(name="report")
@@ -14,6 +15,4 @@ from nnsteer.modeling.models import DEFAULT_MODEL
 @click.pass_context
 def command(ctx: click.Context, model: str) -> None:
     """Write report.html (self-contained) and PNG/SVG copies of every chart; print its path."""
-    from nnsteer.report.page import write_report
-
     click.echo(write_report(run_dir(ctx, model)))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from nnsteer.annotation.stage import failed_chains_in, failed_note
 from nnsteer.cli.common import given_run_dir
 from nnsteer.pipeline.run import load_config, run_pipeline
 from nnsteer.runs.registry import STAGE_NAMES
@@ -42,7 +43,6 @@ def command(ctx: click.Context, config_path: Path, from_stage: str | None,
                        from_stage=from_stage, only=only, force=force)
     if run.report.exists():
         click.echo(run.report)
-    from nnsteer.annotation.stage import failed_chains_in, failed_note
 
     incomplete = False
     for path in (run.annotations, run.steered_annotations):

@@ -6,8 +6,12 @@ import functools
 
 import click
 
-from nnsteer.cli.steer import _numbers
+from nnsteer.cli.common import number_list, open_model, run_dir
 from nnsteer.errors import BadInput
+from nnsteer.runs.store import read_parquet
+from nnsteer.selection.layers import AUTO, select_layers
+from nnsteer.selection.strength import check_auto
+from nnsteer.steer.calibration import calibrate_conditions as calibrate
 
 
 def _parse_layers(values: tuple[str, ...]) -> dict[str, list[int]]:
@@ -46,7 +50,7 @@ def _coefficient(ctx: click.Context, param: click.Parameter, value: str) -> floa
                    "vector, split evenly over the layers (steer --coefficients sweeps others). "
                    "auto: the largest of --grid that moves the behaviour with costs within the "
                    "--max-*-cost bounds on the validation tasks (needs the model; docs/costs.md).")
-@click.option("--grid", callback=_numbers, default=None,
+@click.option("--grid", callback=number_list, default=None,
               help="Comma-separated coefficients --coefficient auto tries. "
                    "Default: 0.25,0.5,1,2,4,8.")
 @click.option("--max-coherence-cost", type=float, default=0.5, show_default=True,
@@ -78,23 +82,17 @@ def command(ctx: click.Context, model: str | None, skip_fraction: float, top_k: 
             calibrate_conditions: bool, remote: bool, device: str | None, dtype: str,
             batch_size: int) -> None:
     """Choose steering layers from the attribution table, or by hand (layers.json)."""
-    from nnsteer.cli.common import run_dir
-    from nnsteer.selection.layers import AUTO, select_layers
-
     run = run_dir(ctx, model)
 
     @functools.cache
     def lm():  # the model, opened once, only when a step needs it
         import polars as pl
 
-        from nnsteer.cli.common import open_model
-        from nnsteer.runs.store import read_parquet
 
         name = model or read_parquet(run.chains, ["model"]).get_column("model").cast(pl.String)[0]
         return open_model(name, remote, device, dtype)
 
     if coefficient == AUTO:  # before the model loads
-        from nnsteer.selection.strength import check_auto
 
         check_auto(run, grid, max_coherence_cost, max_repetition_cost, max_accuracy_cost)
     select_layers(run, skip_fraction=skip_fraction, top_k=top_k, layers=_parse_layers(by_hand),
@@ -104,7 +102,5 @@ def command(ctx: click.Context, model: str | None, skip_fraction: float, top_k: 
                   max_accuracy_cost=max_accuracy_cost, validation_limit=validation_limit,
                   max_new_tokens=max_new_tokens, batch_size=batch_size)
     if calibrate_conditions:
-        from nnsteer.steer.calibration import calibrate_conditions as calibrate
-
         calibrate(run, lm(), batch_size=batch_size)
     click.echo(f"wrote {run.layers}")

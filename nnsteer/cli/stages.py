@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import click
 
-from nnsteer.cli import annotate, attribute, evaluate, extract, generate, report, run, select, steer, tasks
+from nnsteer.cli import (
+    annotate,
+    attribute,
+    evaluate,
+    extract,
+    generate,
+    report,
+    run,
+    select,
+    steer,
+    tasks,
+)
 from nnsteer.runs.registry import STAGE_NAMES
 
 #: Each stage's command, by the stage's name.

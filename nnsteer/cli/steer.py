@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import click
 
-from nnsteer.cli.common import generation_options, model_options, open_model, run_dir
+from nnsteer.cli.common import (
+    generation_options,
+    model_options,
+    number_list,
+    open_model,
+    run_dir,
+)
+from nnsteer.steer.chains import steer_chains
 
 
 def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _numbers(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
 
 
 @click.command(name="steer")
@@ -30,7 +28,7 @@ def _numbers(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 )
 @click.option(
     "--coefficients",
-    callback=_numbers,
+    callback=number_list,
     default=None,
     help="Comma-separated sweep, e.g. 0.5,1,2. Default: each label's layers.json coefficient.",
 )
@@ -72,8 +70,6 @@ def command(
     force: bool,
 ) -> None:
     """Generate steered chains (positive, negative) and baselines on the eval tasks."""
-    from nnsteer.steer.chains import steer_chains
-
     run = run_dir(ctx, model)
     lm = open_model(model, remote, device, dtype)
     chains = steer_chains(

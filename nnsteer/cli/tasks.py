@@ -9,8 +9,9 @@ import polars as pl
 
 from nnsteer.cli.common import run_dir
 from nnsteer.errors import BadInput
+from nnsteer.tasks.claude import DEFAULT_CLAUDE, generate_tasks
 from nnsteer.tasks.files import PAPER_EVAL_PER_CATEGORY, PAPER_PER_CATEGORY
-from nnsteer.tasks.claude import DEFAULT_CLAUDE
+from nnsteer.tasks.stage import write_tasks
 
 _PER_CATEGORY = click.IntRange(min=0)
 
@@ -40,7 +41,6 @@ def command(ctx: click.Context, from_file: Path | None, per_category: int | None
                            "--validation-per-category before a subcommand: "
                            "they belong to `nnsteer tasks` alone (`tasks generate` has its own)")
         return
-    from nnsteer.tasks.stage import write_tasks
 
     run = run_dir(ctx)
     tasks = write_tasks(run, source="builtin" if from_file is None else "file", path=from_file,
@@ -62,8 +62,6 @@ def command(ctx: click.Context, from_file: Path | None, per_category: int | None
 def generate(ctx: click.Context, per_category: int, eval_per_category: int, model: str,
              base_url: str | None, batch_size: int) -> None:
     """Ask Claude for new tasks (needs ANTHROPIC_API_KEY); resumes where a run stopped."""
-    from nnsteer.tasks.claude import generate_tasks
-
     run = run_dir(ctx)
     tasks = generate_tasks(run, per_category=per_category, model=model, base_url=base_url,
                            eval_per_category=eval_per_category, batch_size=batch_size)

@@ -8,7 +8,7 @@ rows by ``chain_id``, so each of a chain's rows carries its chain's figures (tak
 per ``chain_id`` to count chains).
 
 :func:`summarise_costs` pairs each steered chain's figures with the unsteered chain of
-the same task, per behaviour and condition (:data:`nnsteer.evaluation.stage.CONDITION`), as the
+the same task, per behaviour and condition (:data:`nnsteer.evaluation.paired.CONDITION`), as the
 behaviour shares are: mean, paired difference, bootstrap 95% intervals, and a bootstrap
 p-value Holm-adjusted per metric across all steered conditions of the study.
 :func:`broken_conditions` names the conditions that moved their behaviour but made a
@@ -25,16 +25,27 @@ from typing import Any
 
 import polars as pl
 
+from nnsteer.errors import BadInput, say
 from nnsteer.evaluation import metrics as chain_costs
-from nnsteer.errors import say
-from nnsteer.evaluation.stage import (
-    CONDITION, MIN_TASKS_FOR_INTERVAL, _condition_name, _condition_order, _share_stats, with_holm,
+from nnsteer.evaluation.grader import (
+    OFFLINE,
+    gradable_offline,
+    grade_answers,
+    resolve_grader,
+)
+from nnsteer.evaluation.paired import (
+    CONDITION,
+    MIN_TASKS_FOR_INTERVAL,
+    condition_name,
+    condition_order,
+    share_stats,
+    verdict,
+    with_holm,
     with_mode,
 )
-from nnsteer.evaluation.grader import OFFLINE, gradable_offline, grade_answers, resolve_grader
 from nnsteer.modeling.models import LoadedModel, cache_dir
-from nnsteer.stats import ALPHA
 from nnsteer.runs.store import RunDir, read_complete, read_parquet
+from nnsteer.stats import ALPHA
 
 #: The figures every chain gets, in column order (``grader`` names how ``correct`` was found).
 COLUMNS = ("correct", *chain_costs.METRICS)
@@ -93,7 +104,6 @@ def cost_table(
 def steered_model(run: RunDir) -> str | None:
     """The model that wrote ``run.steered`` (the one ``nll_unsteered`` runs unsteered);
     None if it has no chain."""
-    from nnsteer.errors import BadInput
 
     models = read_complete(run.steered, ["model"])["model"].unique().to_list()
     if not models:
@@ -152,14 +162,14 @@ def summarise_costs(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
     for metric in present:
         per_task = _per_task_metric(baseline, metric)
         rows = [{"metric": metric, "behaviour": None, "direction": "none", "vector": "none",
-                 "coefficient": None, **_share_stats(per_task, n_boot, seed, min_tasks)}]
+                 "coefficient": None, **share_stats(per_task, n_boot, seed, min_tasks)}]
         groups = steered.group_by(["behaviour", *CONDITION])
-        for key, group in sorted(groups, key=lambda kv: (kv[0][0], _condition_order(*kv[0][1:]))):
+        for key, group in sorted(groups, key=lambda kv: (kv[0][0], condition_order(*kv[0][1:]))):
             shares = _per_task_metric(group, metric)
             if shares.is_empty():
                 continue
             rows.append({"metric": metric, **dict(zip(["behaviour", *CONDITION], key)),
-                         **_share_stats(shares, n_boot, seed, min_tasks, per_task)})
+                         **share_stats(shares, n_boot, seed, min_tasks, per_task)})
         tables.append(with_holm(pl.DataFrame(rows, infer_schema_length=None)))
     if not tables:
         return pl.DataFrame()
@@ -184,20 +194,19 @@ def worse(row: dict[str, Any]) -> bool:
 def broken_conditions(behaviour_summary: pl.DataFrame, cost_summary: pl.DataFrame) -> list[str]:
     """One sentence per behaviour-vector condition that moved its behaviour as intended
     (Holm-adjusted) but made some cost worse (Holm-adjusted)."""
-    from nnsteer.evaluation.stage import _verdict
 
     if cost_summary.is_empty():
         return []
     sentences = []
     for row in behaviour_summary.filter(pl.col("vector") == "behaviour").iter_rows(named=True):
-        if not _verdict(row)[1]:
+        if not verdict(row)[1]:
             continue
         mine = cost_summary.filter(
             (pl.col("behaviour") == row["behaviour"])
             & pl.all_horizontal([pl.col(c).eq_missing(row[c]) for c in CONDITION]))
         harms = [cost_phrase(cost) for cost in mine.iter_rows(named=True) if worse(cost)]
         if harms:
-            sentences.append(f"{row['behaviour']}, {_condition_name(row)}: moved the behaviour "
+            sentences.append(f"{row['behaviour']}, {condition_name(row)}: moved the behaviour "
                              f"but broke something: {'; '.join(harms)}.")
     return sentences
 
@@ -233,7 +242,7 @@ def costs_text(cost_summary: pl.DataFrame, grader: str) -> str:
     for key in keys.iter_rows(named=True):
         mine = steered.filter(pl.all_horizontal([pl.col(c).eq_missing(v) for c, v in key.items()]))
         phrases = [cost_phrase(r) + (" worse" if worse(r) else "") for r in mine.iter_rows(named=True)]
-        lines.append(f"  {key['behaviour']}, {_condition_name(key)}: {'; '.join(phrases)}")
+        lines.append(f"  {key['behaviour']}, {condition_name(key)}: {'; '.join(phrases)}")
     return "\n".join(lines) + "\n"
 
 
@@ -258,7 +267,7 @@ def tradeoff_rows(behaviour_summary: pl.DataFrame, cost_summary: pl.DataFrame) -
         for c in mine.iter_rows(named=True):
             name, unit, scale, _ = METRICS[c["metric"]]
             rows.append({
-                "behaviour": b["behaviour"], "condition": _condition_name(b), "vector": b["vector"],
+                "behaviour": b["behaviour"], "condition": condition_name(b), "vector": b["vector"],
                 "metric": f"{name} ({unit})" if unit else name,
                 **{f"change{k}": None if b[f"diff{k}"] is None else 100 * b[f"diff{k}"]
                    for k in ("", "_low", "_high")},

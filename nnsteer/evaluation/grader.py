@@ -35,9 +35,15 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from nnsteer.package_data import package_path
+from nnsteer.annotation.llm import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    Failed,
+    LLMAnnotator,
+    ask_all,
+)
 from nnsteer.errors import BadInput, say
-from nnsteer.annotation.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT, Failed, LLMAnnotator, ask_all
+from nnsteer.package_data import package_path
 
 OFFLINE = "offline"
 #: Longest reference (in words) the offline grader compares as a short string.

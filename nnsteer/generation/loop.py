@@ -29,11 +29,10 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from nnsteer.errors import BadInput, say
-from nnsteer.modeling.models import LoadedModel
 from nnsteer.generation.modes import block_inputs, step_boundary_ids
 from nnsteer.generation.spec import Steering, SteeringSpec
+from nnsteer.modeling.models import LoadedModel
 from nnsteer.modeling.positions import decode_response
-from nnsteer.ndif.remote import with_retries
 from nnsteer.modeling.thinking import (  # noqa: F401 - THINK_OPEN/CLOSE: the tags, for analysis scripts
     THINK_CLOSE,
     THINK_OPEN,
@@ -44,6 +43,7 @@ from nnsteer.modeling.thinking import (  # noqa: F401 - THINK_OPEN/CLOSE: the ta
     end_of_thinking_ids,
     thinking_of,
 )
+from nnsteer.ndif.remote import with_retries
 from nnsteer.runs.store import (
     RunDir,
     completeness,

@@ -22,15 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from nnsteer.errors import BadInput
-from nnsteer.generation.spec import WHERE_FLAGS
-
-if TYPE_CHECKING:
-    from nnsteer.generation.spec import SteeringSpec
+from nnsteer.generation.spec import WHERE_FLAGS, SteeringSpec
 
 SENTENCE_ENDS = (".", "!", "?")
 

@@ -12,15 +12,13 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import torch
 
 from nnsteer.errors import BadInput
+from nnsteer.modeling.models import LoadedModel
 from nnsteer.modeling.thinking import end_of_thinking_ids, thinking_of
-
-if TYPE_CHECKING:
-    from nnsteer.modeling.models import LoadedModel
 
 Direction = Literal["positive", "negative"]
 
@@ -37,6 +35,17 @@ WHERE_FLAGS: dict[str, tuple[bool, bool, bool, bool]] = {
 }
 #: Text a sentence ends with (after trailing whitespace is stripped).
 _WHEN = re.compile(r"^\s*(?P<label>[^@>\s]+)\s*@\s*(?P<layer>[^>\s]+)\s*(?:>\s*(?P<threshold>.+?))?\s*$")
+
+
+def check_coefficient(value: Any, what: str) -> float:
+    """``value`` as a steering coefficient: a finite number >= 0 (the direction gives the sign).
+
+    :class:`BadInput` naming ``what`` (an option or a file entry) otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0:
+        raise BadInput(f"{what}: {value!r} is not a number >= 0 (the direction gives the sign)")
+    return float(value)
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,11 +137,7 @@ class SteeringSpec:
             raise BadInput(
                 f"steering direction must be positive or negative, not {self.direction!r}"
             )
-        if not math.isfinite(self.coefficient) or self.coefficient < 0:
-            raise BadInput(
-                f"steering coefficient must be a finite number >= 0 (direction gives the sign), "
-                f"not {self.coefficient}"
-            )
+        check_coefficient(self.coefficient, "steering coefficient")
         lm.arch.check_layers(list(self.vectors), what="steering layer")
         for layer, vector in self.vectors.items():
             if tuple(vector.shape) != (lm.arch.d_model,):

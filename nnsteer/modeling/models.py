@@ -28,9 +28,16 @@ from typing import Any, Literal
 
 import torch
 
-from nnsteer.modeling.architecture import SUPPORTED_FAMILIES, Architecture  # re-exported
-from nnsteer.package_data import package_path
 from nnsteer.errors import BadInput, NnsteerError, first_line
+from nnsteer.modeling.architecture import Architecture
+from nnsteer.modeling.lora import load_adapter, merge
+from nnsteer.ndif.remote import (
+    check_remote,
+    check_route,
+    ndif_backend,
+    remote_model_key,
+)
+from nnsteer.package_data import package_path
 from nnsteer.runs.store import file_digest
 
 Remote = bool | Literal["local"]
@@ -96,8 +103,6 @@ class LoadedModel:
         """The keyword arguments of a stage's ``trace``, ``generate`` or ``session``: on NDIF
         nnsteer's backend (:func:`nnsteer.ndif.remote.ndif_backend`), else ``remote=``."""
         if self.remote is True:
-            from nnsteer.ndif.remote import ndif_backend
-
             return {"backend": ndif_backend(self.nn.to_model_key(), deadline=self.ndif_deadline)}
         return {"remote": self.remote}
 
@@ -234,8 +239,6 @@ def embedded_dir(name: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
         if spec_.adapter:
-            from nnsteer.modeling.lora import load_adapter, merge
-
             factors, metadata = load_adapter(embedded_adapter(name))
             merge(model, factors, alpha=float(metadata["alpha"]))
         _save_dequantised(model, tmp)
@@ -505,8 +508,6 @@ def load_model(
     from nnsight.modeling.transformers import TransformersModel
 
     if remote is True:
-        from nnsteer.ndif.remote import check_remote, check_route, remote_model_key
-
         check_remote(model, hot_swap=hot_swap)
         tokenizer = load_tokenizer(model)
         # task and tokenizer given: nnsight would ask the Hub for one and guess the other
@@ -524,7 +525,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     if placement:
         placement["offload_folder"] = str(cache_dir() / "offload" / model_slug(source.name))
-    hf_model, tokenizer = _load_weights(source, device, torch_dtype, placement)
+    hf_model, tokenizer = load_weights(source, device, torch_dtype, placement)
     placed = getattr(hf_model, "hf_device_map", None) or {}
     if next(iter(placed.values()), None) == "disk":
         raise BadInput(f"{model}: device_map puts the first module on disk, where inputs cannot "
@@ -574,7 +575,7 @@ def check_tokenizer(tokenizer: Any, name: str) -> Any:
     return tokenizer
 
 
-def _load_weights(source: ModelSource, device: str, dtype: torch.dtype,
+def load_weights(source: ModelSource, device: str, dtype: torch.dtype,
                   placement: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """Tokenizer and weights; ``placement``: ``device_map`` (etc.) keywords, which
     override ``device``."""
@@ -630,8 +631,6 @@ def describe_model(
     entry per line ``nnsteer models`` prints (family, quirks, layers, width, experts, ...;
     another stage's facts, such as the thinking format, are added as further entries)."""
     if remote:
-        from nnsteer.ndif.remote import check_remote
-
         status = check_remote(model, hot_swap=hot_swap)
         from transformers import AutoConfig
 

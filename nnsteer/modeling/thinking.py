@@ -32,7 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nnsteer.errors import BadInput, say
-from nnsteer.modeling.positions import decode_response, overlapping_tokens, token_offsets
+from nnsteer.modeling.positions import (
+    decode_response,
+    overlapping_tokens,
+    token_offsets,
+)
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"

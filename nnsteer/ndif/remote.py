@@ -22,15 +22,13 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from nnsteer.errors import BadInput, NnsteerError, first_line
-
-if TYPE_CHECKING:
-    from nnsteer.runs.checkpoint import JobBook
+from nnsteer.runs.checkpoint import JobBook
 
 T = TypeVar("T")
 

@@ -41,29 +41,40 @@ from typing import Any
 
 from nnsteer.annotation.stage import annotate_chains
 from nnsteer.errors import BadInput
+from nnsteer.evaluation.shares import DENOMINATORS
 from nnsteer.evaluation.stage import evaluate
-from nnsteer.generation.loop import generate_chains
-from nnsteer.report.page import write_report
-from nnsteer.runs.registry import STAGE_NAMES, STAGES, Stage
-from nnsteer.selection.attribution import attribute
-from nnsteer.selection.layers import select_layers
-from nnsteer.steer.chains import steer_chains
-from nnsteer.tasks.stage import write_tasks
-from nnsteer.vectors.extract import extract_vectors
-from nnsteer.evaluation.stage import DENOMINATORS
-from nnsteer.generation.loop import PROMPT_TEMPLATES
+from nnsteer.generation.loop import PROMPT_TEMPLATES, generate_chains
 from nnsteer.generation.spec import AT, WHERE
 from nnsteer.labels import LABELS
-from nnsteer.modeling.thinking import FORMAT_CHOICES, REASONING_EFFORTS
-from nnsteer.selection.attribution import AGGREGATIONS, METRICS, SPAN_SOURCES
-from nnsteer.tasks.stage import SPLITS
-from nnsteer.vectors.extract import VARIANTS
-from nnsteer.modeling.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
-from nnsteer.pipeline.released import apply_released
-from nnsteer.runs.store import (
-    RunDir, file_digest, fingerprint, now_iso, read_json, run_lock, write_json,
+from nnsteer.modeling.models import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    LoadedModel,
+    check_placement,
+    load_model,
+    model_slug,
+    resolve_device,
+    resolve_source,
 )
-
+from nnsteer.modeling.thinking import FORMAT_CHOICES, REASONING_EFFORTS, apply_thinking
+from nnsteer.pipeline.released import apply_released
+from nnsteer.report.page import write_report
+from nnsteer.runs.registry import STAGE_NAMES, STAGES, Stage
+from nnsteer.runs.store import (
+    RunDir,
+    create_run_dir,
+    file_digest,
+    fingerprint,
+    now_iso,
+    read_json,
+    run_lock,
+    write_json,
+)
+from nnsteer.selection.attribution import AGGREGATIONS, METRICS, SPAN_SOURCES, attribute
+from nnsteer.selection.layers import select_layers
+from nnsteer.steer.chains import steer_chains
+from nnsteer.tasks.stage import SPLITS, write_tasks
+from nnsteer.vectors.extract import VARIANTS, extract_vectors
 
 #: The function that runs each stage of :data:`~nnsteer.runs.registry.STAGES`.
 RUNNERS: dict[str, Callable[..., Any]] = {
@@ -422,8 +433,6 @@ class _LazyModel:
 
     def get(self) -> LoadedModel:
         if self._lm is None:
-            from nnsteer.modeling.thinking import apply_thinking
-
             c = self.config
             self._lm = load_model(c.name, device=c.device, dtype=c.dtype, remote=c.remote,
                                   hot_swap=c.hot_swap, ndif_deadline=c.ndif_deadline,
@@ -482,8 +491,6 @@ def check_model(config: Config) -> None:
     """:class:`BadInput` naming the config unless its model is there: an embedded name,
     a local model directory or .gguf file. A Hugging Face id is checked for its form only
     (no network), its device for being on this machine."""
-    from nnsteer.modeling.models import EMBEDDED_MODELS, check_placement, resolve_device, resolve_source
-
     name = config.model.name
     try:
         if name not in EMBEDDED_MODELS:  # an embedded model is there once installed
@@ -542,20 +549,6 @@ def _run_stage(run: RunDir, state: PipelineState, model: _LazyModel, stage: Stag
     _discard(files, SET_ASIDE)
     state.finish(stage.name, fp, _digests(run, stage.outputs))
     log(f"done in {_elapsed(time.perf_counter() - start)}")
-
-
-def create_run_dir(root: Path, origin: str) -> list[Path]:
-    """Create the run directory ``root`` if missing; the directories made, deepest first.
-
-    :class:`BadInput` naming ``origin`` (where the path came from) if it cannot be made.
-    """
-    try:
-        made = [path for path in (root, *root.parents) if not path.exists()]
-        root.mkdir(parents=True, exist_ok=True)
-        return made
-    except OSError as exc:
-        raise BadInput(f"{origin} {root}: cannot create the directory "
-                       f"({exc.strerror or type(exc).__name__})") from None
 
 
 def _fingerprint(run: RunDir, stage: Stage, options: dict[str, Any],

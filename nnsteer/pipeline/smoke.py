@@ -20,7 +20,11 @@ from collections.abc import Callable
 import torch
 
 from nnsteer.errors import first_line
+from nnsteer.generation.loop import generate
+from nnsteer.generation.spec import SteeringSpec
 from nnsteer.modeling.models import LoadedModel
+from nnsteer.selection.attribution import Probe, probe_effects
+from nnsteer.vectors.residuals import Selection, sum_sample_means
 
 #: New tokens the smoke ``generate`` asks for; tokens of the smoke prompt for the others.
 SMOKE_TOKENS = 2
@@ -29,11 +33,6 @@ SMOKE_TEXT = "One, two, three"
 
 def smoke_requests(lm: LoadedModel) -> dict[str, Callable[[], str]]:
     """The three requests by kind, each returning what it got back, in a few words."""
-    from nnsteer.selection.attribution import Probe, probe_effects
-    from nnsteer.generation.loop import generate
-    from nnsteer.generation.spec import SteeringSpec
-    from nnsteer.vectors.residuals import Selection, sum_sample_means
-
     ids = lm.tokenizer(SMOKE_TEXT, add_special_tokens=False)["input_ids"][:4]
     zero = torch.zeros(lm.arch.d_model)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import polars as pl
 
+from nnsteer.annotation.learned import measured_agreement
 from nnsteer.errors import BadInput
 from nnsteer.evaluation.costs import (
     broken_conditions,
@@ -31,19 +32,24 @@ from nnsteer.evaluation.costs import (
     tradeoff_chart,
     tradeoff_rows,
 )
-from nnsteer.evaluation.stage import steering_chart, summarise, summary_text
+from nnsteer.evaluation.shares import steering_chart, summarise, summary_text
 from nnsteer.labels import LABELS
 from nnsteer.runs.registry import STAGES, producer
-from nnsteer.selection.layers import first_allowed_layer, rank_layers, read_layers
-from nnsteer.selection.strength import sweep_frame
-from nnsteer.vectors.extract import cosine_similarity, load_vectors, missing_vectors_note
 from nnsteer.runs.store import (
     RunDir,
-    now_iso,
     nnsteer_version,
+    now_iso,
     read_metadata,
     read_parquet,
     write_text,
+)
+from nnsteer.selection.layers import first_allowed_layer, rank_layers
+from nnsteer.selection.strength import sweep_frame
+from nnsteer.steer.choices import read_layers
+from nnsteer.vectors.extract import (
+    cosine_similarity,
+    load_vectors,
+    missing_vectors_note,
 )
 
 #: Chart name → section title, in page order.
@@ -261,8 +267,6 @@ def label_counts_section(run: RunDir) -> Section:
                  "GPT-4-class annotator at a word-level macro-F1 of about 0.55–0.6 (docs/benchmarks.md, "
                  "Measured figures). Use an LLM annotator for results.</p>")
     if "learned" in annotators:
-        from nnsteer.annotation.learned import measured_agreement
-
         note += (f"<p><strong>Approximate labels:</strong> {html.escape(measured_agreement())} "
                  "Use an LLM annotator for results.</p>")
     return Section("Behaviour labels", note + _table(counts))
@@ -490,7 +494,7 @@ def _coefficients_steered(run: RunDir) -> dict[str, list[float]]:
 
 
 def steering_summary(run: RunDir) -> pl.DataFrame:
-    """:func:`nnsteer.evaluation.stage.summarise` of the run's evaluation, with the draws it used."""
+    """:func:`nnsteer.evaluation.shares.summarise` of the run's evaluation, with the draws it used."""
     return _summary_of_evaluation(run, summarise)
 
 

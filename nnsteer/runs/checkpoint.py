@@ -35,10 +35,11 @@ State = dict[str, torch.Tensor | int | str]
 KEY = "__checkpoint_key__"
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """A hash of a tensor's dtype, shape and exact values."""
+def tensor_digest(tensor: torch.Tensor, layout: bool = True) -> str:
+    """A sha256 of a tensor's dtype, shape and exact values; with ``layout=False``, of its
+    values' bytes alone (the digests ``steer`` records of the vectors it used)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    h = hashlib.sha256(f"{flat.dtype} {tuple(tensor.shape)}".encode())
+    h = hashlib.sha256(f"{flat.dtype} {tuple(tensor.shape)}".encode() if layout else b"")
     h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

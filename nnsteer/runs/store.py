@@ -16,12 +16,14 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from nnsteer.errors import BadInput, NnsteerError
+from nnsteer.labels import FAILED, OK, UNALIGNED, UNKNOWN_LABEL
 from nnsteer.runs.registry import RUN_FILES, producer
 
 
@@ -105,9 +107,7 @@ def now_iso() -> str:
 
 def nnsteer_version() -> str:
     """The installed nnsteer version (for provenance)."""
-    from nnsteer import __version__
-
-    return __version__
+    return version("nnsteer")
 
 
 def provenance(stage: str, options: dict[str, Any], model: dict[str, Any] | None = None) -> dict:
@@ -143,6 +143,20 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
 
 LOCK_NAME = ".nnsteer.lock"
 _held: dict[Path, tuple[int, int]] = {}  # run directory -> (lock file descriptor, depth)
+
+
+def create_run_dir(root: Path, origin: str) -> list[Path]:
+    """Create the run directory ``root`` if missing; the directories made, deepest first.
+
+    :class:`BadInput` naming ``origin`` (where the path came from) if it cannot be made.
+    """
+    try:
+        made = [path for path in (root, *root.parents) if not path.exists()]
+        root.mkdir(parents=True, exist_ok=True)
+        return made
+    except OSError as exc:
+        raise BadInput(f"{origin} {root}: cannot create the directory "
+                       f"({exc.strerror or type(exc).__name__})") from None
 
 
 @contextlib.contextmanager
@@ -256,8 +270,6 @@ ROW_RULES: dict[str, dict[str, Any]] = {
 
 def _check_rows(path: Path, df: pl.DataFrame) -> None:
     """:class:`BadInput` naming ``path`` and the first bad row against :data:`ROW_RULES`."""
-    from nnsteer.annotation.spans import FAILED, OK, UNALIGNED, UNKNOWN_LABEL
-
     rules = ROW_RULES.get(path.name, {})
     for column in rules.get("integer", ()):
         if column in df.columns and not df.schema[column].is_integer():

@@ -47,14 +47,14 @@ from typing import Any
 import polars as pl
 import torch
 
-from nnsteer.runs.checkpoint import Checkpoint, announce_resume
 from nnsteer.errors import BadInput, say
 from nnsteer.labels import STEERED_LABELS
 from nnsteer.modeling.models import LoadedModel
 from nnsteer.modeling.positions import overlapping_tokens, token_offsets
 from nnsteer.ndif.remote import with_retries
-from nnsteer.selection.layers import no_steered_vector
+from nnsteer.runs.checkpoint import Checkpoint, announce_resume
 from nnsteer.runs.store import RunDir, provenance, write_parquet
+from nnsteer.selection.layers import no_steered_vector
 from nnsteer.vectors.extract import VectorSet, check_current, load_vectors, read_inputs
 
 #: First-order estimates ``ΔL = u · ∂L/∂a_l`` (one backward pass per batch of probes).

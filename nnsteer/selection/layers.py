@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 
 from nnsteer.errors import BadInput
+from nnsteer.generation.spec import check_coefficient
 from nnsteer.labels import STEERED_LABELS
-from nnsteer.runs.store import RunDir, damaged, provenance, read_json, read_parquet, write_json
+from nnsteer.modeling.models import LoadedModel
+from nnsteer.runs.store import RunDir, damaged, provenance, read_parquet, write_json
+from nnsteer.selection.strength import auto_coefficients, check_auto
+from nnsteer.steer.choices import LayerChoice
 from nnsteer.vectors.extract import load_vectors
-
-if TYPE_CHECKING:
-    from nnsteer.modeling.models import LoadedModel
 
 #: ``coefficient`` that asks for a dose-response on the validation tasks (:mod:`nnsteer.selection.strength`).
 AUTO = "auto"
@@ -93,63 +93,6 @@ def no_steered_vector(run: RunDir) -> str:
             f"no usable span of them in {run.annotations.name}")
 
 
-def check_coefficient(value: Any, what: str) -> float:
-    """``value`` as a steering coefficient: a finite number >= 0 (the direction gives the sign).
-
-    :class:`BadInput` naming ``what`` (an option or a file entry) otherwise.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0:
-        raise BadInput(f"{what}: {value!r} is not a number >= 0 (the direction gives the sign)")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class LayerChoice:
-    """One behaviour's entry of ``layers.json``."""
-
-    vector_layer: int
-    layers: tuple[int, ...]
-    coefficient: float
-    chosen_by: str = ""
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-
-def read_layers(path: Path) -> dict[str, LayerChoice]:
-    """Every entry of a ``layers.json``, by behaviour; :class:`BadInput` naming the file and
-    the entry for one that is not ``{vector_layer, layers, coefficient}`` of the right types.
-    Layers are checked against a model by the stage that has one."""
-    raw = read_json(path)
-    if not isinstance(raw, dict):
-        raise damaged(path, "expected an object keyed by behaviour label")
-    return {label: _layer_choice(entry, path, label) for label, entry in raw.items()}
-
-
-def _layer_choice(entry: Any, path: Path, label: str) -> LayerChoice:
-    def is_index(x: Any) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-    def bad(why: str) -> BadInput:
-        return damaged(path, f"entry {label!r}: {why}")
-
-    if not isinstance(entry, dict):
-        raise bad("expected {vector_layer, layers, coefficient}")
-    layers = entry.get("layers")
-    if not is_index(entry.get("vector_layer")):
-        raise bad("vector_layer must be an integer >= 0")
-    if not isinstance(layers, list) or not layers or not all(is_index(x) for x in layers):
-        raise bad("layers must be a non-empty list of integers >= 0")
-    if len(set(layers)) != len(layers):
-        raise bad("layers repeat a layer")
-    try:
-        coefficient = check_coefficient(entry.get("coefficient"), "coefficient")
-    except BadInput as exc:
-        raise bad(str(exc)) from None
-    made = entry.get("provenance")
-    return LayerChoice(entry["vector_layer"], tuple(layers), coefficient,
-                       str(entry.get("chosen_by", "")), made if isinstance(made, dict) else {})
-
-
 def read_attribution(run: RunDir, n_layers: int) -> pl.DataFrame:
     """``attribution.parquet``'s label, layer and effect columns; :class:`BadInput` naming
     the file for a row whose layer is not one of the model's ``n_layers`` or whose effect
@@ -205,8 +148,6 @@ def select_layers(
         raise BadInput(f"--top-k {top_k}: expected at least 1")
     auto = coefficient == AUTO
     if auto:
-        from nnsteer.selection.strength import check_auto
-
         bounds, grid = check_auto(run, grid, max_coherence_cost, max_repetition_cost,
                                   max_accuracy_cost)
         coefficient = min(grid)
@@ -242,8 +183,6 @@ def select_layers(
     made = provenance("select", options)
     swept: dict[str, dict[str, Any]] = {}
     if auto:
-        from nnsteer.selection.strength import auto_coefficients
-
         swept = auto_coefficients(
             run, lm, {c.label: LayerChoice(c.layers[0], tuple(c.layers), 1.0) for c in choices},
             bounds, grid, limit=validation_limit, max_new_tokens=max_new_tokens,

@@ -6,7 +6,7 @@ grid (default :data:`DEFAULT_GRID`, log-spaced 0.25–8), positive steering at t
 behaviour's chosen layers against one unsteered chain per task. The chains
 (``sweep.parquet``, resumable) are annotated with the run's annotator and measured as
 ``evaluate`` measures steered chains: the behaviour effect is the paired difference of
-the behaviour's share (pp, :func:`nnsteer.evaluation.stage.summarise`), the costs the paired
+the behaviour's share (pp, :func:`nnsteer.evaluation.shares.summarise`), the costs the paired
 differences of ``nll_unsteered`` (coherence, nats/token), ``repetition`` (pp) and
 ``correct`` (accuracy, pp) (:func:`nnsteer.evaluation.costs.summarise_costs`).
 
@@ -29,12 +29,29 @@ from typing import Any
 
 import polars as pl
 
+from nnsteer.annotation.stage import annotate_frame, resolve_annotator
 from nnsteer.errors import BadInput
-from nnsteer.generation.loop import DEFAULT_PROMPT_TEMPLATE, ChainJob, run_chain_jobs
+from nnsteer.evaluation import costs as tradeoffs
+from nnsteer.evaluation.shares import chain_fractions, summarise
+from nnsteer.evaluation.stage import training_annotator
+from nnsteer.generation.loop import (
+    DEFAULT_PROMPT_TEMPLATE,
+    ChainJob,
+    run_chain_jobs,
+    split_tasks,
+)
 from nnsteer.generation.spec import SteeringSpec
+from nnsteer.modeling.identity import check_made_on
 from nnsteer.modeling.models import LoadedModel
-from nnsteer.selection.layers import LayerChoice
 from nnsteer.runs.store import RunDir, provenance, read_parquet
+from nnsteer.steer.chains import (
+    baseline_chain_id,
+    behaviour_vectors,
+    steered_chain_id,
+    vector_digest,
+)
+from nnsteer.steer.choices import LayerChoice
+from nnsteer.vectors.extract import load_vectors, per_layer
 
 #: The default grid: log-spaced from 0.25 to 8 (each twice the one before).
 DEFAULT_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -152,19 +169,11 @@ def sweep_coefficients(
     (pp) with ``effect_low`` / ``effect_high``, ``coherence``, ``repetition``, ``accuracy``
     (paired differences, see the module) and ``n_pairs``, measured on the first ``limit``
     validation tasks."""
-    from nnsteer.evaluation import costs as tradeoffs
-    from nnsteer.annotation.stage import annotate_frame, resolve_annotator
-    from nnsteer.evaluation.stage import _training_annotator, chain_fractions, summarise
-    from nnsteer.generation.loop import split_tasks
-    from nnsteer.modeling.identity import check_made_on
-    from nnsteer.steer.chains import _behaviour_vectors, _digest, baseline_chain_id, steered_chain_id
-    from nnsteer.vectors.extract import load_vectors, per_layer
-
     grid = check_grid(grid)
     tasks = split_tasks(run, "validation", limit)
     vector_set = load_vectors(run.vectors)
     check_made_on(vector_set.metadata, lm, str(run.vectors), False)
-    vectors = _behaviour_vectors(vector_set, choices, lm, seed, control=False)
+    vectors = behaviour_vectors(vector_set, choices, lm, seed, control=False)
     jobs = []
     for task_id, prompt in tasks.select("task_id", "prompt").iter_rows():
         jobs.append(ChainJob(baseline_chain_id(task_id), task_id, "validation", prompt))
@@ -176,12 +185,12 @@ def sweep_coefficients(
                                      c, choice.layers, "behaviour", "all"))
     options = {"grid": grid, "limit": limit, "max_new_tokens": max_new_tokens,
                "batch_size": batch_size, "prompt_template": prompt_template}
-    used = {b: {"behaviour": _digest(v["behaviour"])} for b, v in vectors.items()}
+    used = {b: {"behaviour": vector_digest(v["behaviour"])} for b, v in vectors.items()}
     path = run.path(SWEEP_FILE)
     chains = run_chain_jobs(lm, jobs, path, provenance("select", options, lm.provenance()), used,
                             max_new_tokens=max_new_tokens, batch_size=batch_size,
                             prompt_template=prompt_template)
-    annotator = resolve_annotator(_training_annotator(run))
+    annotator = resolve_annotator(training_annotator(run))
     spans = annotate_frame(chains, annotator=annotator, progress=False)
     evaluation = chain_fractions(chains, spans, lm.tokenizer).join(
         tradeoffs.cost_table(run, lm.tokenizer, lm, batch_size=batch_size, chains=path),

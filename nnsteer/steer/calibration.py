@@ -19,12 +19,17 @@ import torch
 from tqdm.auto import tqdm
 
 from nnsteer.errors import BadInput
-from nnsteer.modeling.models import LoadedModel
 from nnsteer.generation.modes import calibrate_threshold
 from nnsteer.generation.spec import unit
+from nnsteer.modeling.models import LoadedModel
 from nnsteer.ndif.remote import with_retries
 from nnsteer.runs.store import RunDir, provenance, read_json, write_json
-from nnsteer.vectors.extract import AnnotatedChain, annotated_chains, load_vectors, read_inputs
+from nnsteer.vectors.extract import (
+    AnnotatedChain,
+    annotated_chains,
+    load_vectors,
+    read_inputs,
+)
 
 
 def calibrate_conditions(run: RunDir, lm: LoadedModel, *, batch_size: int = 8,

@@ -30,12 +30,26 @@ from nnsteer.generation.loop import (
     run_chain_jobs,
     split_tasks,
 )
-from nnsteer.generation.spec import SteeringSpec
+from nnsteer.generation.spec import (
+    Condition,
+    SteeringSpec,
+    check_coefficient,
+    check_mode,
+    mode_name,
+    parse_when,
+    unit,
+)
 from nnsteer.modeling.identity import check_made_on
 from nnsteer.modeling.models import LoadedModel
-from nnsteer.generation.spec import Condition, check_mode, mode_name, parse_when, unit
-from nnsteer.selection.layers import LayerChoice, check_coefficient, read_layers
-from nnsteer.runs.store import RunDir, provenance, read_json, read_metadata, read_parquet
+from nnsteer.runs.checkpoint import tensor_digest
+from nnsteer.runs.store import (
+    RunDir,
+    provenance,
+    read_json,
+    read_metadata,
+    read_parquet,
+)
+from nnsteer.steer.choices import LayerChoice, read_layers
 from nnsteer.vectors.extract import VectorSet, load_vectors, per_layer, steered_rows
 
 DIRECTIONS = ("positive", "negative")
@@ -135,11 +149,11 @@ def steer_chains(
     behaviours = list(choices)
     vector_set = load_vectors(run.vectors)
     check_made_on(vector_set.metadata, lm, str(run.vectors), force)
-    vectors = _behaviour_vectors(vector_set, choices, lm, seed, random_control)
+    vectors = behaviour_vectors(vector_set, choices, lm, seed, random_control)
     condition = None if when is None else read_condition(run, when, vector_set, lm)
-    used = {b: {k: _digest(v) for k, v in kinds.items()} for b, kinds in vectors.items()}
+    used = {b: {k: vector_digest(v) for k, v in kinds.items()} for b, kinds in vectors.items()}
     if condition is not None:
-        used["when"] = {condition.name: _digest(condition.vector)}
+        used["when"] = {condition.name: vector_digest(condition.vector)}
     earlier = _earlier_coefficients(run, chains_resume_key(lm, max_new_tokens, used), choices)
     plan = {behaviour: sorted({*(coefficients or [choice.coefficient]), *earlier.get(behaviour, ())})
             for behaviour, choice in choices.items()}
@@ -224,7 +238,7 @@ def _earlier_coefficients(
     return earlier
 
 
-def _behaviour_vectors(
+def behaviour_vectors(
     vector_set: VectorSet,
     choices: dict[str, LayerChoice],
     lm: LoadedModel,
@@ -250,5 +264,6 @@ def _behaviour_vectors(
     return vectors
 
 
-def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()[:16]
+def vector_digest(vector: torch.Tensor) -> str:
+    """The short digest ``steer`` records of each vector it steers with (in its resume key)."""
+    return tensor_digest(vector, layout=False)[:16]

@@ -28,13 +28,35 @@ from typing import Any, Literal
 import torch
 
 from nnsteer.errors import BadInput
-from nnsteer.generation.spec import Direction, SteeringSpec
-from nnsteer.modeling.identity import HOOK_SITE, LAYER_NUMBERING, OPERATION, application, check_made_on
+from nnsteer.generation.spec import Direction, SteeringSpec, check_coefficient
 from nnsteer.labels import OVERALL
+from nnsteer.modeling.identity import (
+    HOOK_SITE,
+    LAYER_NUMBERING,
+    OPERATION,
+    application,
+    check_made_on,
+)
 from nnsteer.modeling.models import LoadedModel
-from nnsteer.selection.layers import LayerChoice, check_coefficient, read_layers
-from nnsteer.runs.store import RunDir, atomic_path, damaged, file_digest, provenance, read_json, require, write_json
-from nnsteer.vectors.extract import PER_LAYER, VectorSet, load_vectors, per_layer, save_vectors, steered_rows
+from nnsteer.runs.store import (
+    RunDir,
+    atomic_path,
+    damaged,
+    file_digest,
+    provenance,
+    read_json,
+    require,
+    write_json,
+)
+from nnsteer.steer.choices import LayerChoice, read_layers
+from nnsteer.vectors.extract import (
+    PER_LAYER,
+    VectorSet,
+    load_vectors,
+    per_layer,
+    save_vectors,
+    steered_rows,
+)
 
 FORMATS = ("gguf", "pt")
 ARCHITECTURE = "controlvector"

@@ -24,7 +24,8 @@ from nnsteer.errors import BadInput
 from nnsteer.generation.spec import Direction
 from nnsteer.modeling.models import Architecture
 from nnsteer.runs.store import RunDir
-from nnsteer.vectors.extract import VectorSet
+from nnsteer.steer.export import additions, read_control_vector, run_additions
+from nnsteer.vectors.extract import VectorSet, load_vectors
 
 Vectors = VectorSet | RunDir | Path | str | Mapping[int, torch.Tensor]
 
@@ -80,8 +81,6 @@ def _adder(delta: torch.Tensor) -> Any:
 
 def _resolve(vectors: Vectors, *, behaviour: str | None, coefficient: float | None,
              direction: Direction, **choice: Any) -> dict[int, torch.Tensor]:
-    from nnsteer.steer.export import additions, read_control_vector, run_additions
-
     if isinstance(vectors, (str, Path)) and Path(vectors).suffix in (".gguf", ".pt"):
         vectors = read_control_vector(vectors)[0]
     if isinstance(vectors, Mapping):
@@ -96,7 +95,5 @@ def _resolve(vectors: Vectors, *, behaviour: str | None, coefficient: float | No
         run = vectors if isinstance(vectors, RunDir) else RunDir(Path(vectors))
         return run_additions(run, behaviour, **overrides)[0]
     if isinstance(vectors, (str, Path)):
-        from nnsteer.vectors.extract import load_vectors
-
         vectors = load_vectors(vectors)
     return additions(vectors, behaviour, **overrides)

@@ -18,8 +18,8 @@ from typing import Any
 
 import polars as pl
 
-from nnsteer.package_data import package_path
 from nnsteer.errors import BadInput
+from nnsteer.package_data import package_path
 from nnsteer.runs.store import RunDir, provenance, write_parquet
 
 #: The paper's task categories (Table 1), exactly as the ``category`` column spells them.

@@ -14,6 +14,7 @@ import polars as pl
 
 from nnsteer.errors import BadInput
 from nnsteer.runs.store import RunDir
+from nnsteer.tasks.claude import DEFAULT_CLAUDE, generate_tasks
 from nnsteer.tasks.files import (  # noqa: F401 (re-exported: the tasks API in one place)
     BUILTIN_PATH,
     CATEGORIES,
@@ -33,7 +34,6 @@ from nnsteer.tasks.files import (  # noqa: F401 (re-exported: the tasks API in o
     save_tasks,
     tasks_frame,
 )
-from nnsteer.tasks.claude import DEFAULT_CLAUDE, generate_tasks
 
 
 def write_tasks(

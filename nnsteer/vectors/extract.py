@@ -43,17 +43,29 @@ from typing import Any, Literal
 import polars as pl
 import torch
 
+from nnsteer.annotation.spans import Span
 from nnsteer.annotation.stage import check_annotated, label_positions, spans_by_chain
 from nnsteer.errors import BadInput, say
-from nnsteer.modeling.identity import application
 from nnsteer.labels import LABELS, OVERALL, STEERED_LABELS
+from nnsteer.modeling.identity import application
 from nnsteer.modeling.models import LoadedModel
-from nnsteer.modeling.positions import decode_response, overlapping_tokens, token_offsets
-from nnsteer.vectors.residuals import Selection, sum_sample_means
-from nnsteer.annotation.spans import Span
-from nnsteer.runs.store import (
-    RunDir, atomic_path, damaged, file_digest, provenance, read_complete, read_metadata, read_parquet, require,
+from nnsteer.modeling.positions import (
+    decode_response,
+    overlapping_tokens,
+    token_offsets,
 )
+from nnsteer.runs.store import (
+    RunDir,
+    atomic_path,
+    damaged,
+    file_digest,
+    provenance,
+    read_complete,
+    read_metadata,
+    read_parquet,
+    require,
+)
+from nnsteer.vectors.residuals import Selection, sum_sample_means
 
 #: How each variant rescales its vectors (recorded in the metadata).
 NORMALISATION: dict[str, str] = {"paper": "none", "released-code": "overall-norm-per-layer"}

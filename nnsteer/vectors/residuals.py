@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nnsteer.runs.checkpoint import Checkpoint, announce_resume
 from nnsteer.modeling.models import LoadedModel
 from nnsteer.ndif.remote import with_retries
+from nnsteer.runs.checkpoint import Checkpoint, announce_resume
 
 
 @dataclass(frozen=True)
