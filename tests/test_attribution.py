@@ -22,15 +22,15 @@ from nnsteer.modeling.positions import decode_response
 from nnsteer.runs.store import RunDir, read_metadata, write_parquet
 from nnsteer.selection import attribution
 from nnsteer.selection.attribution import (
-    METRICS,
+    ATTRIBUTION_METRICS,
     SPANS_FILE,
     attribute,
-    attribution_chart,
     check_vectors,
     find_probes,
     probe_effects,
     spearman,
 )
+from nnsteer.selection.figure3 import figure3_chart
 from nnsteer.vectors.extract import VectorSet, save_vectors
 
 #: The KV cache goes in and out under the name the model's output uses (decided inside
@@ -256,7 +256,7 @@ def test_kl2_approximates_exact_for_small_vectors(llama, chain, probes):
     torch.testing.assert_close(exact, second, rtol=0.05, atol=0)
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", ATTRIBUTION_METRICS)
 def test_remote_local_equals_local(tokenizer, llama, chain, probes, metric):
     simulated = make_tiny("llama", tokenizer, remote="local")
     vectors = _vectors(llama)
@@ -351,7 +351,7 @@ def test_attribute_stage_writes_table_and_validation(llama, tokenizer, tmp_path)
                 return rows.sort("layer")["effect"].to_list()
             expected = scipy_free_spearman(profile(name), profile("exact"))
             assert rho == pytest.approx(expected, nan_ok=True)
-    html = attribution_chart(df).to_html()
+    html = figure3_chart(df).to_html()
     assert "backtracking" in html
 
 
@@ -363,7 +363,7 @@ def test_bad_inputs(llama, tokenizer, tmp_path):
     with pytest.raises(BadInput, match="extracted from 'other/model'"):
         attribute(wrong_model, llama)
     narrow = VectorSet({"backtracking": torch.zeros(llama.arch.n_layers, 32)})
-    with pytest.raises(BadInput, match=r"\[4, 32\] but tiny-llama has 4 layers of width 64"):
+    with pytest.raises(BadInput, match=r"\[4, 32\] per label but tiny-llama has 4 layers of width 64"):
         check_vectors(narrow, llama, "v.safetensors")
     run = _write_run(tmp_path / "c", llama, [chain], labels=["backtracking", "deduction"])
     with pytest.raises(BadInput, match="no usable 'own' span for label.*deduction"):
@@ -460,21 +460,21 @@ def test_damaged_attribute_partial_file_is_ignored(llama, three_chains, tmp_path
 
 
 def test_chain_aggregation_is_the_mean_of_chain_means():
-    from nnsteer.selection.attribution import Probe, summarize
+    from nnsteer.selection.attribution import Probe, layer_effects
 
     probes = [Probe("a", "backtracking", "deduction", 3, 0), Probe("a", "backtracking", "x", 5, 0),
               Probe("b", "backtracking", "x", 4, 0), Probe("b", "example-testing", "x", 4, 0)]
     effects = torch.tensor([[1.0, -2.0], [3.0, 4.0], [-5.0, 0.0], [2.0, 2.0]])
-    chains = summarize(probes, effects, "released-code", "chains")
+    chains = layer_effects(probes, effects, "released-code", "chains")
     rows = chains.filter(pl.col("label") == "backtracking").sort("layer")
     # chain a: (1 + 3) / 2 = 2 and (2 + 4) / 2 = 3; chain b: 5 and 0
     assert rows["effect"].to_list() == pytest.approx([3.5, 1.5])
     assert rows["std"].to_list() == pytest.approx([1.5, 1.5])  # ddof 0 over the 2 chains
     assert rows["n_spans"].to_list() == [3, 3] and rows["n_chains"].to_list() == [2, 2]
-    pooled = summarize(probes, effects, "released-code").filter(pl.col("label") == "backtracking")
+    pooled = layer_effects(probes, effects, "released-code").filter(pl.col("label") == "backtracking")
     assert pooled.sort("layer")["effect"].to_list() == pytest.approx([3.0, 2.0])
     with pytest.raises(BadInput, match="--aggregate 'chain'"):
-        summarize(probes, effects, "nll", "chain")
+        layer_effects(probes, effects, "nll", "chain")
 
 
 def test_limit_attributes_the_first_chains(llama, tokenizer, tmp_path):

@@ -420,7 +420,7 @@ def test_every_chain_gets_its_costs(tmp_path, tiny_llama, capsys):
     from nnsteer.evaluation.costs import summarise_costs
     from nnsteer.evaluation.grader import grade_offline
     from nnsteer.evaluation.metrics import (
-        METRICS,
+        CHAIN_METRICS,
         answer_text,
         nll_unsteered,
         text_costs,
@@ -459,7 +459,7 @@ def test_every_chain_gets_its_costs(tmp_path, tiny_llama, capsys):
         assert row["correct"] is expected and row["grader"] == "offline"
     assert evaluation.filter(pl.col("nll_unsteered").is_null()).height == 0
     costs = summarise_costs(evaluation, n_boot=100)
-    assert set(costs["metric"]) == {"correct", *METRICS}
+    assert set(costs["metric"]) == {"correct", *CHAIN_METRICS}
     meta = read_metadata(run.evaluation)
     assert meta["repetition_ngram"] == 4 and len(meta["costs"]) == costs.height
     assert meta["options"]["grader"] == "offline"
@@ -468,7 +468,8 @@ def test_every_chain_gets_its_costs(tmp_path, tiny_llama, capsys):
 
     # The report's example chains come from this real steer: the unsteered chain (vector
     # "none") and both directions, each with its cost figures.
-    from nnsteer.report.page import costs_section, example_chains_section
+    from nnsteer.report.examples import example_chains_section
+    from nnsteer.report.steering import costs_section
 
     body = example_chains_section(run).body
     assert body.count("<tr>") == 3 and "<th>unsteered<div" in body

@@ -34,7 +34,11 @@ from nnsteer.errors import BadInput
 from nnsteer.generation.loop import generate
 from nnsteer.generation.spec import SteeringSpec
 from nnsteer.modeling.architecture import SUPPORTED_FAMILIES, Architecture
-from nnsteer.selection.attribution import METRICS, find_probes, probe_effects
+from nnsteer.selection.attribution import (
+    ATTRIBUTION_METRICS,
+    find_probes,
+    probe_effects,
+)
 
 #: Families whose cache is not plain keys and values: attribution's no-cache path.
 NO_PLAIN_CACHE = {"gpt_oss", "olmo3", "mistral", "gemma2", "gemma3_text", "exaone4",
@@ -102,7 +106,7 @@ def test_steering_equals_forward_hook_and_batched_equals_one_by_one(family_model
     assert ids(batched) == ids(single)
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", ATTRIBUTION_METRICS)
 def test_no_cache_path_equals_the_cache_path(tiny_llama, metric):
     """On a model with a plain KV cache both attribution paths give the same effects."""
     import dataclasses
@@ -283,14 +287,14 @@ def test_bad_placement_is_one_line(device_map, max_memory, message):
 
 
 def test_config_placement_reaches_the_loader(tmp_path, saved_gpt_oss):
-    from nnsteer.pipeline.run import check_model, load_config
+    from nnsteer.pipeline.run import check_model, read_config
 
     config = tmp_path / "c.toml"
     config.write_text(f'[model]\nname = "{saved_gpt_oss}"\ndevice_map = {{"model" = "cpu", '
                       f'"lm_head" = "disk"}}\nmax_memory = {{"cpu" = "2GiB"}}\n')
-    parsed = load_config(config)
+    parsed = read_config(config)
     assert parsed.model.device_map == {"model": "cpu", "lm_head": "disk"}
     check_model(parsed)
     config.write_text(f'[model]\nname = "{saved_gpt_oss}"\ndevice_map = "nowhere"\n')
     with pytest.raises(BadInput, match=r"c.toml: \[model\] device_map 'nowhere'"):
-        check_model(load_config(config))
+        check_model(read_config(config))

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.pipeline.run import (
-    load_config,
+    read_config,
     run_pipeline,
     select_stages,
     stage_function,
@@ -43,7 +43,7 @@ def write_config(path: Path, text: str) -> Path:
 def test_unknown_keys_name_file_and_key(tmp_path, text, key):
     config = write_config(tmp_path / "bad.toml", text)
     with pytest.raises(BadInput, match=f"bad.toml: unknown key {key}".replace("[", r"\[").replace("]", r"\]")):
-        run_pipeline(load_config(config), run_dir=tmp_path / "run")
+        run_pipeline(read_config(config), run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing done before the check
 
 
@@ -52,16 +52,16 @@ def test_unknown_keys_name_file_and_key(tmp_path, text, key):
 def test_bad_values_are_bad_input(tmp_path, text):
     config = write_config(tmp_path / "bad.toml", text)
     with pytest.raises(BadInput, match="bad.toml"):
-        run_pipeline(load_config(config), run_dir=tmp_path / "run")
+        run_pipeline(read_config(config), run_dir=tmp_path / "run")
 
 
 def test_shipped_configs_parse():
     for path in sorted(CONFIGS.glob("*.toml")):
-        config = load_config(path)
+        config = read_config(path)
         assert config.run_dir is not None
         for stage in STAGES:  # every key is an option of the stage's function
             stage_options(config, stage, stage_function(stage))
-    paper = load_config(CONFIGS / "paper-qwen-14b.toml")
+    paper = read_config(CONFIGS / "paper-qwen-14b.toml")
     assert paper.options["select"]["layers"]["adding-knowledge"] == [24]
     assert paper.options["tasks"]["per_category"] == 30
     assert paper.options["generate"]["max_new_tokens"] == 500
@@ -88,7 +88,7 @@ def _tasks_run(tmp_path: Path, per_category: int) -> tuple[RunDir, list[str]]:
     config = write_config(tmp_path / "tasks.toml",
                           f"[tasks]\nper_category = {per_category}\neval_per_category = 1\n")
     lines: list[str] = []
-    run = run_pipeline(load_config(config), run_dir=tmp_path / "run", only=["tasks"], log=lines.append)
+    run = run_pipeline(read_config(config), run_dir=tmp_path / "run", only=["tasks"], log=lines.append)
     return run, lines
 
 
@@ -241,7 +241,7 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
 def test_rejected_option_value_keeps_the_finished_outputs(pipeline_config, tmp_path, stage, change):
     run_dir = tmp_path / "run"
     lines: list[str] = []
-    run_pipeline(load_config(pipeline_config), run_dir=run_dir, log=lines.append)
+    run_pipeline(read_config(pipeline_config), run_dir=run_dir, log=lines.append)
     before = _snapshot(run_dir)
     bad = write_config(tmp_path / "bad.toml", change(pipeline_config.read_text()))
 
@@ -253,14 +253,14 @@ def test_rejected_option_value_keeps_the_finished_outputs(pipeline_config, tmp_p
 
     (run_dir / ".vectors.safetensors.set-aside").write_bytes(b"left by a killed run")
     lines.clear()
-    run_pipeline(load_config(pipeline_config), run_dir=run_dir, log=lines.append)
+    run_pipeline(read_config(pipeline_config), run_dir=run_dir, log=lines.append)
     assert all("skipped (up to date)" in line for line in lines) and len(lines) == len(STAGES)
     assert _snapshot(run_dir) == before  # the left-over is gone too
 
     fixed = write_config(tmp_path / "fixed.toml", pipeline_config.read_text().replace(
         "max_new_tokens = 12", "max_new_tokens = 10"))
     lines.clear()
-    run_pipeline(load_config(fixed), run_dir=run_dir, only=["steer"], log=lines.append)
+    run_pipeline(read_config(fixed), run_dir=run_dir, only=["steer"], log=lines.append)
     assert "running" in lines[0]  # a changed value reruns the stage
     assert pl.read_parquet(run_dir / "steered.parquet")["output_ids"].list.len().max() <= 10
     assert not list(run_dir.glob(".*.set-aside"))
@@ -300,7 +300,7 @@ def test_run_dir_that_cannot_be_created_is_bad_input(tmp_path):
     (tmp_path / "file.txt").write_text("")
     config = write_config(tmp_path / "c.toml", f'run_dir = "{tmp_path}/file.txt/run"\n')
     with pytest.raises(BadInput, match=r"c.toml: run_dir .*/file.txt/run: cannot create the directory"):
-        run_pipeline(load_config(config), only=["tasks"])
+        run_pipeline(read_config(config), only=["tasks"])
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path):
@@ -314,10 +314,10 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
 
 def test_every_shipped_config_is_accepted_and_the_demo_runs_the_thinking_model():
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")):
-        config = load_config(path)
+        config = read_config(path)
         for stage in STAGES:
             stage_options(config, stage, stage_function(stage))  # BadInput for a bad key or value
-    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml")
+    demo = read_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml")
     assert demo.model.name == "smollm2-135m-r1" and demo.options["extract"]["min_spans"] == 10
 
 
@@ -326,7 +326,7 @@ def test_min_spans_below_one_in_a_config_is_one_line(tmp_path):
     path.write_text("[extract]\nmin_spans = 0\n")
     extract = next(s for s in STAGES if s.name == "extract")
     with pytest.raises(BadInput, match=r"c.toml: \[extract\] min_spans = 0: must be 1 or more"):
-        stage_options(load_config(path), extract, stage_function(extract))
+        stage_options(read_config(path), extract, stage_function(extract))
 
 
 def test_select_auto_in_a_config_sweeps_the_validation_tasks(pipeline_config, tmp_path):
@@ -334,7 +334,7 @@ def test_select_auto_in_a_config_sweeps_the_validation_tasks(pipeline_config, tm
         "eval_per_category = 1", "eval_per_category = 1\nvalidation_per_category = 1")
         + '\n[select]\ncoefficient = "auto"\ngrid = [0.5, 2.0]\nvalidation_limit = 2\n'
           "max_new_tokens = 6\n")
-    run = run_pipeline(load_config(auto), run_dir=tmp_path / "run", log=lambda line: None)
+    run = run_pipeline(read_config(auto), run_dir=tmp_path / "run", log=lambda line: None)
     layers = json.loads(run.layers.read_text())
     for entry in layers.values():
         record = entry["provenance"]["coefficient_sweep"]
@@ -345,4 +345,4 @@ def test_select_auto_in_a_config_sweeps_the_validation_tasks(pipeline_config, tm
     with pytest.raises(BadInput, match=r'\[select\] coefficient = \'strong\': must be a number >= 0 or "auto"'):
         bad = write_config(tmp_path / "bad.toml", auto.read_text().replace(
             'coefficient = "auto"', 'coefficient = "strong"'))
-        run_pipeline(load_config(bad), run_dir=tmp_path / "run", only=["select"])
+        run_pipeline(read_config(bad), run_dir=tmp_path / "run", only=["select"])

@@ -23,7 +23,7 @@ from nnsteer.pipeline.released import (
     apply_released,
     released_options,
 )
-from nnsteer.pipeline.run import load_config, stage_function, stage_options
+from nnsteer.pipeline.run import read_config, stage_function, stage_options
 from nnsteer.runs.registry import STAGES
 from nnsteer.runs.store import RunDir, read_metadata
 from nnsteer.vectors.extract import load_vectors
@@ -172,7 +172,7 @@ def test_released_options_and_overrides(tmp_path):
     path.write_text('released_code = true\n[model]\nname = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"\n'
                     '[attribute]\nmetric = "nll"\n')
     lines: list[str] = []
-    config = apply_released(load_config(path), lines.append)
+    config = apply_released(read_config(path), lines.append)
     assert config.options["attribute"] == {"metric": "nll", "spans": "others", "limit": 50,
                                            "aggregate": "chains"}
     assert config.options["select"]["layers"]["backtracking"] == [12]
@@ -182,12 +182,12 @@ def test_released_options_and_overrides(tmp_path):
         stage_options(config, stage, stage_function(stage))
     path.write_text("released_code = 1\n")
     with pytest.raises(BadInput, match="released_code must be true or false"):
-        load_config(path)
+        read_config(path)
 
 
 def test_paper_configs_use_the_released_prompt():
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/paper-*.toml")):
-        options = load_config(path).options
+        options = read_config(path).options
         assert options["generate"]["prompt_template"] == "released-thinking", path
         assert options["steer"]["prompt_template"] == "released-thinking", path
 

@@ -514,16 +514,16 @@ def test_is_transient_server_side_job_error_is_not():
 
 
 def test_config_model_table_takes_the_ndif_options(tmp_path):
-    from nnsteer.pipeline.run import load_config
+    from nnsteer.pipeline.run import read_config
 
     path = tmp_path / "c.toml"
     path.write_text("[model]\nname = 'org/big-model'\nremote = true\nhot_swap = true\n"
                     "ndif_deadline = 900.0\n")
-    model = load_config(path).model
+    model = read_config(path).model
     assert model.hot_swap is True and model.ndif_deadline == 900.0
     path.write_text("[model]\nhot_swap = 'yes'\n")
     with pytest.raises(BadInput, match=r"\[model\] hot_swap = 'yes': expected bool"):
-        load_config(path)
+        read_config(path)
 
 
 def test_cli_options_reach_load_model(monkeypatch):

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from nnsteer.cli import cli
 from nnsteer.labels import LABELS, OVERALL, STEERED_LABELS
-from nnsteer.report.page import CHARTS, write_report
+from nnsteer.report.page import write_report
+from nnsteer.report.blocks import CHARTS
 from nnsteer.runs.store import RunDir, provenance, write_json, write_parquet
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -168,8 +169,9 @@ def test_first_lines_say_which_behaviour_got_no_vector_and_the_verdicts(full_rep
 
 
 def test_figure3_marks_skipped_chosen_and_runner_up_layers(full_report):
-    from nnsteer.report.page import figure3_chart, layer_marks
+    from nnsteer.report.layers import layer_marks
     from nnsteer.runs.store import read_parquet
+    from nnsteer.selection.figure3 import figure3_chart
 
     df = read_parquet(full_report.attribution)
     marks = layer_marks(full_report, df)

@@ -389,7 +389,7 @@ def test_steer_stage_bad_modes_are_one_line(tmp_path, tiny_llama, options, messa
 
 def test_evaluate_and_report_keep_modes_apart():
     from nnsteer.evaluation.shares import summarise, summary_text
-    from nnsteer.report.page import forest_chart
+    from nnsteer.report.steering import forest_chart
 
     rows = []
     for task in range(3):

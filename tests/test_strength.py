@@ -184,7 +184,7 @@ def test_cli_bad_values_are_one_line(auto_run, args, message):
 def test_report_costs_section_shows_the_sweep_with_its_bounds(tmp_path):
     from test_report import write_synthetic_run
 
-    from nnsteer.report.page import costs_section
+    from nnsteer.report.steering import costs_section
 
     run = write_synthetic_run(tmp_path)
     assert "coefficient sweep" not in costs_section(run).body  # fixed coefficients: no sweep

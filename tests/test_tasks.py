@@ -410,18 +410,18 @@ def test_cli_generate_against_a_compatible_server(tmp_path, claude):
 
 
 def test_pipeline_tasks_stage_asks_claude_once(tmp_path, claude):
-    from nnsteer.pipeline.run import load_config, run_pipeline
+    from nnsteer.pipeline.run import read_config, run_pipeline
 
     server = claude()
     config = tmp_path / "claude.toml"
     config.write_text(f'[tasks]\nsource = "claude"\nclaude_model = "claude-test"\n'
                       f'base_url = "{server.url}"\nper_category = 1\neval_per_category = 1\n')
     lines: list[str] = []
-    run = run_pipeline(load_config(config), run_dir=tmp_path / "run", only=["tasks"], log=lines.append)
+    run = run_pipeline(read_config(config), run_dir=tmp_path / "run", only=["tasks"], log=lines.append)
     tasks = pl.read_parquet(run.tasks)
     assert len(tasks) == 20 and set(tasks["source"]) == {"anthropic:claude-test"}
     assert len(server.requests) == 10 and {r["model"] for r in server.requests} == {"claude-test"}
-    run_pipeline(load_config(config), run_dir=run.root, only=["tasks"], log=lines.append)
+    run_pipeline(read_config(config), run_dir=run.root, only=["tasks"], log=lines.append)
     assert lines[-1].endswith("skipped (up to date)") and len(server.requests) == 10
 
 

@@ -36,7 +36,7 @@ from nnsteer.modeling.thinking import (
     end_of_thinking_ids,
     thinking_of,
 )
-from nnsteer.pipeline.run import load_config
+from nnsteer.pipeline.run import read_config
 from nnsteer.runs.store import read_metadata
 
 _LOADED: dict[str, object] = {}
@@ -106,10 +106,10 @@ def test_a_bad_thinking_format_is_one_line_naming_the_option(tmp_path):
             + ", ".join(("auto", *FORMATS) if option == "--thinking-format" else ("low", "medium", "high"))]
     config = tmp_path / "study.toml"
     config.write_text('[model]\nthinking_format = "harmony"\nreasoning_effort = "low"\n')
-    assert load_config(config).model.thinking_format == "harmony"
+    assert read_config(config).model.thinking_format == "harmony"
     config.write_text('[model]\nthinking_format = "think"\n')
     with pytest.raises(BadInput, match=r"study.toml: \[model\] thinking_format = 'think': must be one of auto"):
-        load_config(config)
+        read_config(config)
 
 
 def _check(tok, fmt, ids, reasoning, answer):
@@ -282,7 +282,7 @@ def test_the_config_sets_the_format(format_tokenizer, tmp_path, monkeypatch):
     config.write_text('[model]\nname = "org/gpt"\nthinking_format = "harmony"\nreasoning_effort = "high"\n')
     loaded = SimpleNamespace(tokenizer=format_tokenizer("llama3_1"), name="org/gpt", extra={})
     monkeypatch.setattr(pipeline, "load_model", lambda name, **options: loaded)
-    model = pipeline._LazyModel(load_config(config).model)
+    model = pipeline._LazyModel(read_config(config).model)
     assert model.identity() == {"name": "org/gpt", "dtype": "auto", "thinking_format": "harmony",
                                 "reasoning_effort": "high"}
     assert pipeline._LazyModel(pipeline.ModelConfig()).identity() == {"name": "smollm2-135m", "dtype": "auto"}

@@ -100,6 +100,8 @@ def token_label_counts(spans: Iterable[Span], offsets: Sequence[tuple[int, int]]
 
 #: The annotators that run offline, and the one ``auto`` picks without an API key.
 OFFLINE = ("learned", "rules")
+#: How the annotator names are spelled, for messages.
+ANNOTATOR_NAMES = "auto, learned, rules or openai:<model>"
 OFFLINE_DEFAULT = "rules"
 
 
@@ -112,9 +114,14 @@ def resolve_annotator(annotator: str) -> str:
         click.echo(f"nnsteer: {API_KEY_ENV} is not set: annotating with the offline "
                    f"`{OFFLINE_DEFAULT}` annotator", err=True)
         return OFFLINE_DEFAULT
-    if annotator in OFFLINE or (annotator.startswith("openai:") and annotator != "openai:"):
+    if is_annotator(annotator):
         return annotator
-    raise BadInput(f"--annotator {annotator!r}: expected auto, learned, rules or openai:<model>")
+    raise BadInput(f"--annotator {annotator!r}: expected {ANNOTATOR_NAMES}")
+
+
+def is_annotator(name: str) -> bool:
+    """Whether ``name`` names an annotator: ``auto``, an offline one, or ``openai:<model>``."""
+    return name == "auto" or name in OFFLINE or (name.startswith("openai:") and name != "openai:")
 
 
 def offline_annotator(annotator: str) -> Callable[[str], list[Span]]:
@@ -191,7 +198,7 @@ def annotate_chains(
 
     Resumable: chains already annotated by the same annotator, whose response has not
     changed since, are kept; failed ones are tried again. Writes ``annotations.parquet`` (or ``steered_annotations.parquet``) and
-    returns the per-label summary (:func:`summarize`).
+    returns the per-label summary (:func:`label_summary`).
     """
     if source not in ("chains", "steered"):
         raise BadInput(f"source {source!r}: expected chains or steered")
@@ -227,7 +234,7 @@ def annotate_chains(
         click.echo(f"nnsteer: {failed_note(out_path, failed)}", err=True)
     if tokenizer is None and len(chains):
         tokenizer = load_tokenizer(chains["model"][0])
-    return summarize(chains, annotations, tokenizer)
+    return label_summary(chains, annotations, tokenizer)
 
 
 def failed_chains(annotations: pl.DataFrame) -> list[str]:
@@ -302,7 +309,7 @@ def _reusable(path: Path, options: dict[str, Any], digests: dict[str, str]) -> p
                       & ~pl.col("chain_id").is_in(failed)).cast(ANNOTATION_SCHEMA)
 
 
-def summarize(chains: pl.DataFrame, annotations: pl.DataFrame, tokenizer: Any) -> pl.DataFrame:
+def label_summary(chains: pl.DataFrame, annotations: pl.DataFrame, tokenizer: Any) -> pl.DataFrame:
     """Per label: ``spans`` placed, ``tokens`` they cover, ``unaligned`` and ``unknown`` parts.
 
     Token counts come from each chain's stored ``output_ids``; unknown labels are pooled

@@ -6,7 +6,8 @@ import click
 
 from nnsteer.cli.common import model_options, open_model, run_dir
 from nnsteer.runs.store import atomic_path, read_metadata
-from nnsteer.selection.attribution import attribute, attribution_chart
+from nnsteer.selection.attribution import attribute
+from nnsteer.selection.figure3 import figure3_chart
 
 
 @click.command(name="attribute")
@@ -38,7 +39,7 @@ def command(ctx: click.Context, model: str, remote: bool, device: str | None, dt
     df = attribute(run, lm, metric=metric, batch_size=batch_size, validate=validate,
                    spans=spans, labels=list(labels) or None, aggregate=aggregate, limit=limit)
     with atomic_path(run.charts / "attribution.html") as tmp:
-        attribution_chart(df).save(str(tmp), format="html", inline=True)
+        figure3_chart(df).save(str(tmp), format="html", inline=True)
     best = df.sort("effect", descending=True).group_by("label", maintain_order=True).first()
     for row in best.sort("label").iter_rows(named=True):
         click.echo(f"{row['label']}: largest mean |ΔL| at layer {row['layer']} "

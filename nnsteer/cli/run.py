@@ -9,13 +9,14 @@ import click
 
 from nnsteer.annotation.stage import failed_chains_in, failed_note
 from nnsteer.cli.common import given_run_dir
-from nnsteer.pipeline.run import load_config, run_pipeline
+from nnsteer.pipeline.run import read_config, run_pipeline, shipped_configs
 from nnsteer.runs.registry import STAGE_NAMES
 
 
 @click.command(name="run")
 @click.option("--config", "config_path", required=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="The study's TOML config.")
+              type=click.Path(dir_okay=False, path_type=Path), help="The study's TOML config, or the name of one shipped with nnsteer: "
+                   f"{', '.join(shipped_configs())}.")
 @click.option("--from", "from_stage", type=click.Choice(STAGE_NAMES), default=None,
               help="Start at this stage (earlier stages are not checked).")
 @click.option("--only", multiple=True, type=click.Choice(STAGE_NAMES),
@@ -36,7 +37,7 @@ def command(ctx: click.Context, config_path: Path, from_stage: str | None,
     inputs). After Ctrl-C or a crash, rerun the command without --force to continue
     where it stopped: with --force the chosen stages start from scratch again.
     """
-    config = load_config(config_path)
+    config = read_config(config_path)
     if released_code:
         config = dataclasses.replace(config, released_code=True)
     run = run_pipeline(config, run_dir=given_run_dir(ctx),

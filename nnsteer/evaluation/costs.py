@@ -26,7 +26,7 @@ from typing import Any
 import polars as pl
 
 from nnsteer.errors import BadInput, say
-from nnsteer.evaluation import metrics as chain_costs
+from nnsteer.evaluation import metrics as chain_metrics
 from nnsteer.evaluation.grader import (
     OFFLINE,
     gradable_offline,
@@ -35,9 +35,11 @@ from nnsteer.evaluation.grader import (
 )
 from nnsteer.evaluation.paired import (
     CONDITION,
+    CONDITION_COLOURS,
     MIN_TASKS_FOR_INTERVAL,
     condition_name,
     condition_order,
+    interval_text,
     share_stats,
     verdict,
     with_holm,
@@ -48,15 +50,15 @@ from nnsteer.runs.store import RunDir, read_complete, read_parquet
 from nnsteer.stats import ALPHA
 
 #: The figures every chain gets, in column order (``grader`` names how ``correct`` was found).
-COLUMNS = ("correct", *chain_costs.METRICS)
+COLUMNS = ("correct", *chain_metrics.CHAIN_METRICS)
 #: Per metric: its name in sentences, its unit, the factor to that unit, and which way is
 #: worse (+1: higher is worse, -1: lower is worse, 0: neither).
-METRICS: dict[str, tuple[str, str, float, int]] = {
+METRIC_DISPLAY: dict[str, tuple[str, str, float, int]] = {
     "correct": ("accuracy", "pp", 100.0, -1),
     "reasoning_tokens": ("reasoning tokens", "tokens", 1.0, 0),
     "closed_thinking": ("closed thinking", "pp", 100.0, -1),
     "answered": ("answered", "pp", 100.0, -1),
-    "repetition": (f"repeated {chain_costs.NGRAM}-grams", "pp", 100.0, +1),
+    "repetition": (f"repeated {chain_metrics.NGRAM}-grams", "pp", 100.0, +1),
     "compression_ratio": ("compression ratio", "", 1.0, +1),
     "nll_unsteered": ("NLL under the unsteered model", "nats/token", 1.0, +1),
 }
@@ -84,15 +86,15 @@ def cost_table(
     references = [row["answer"] for row in rows]
     _say_ungraded(list({row["task_id"]: row["answer"] for row in rows}.values()), grader)
     options = {k: v for k, v in {"timeout": timeout, "retries": retries}.items() if v is not None}
-    correct = grade_answers([chain_costs.answer_text(row) for row in rows], references,
+    correct = grade_answers([chain_metrics.answer_text(row) for row in rows], references,
                             [row["prompt"] or "" for row in rows], grader=grader, base_url=base_url,
                             workers=workers, cache_dir=cache_dir() / "grades", **options)
-    texts = [chain_costs.text_costs(row, tokenizer) for row in rows]
+    texts = [chain_metrics.text_costs(row, tokenizer) for row in rows]
     if lm is None:
         say("no model given: nll_unsteered is left empty")
         nll = [None] * len(rows)
     else:
-        nll = chain_costs.nll_unsteered(lm, rows, batch_size=batch_size, progress=True)
+        nll = chain_metrics.nll_unsteered(lm, rows, batch_size=batch_size, progress=True)
     table = [{"chain_id": row["chain_id"], "correct": ok, **vars(text), "nll_unsteered": value,
               "grader": grader} for row, ok, text, value in zip(rows, correct, texts, nll)]
     schema = {"chain_id": pl.String, "correct": pl.Boolean, "reasoning_tokens": pl.Int64,
@@ -117,7 +119,7 @@ def steered_model(run: RunDir) -> str | None:
 def cost_metadata(cost_summary: pl.DataFrame, lm: LoadedModel | None) -> dict[str, Any]:
     """What ``evaluation.parquet``'s metadata records of the costs: the paired summary
     (unadjusted and Holm-adjusted p), the n of the repetition n-grams, and the NLL's model."""
-    return {"costs": cost_summary.to_dicts(), "repetition_ngram": chain_costs.NGRAM,
+    return {"costs": cost_summary.to_dicts(), "repetition_ngram": chain_metrics.NGRAM,
             "nll_model": None if lm is None else lm.identity()}
 
 
@@ -175,7 +177,7 @@ def summarise_costs(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
         return pl.DataFrame()
     table = pl.concat(tables, how="diagonal_relaxed")
     return table.with_columns(unit=pl.col("metric").replace_strict(
-        {m: METRICS[m][1] for m in METRICS}, default=""))
+        {m: METRIC_DISPLAY[m][1] for m in METRIC_DISPLAY}, default=""))
 
 
 def _per_task_metric(chains: pl.DataFrame, metric: str) -> pl.DataFrame:
@@ -186,7 +188,7 @@ def _per_task_metric(chains: pl.DataFrame, metric: str) -> pl.DataFrame:
 
 def worse(row: dict[str, Any]) -> bool:
     """Whether a cost row's Holm-adjusted paired difference goes the bad way."""
-    direction = METRICS[row["metric"]][3]
+    direction = METRIC_DISPLAY[row["metric"]][3]
     return (direction != 0 and row["p_holm"] is not None and row["p_holm"] < ALPHA
             and row["diff"] * direction > 0)
 
@@ -213,14 +215,12 @@ def broken_conditions(behaviour_summary: pl.DataFrame, cost_summary: pl.DataFram
 
 def cost_phrase(row: dict[str, Any]) -> str:
     """``accuracy -20.0 pp [-35.0, -5.0]``: a cost row's paired difference in its unit."""
-    name, unit, scale, _ = METRICS[row["metric"]]
+    name, unit, scale, _ = METRIC_DISPLAY[row["metric"]]
     if row["diff"] is None:
         return f"{name}: no paired task"
-    text = f"{name} {scale * row['diff']:+.{_digits(unit)}f}{(' ' + unit) if unit else ''}"
-    if row["diff_low"] is not None:
-        d = _digits(unit)
-        text += f" [{scale * row['diff_low']:+.{d}f}, {scale * row['diff_high']:+.{d}f}]"
-    return text
+    return f"{name} " + interval_text(row["diff"], row["diff_low"], row["diff_high"],
+                                      f"+.{_digits(unit)}f", scale=scale,
+                                      unit=f" {unit}" if unit else "")
 
 
 def _digits(unit: str) -> int:
@@ -234,7 +234,7 @@ def costs_text(cost_summary: pl.DataFrame, grader: str) -> str:
     lines = ["", f"Costs: paired differences from the unsteered chain of the same task, with "
              f"95% bootstrap intervals (unadjusted); 'worse' marks a Holm-adjusted p < {ALPHA:g} "
              f"across all steered conditions, per metric. Accuracy by the {grader} grader; "
-             f"repetition counts token {chain_costs.NGRAM}-grams."]
+             f"repetition counts token {chain_metrics.NGRAM}-grams."]
     baseline = cost_summary.filter(pl.col("direction") == "none")
     lines.append("  baseline: " + "; ".join(_mean_phrase(r) for r in baseline.iter_rows(named=True)))
     steered = cost_summary.filter(pl.col("direction") != "none")
@@ -247,12 +247,12 @@ def costs_text(cost_summary: pl.DataFrame, grader: str) -> str:
 
 
 def _mean_phrase(row: dict[str, Any]) -> str:
-    name, unit, scale, _ = METRICS[row["metric"]]
+    name, unit, scale, _ = METRIC_DISPLAY[row["metric"]]
     if row["mean"] is None:
         return f"{name}: none"
     value = scale * row["mean"]
     unit = {"pp": "%"}.get(unit, f" {unit}" if unit else "")
-    return f"{name} {value:.{_digits(METRICS[row['metric']][1])}f}{unit}"
+    return f"{name} {value:.{_digits(METRIC_DISPLAY[row['metric']][1])}f}{unit}"
 
 
 def tradeoff_rows(behaviour_summary: pl.DataFrame, cost_summary: pl.DataFrame) -> pl.DataFrame:
@@ -265,7 +265,7 @@ def tradeoff_rows(behaviour_summary: pl.DataFrame, cost_summary: pl.DataFrame) -
             (pl.col("behaviour") == b["behaviour"])
             & pl.all_horizontal([pl.col(c).eq_missing(b[c]) for c in CONDITION]))
         for c in mine.iter_rows(named=True):
-            name, unit, scale, _ = METRICS[c["metric"]]
+            name, unit, scale, _ = METRIC_DISPLAY[c["metric"]]
             rows.append({
                 "behaviour": b["behaviour"], "condition": condition_name(b), "vector": b["vector"],
                 "metric": f"{name} ({unit})" if unit else name,
@@ -287,7 +287,7 @@ def tradeoff_chart(rows: pl.DataFrame) -> Any:
     import altair as alt
 
     colour = alt.Color("vector:N", title="vector", scale=alt.Scale(
-        domain=["behaviour", "random"], range=["#1f77b4", "#ff7f0e"]))
+        domain=["behaviour", "random"], range=[CONDITION_COLOURS["behaviour"], CONDITION_COLOURS["random"]]))
     x = alt.X("cost:Q", title="cost: steered − baseline")
     y = alt.Y("change:Q", title="behaviour: steered − baseline (pp)")
     tooltip = ["behaviour", "condition", "metric", alt.Tooltip("cost:Q", format="+.3g"),
@@ -326,6 +326,6 @@ def chain_figures(row: dict[str, Any]) -> str:
 
     return (f"correct: {yes(row.get('correct'))}; reasoning tokens: {row.get('reasoning_tokens')}; "
             f"closed thinking: {yes(row.get('closed_thinking'))}; answered: {yes(row.get('answered'))}; "
-            f"repeated {chain_costs.NGRAM}-grams: {pct(row.get('repetition'))}; compression ratio: "
+            f"repeated {chain_metrics.NGRAM}-grams: {pct(row.get('repetition'))}; compression ratio: "
             f"{num(row.get('compression_ratio'))}; NLL unsteered: {num(row.get('nll_unsteered'))} nats/token")
 

@@ -43,7 +43,7 @@ from nnsteer.ndif.remote import with_retries
 #: Token n-grams counted by ``repetition``.
 NGRAM = 4
 #: The per-chain metrics, in the order of the evaluation table's columns.
-METRICS = ("reasoning_tokens", "closed_thinking", "answered", "repetition",
+CHAIN_METRICS = ("reasoning_tokens", "closed_thinking", "answered", "repetition",
            "compression_ratio", "nll_unsteered")
 
 # A tag that closes the reasoning (e.g. ``</think>``) left in the text after it.
@@ -87,7 +87,7 @@ def reasoning_token_indices(chain: dict[str, Any], tokenizer: Any) -> list[int]:
 
 @dataclass(frozen=True)
 class TextCosts:
-    """The metrics that need no model (all of :data:`METRICS` but ``nll_unsteered``)."""
+    """The metrics that need no model (all of :data:`CHAIN_METRICS` but ``nll_unsteered``)."""
 
     reasoning_tokens: int
     closed_thinking: bool

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from nnsteer.generation.spec import STEERING_DIRECTIONS
 from nnsteer.labels import LABELS, STEERED_LABELS
 from nnsteer.stats import ALPHA, P_DRAWS, bootstrap_interval, bootstrap_p, holm
 
@@ -23,8 +24,10 @@ from nnsteer.stats import ALPHA, P_DRAWS, bootstrap_interval, bootstrap_p, holm
 #: are shown without intervals and no verdict is drawn.
 MIN_TASKS_FOR_INTERVAL = 8
 #: The ``direction`` of a chain: ``none`` is the unsteered baseline.
-DIRECTIONS = ("none", "positive", "negative")
+CHAIN_DIRECTIONS = ("none", *STEERING_DIRECTIONS)
 VECTORS = ("none", "behaviour", "random")
+#: One colour per condition kind, the same in every steering chart.
+CONDITION_COLOURS = {"baseline": "#888888", "behaviour": "#1f77b4", "random": "#ff7f0e"}
 #: What makes a condition: chains that agree on these were steered the same way.
 CONDITION = ("direction", "vector", "coefficient", "mode")
 
@@ -36,7 +39,7 @@ def ordered_behaviours(behaviours: list[str]) -> list[str]:
 
 
 def condition_order(direction: str, vector: str, coefficient: float, mode: str) -> tuple:
-    return mode != "all", mode, VECTORS.index(vector), DIRECTIONS.index(direction), coefficient
+    return mode != "all", mode, VECTORS.index(vector), CHAIN_DIRECTIONS.index(direction), coefficient
 
 
 def with_mode(chains: pl.DataFrame) -> pl.DataFrame:
@@ -91,20 +94,26 @@ def condition_name(row: dict[str, Any], with_coefficient: bool = True) -> str:
     return f"{name} ×{row['coefficient']:g}" if with_coefficient else name
 
 
+def interval_text(value: float, low: float | None, high: float | None, fmt: str, *,
+                  scale: float = 100.0, unit: str = "") -> str:
+    """``value`` and, when known, its interval ``[low, high]``, each times ``scale`` in the
+    format ``fmt``; ``unit`` follows the value (``12.3% [4.0, 20.1]``)."""
+    text = f"{scale * value:{fmt}}{unit}"
+    return text if low is None else f"{text} [{scale * low:{fmt}}, {scale * high:{fmt}}]"
+
+
 def share_text(row: dict[str, Any]) -> str:
+    """A summary row's mean share with its interval, in percent."""
     if row["mean"] is None:
         return "no chain with labelled tokens"
-    if row["ci_low"] is None:
-        return f"{100 * row['mean']:.1f}%"
-    return f"{100 * row['mean']:.1f}% [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
+    return interval_text(row["mean"], row["ci_low"], row["ci_high"], ".1f", unit="%")
 
 
 def diff_text(row: dict[str, Any]) -> str:
+    """A summary row's paired difference with its interval, in percentage points."""
     if row["diff"] is None:
         return "no paired difference"
-    if row["diff_low"] is None:
-        return f"{100 * row['diff']:+.1f} pp"
-    return f"{100 * row['diff']:+.1f} pp [{100 * row['diff_low']:+.1f}, {100 * row['diff_high']:+.1f}]"
+    return interval_text(row["diff"], row["diff_low"], row["diff_high"], "+.1f", unit=" pp")
 
 
 def verdict(row: dict[str, Any]) -> tuple[str, bool]:

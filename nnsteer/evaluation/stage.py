@@ -25,7 +25,7 @@ from nnsteer.evaluation.costs import (
     summarise_costs,
 )
 from nnsteer.evaluation.grader import resolve_grader
-from nnsteer.evaluation.paired import DIRECTIONS, VECTORS
+from nnsteer.evaluation.paired import CHAIN_DIRECTIONS, VECTORS
 from nnsteer.evaluation.shares import (
     UNITS,
     chain_fractions,
@@ -135,8 +135,8 @@ def _read_steered(run: RunDir, labels: tuple[str, ...]) -> pl.DataFrame:
                        "(add eval tasks with `nnsteer tasks`, then run `nnsteer steer`)")
     for row, chain in enumerate(chains.iter_rows(named=True)):
         where = f"{run.steered}: row {row} (chain {chain['chain_id']})"
-        if chain["direction"] not in DIRECTIONS:
-            raise BadInput(f"{where}: direction {chain['direction']!r} is not one of {', '.join(DIRECTIONS)}")
+        if chain["direction"] not in CHAIN_DIRECTIONS:
+            raise BadInput(f"{where}: direction {chain['direction']!r} is not one of {', '.join(CHAIN_DIRECTIONS)}")
         if chain["vector"] not in VECTORS:
             raise BadInput(f"{where}: vector {chain['vector']!r} is not one of {', '.join(VECTORS)}")
         steered = chain["direction"] != "none"

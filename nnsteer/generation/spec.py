@@ -21,6 +21,8 @@ from nnsteer.modeling.models import LoadedModel
 from nnsteer.modeling.thinking import end_of_thinking_ids, thinking_of
 
 Direction = Literal["positive", "negative"]
+#: The two ways to steer: add (``positive``) or subtract (``negative``) the vector.
+STEERING_DIRECTIONS: tuple[Direction, ...] = ("positive", "negative")
 
 WHERE = ("all", "prompt", "generated", "thinking", "answer")
 AT = ("every", "step-starts")

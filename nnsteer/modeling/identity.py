@@ -98,3 +98,11 @@ def check_made_on(metadata: dict[str, Any], lm: LoadedModel, where: str, force: 
     elif made_name and made_name != lm.name:
         raise BadInput(f"{where}: made on {made_name}, not {lm.name}: extract vectors on this "
                        "model, or pass --force to use them anyway")
+
+
+def check_fits(n_layers: int, d_model: int, lm: LoadedModel, where: str) -> None:
+    """:class:`BadInput` (one line naming ``where``) unless per-layer vectors of
+    ``[n_layers, d_model]`` fit ``lm``'s layers and width."""
+    if (n_layers, d_model) != (lm.arch.n_layers, lm.arch.d_model):
+        raise BadInput(f"{where}: vectors are [{n_layers}, {d_model}] per label but {lm.name} has "
+                       f"{lm.arch.n_layers} layers of width {lm.arch.d_model}")

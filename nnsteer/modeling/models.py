@@ -34,7 +34,6 @@ from nnsteer.modeling.lora import load_adapter, merge
 from nnsteer.ndif.remote import (
     check_remote,
     check_route,
-    ndif_backend,
     remote_model_key,
 )
 from nnsteer.package_data import package_path
@@ -101,8 +100,12 @@ class LoadedModel:
 
     def remote_options(self) -> dict[str, Any]:
         """The keyword arguments of a stage's ``trace``, ``generate`` or ``session``: on NDIF
-        nnsteer's backend (:func:`nnsteer.ndif.remote.ndif_backend`), else ``remote=``."""
+        nnsteer's backend (:func:`nnsteer.ndif.backend.ndif_backend`), else ``remote=``."""
         if self.remote is True:
+            from nnsteer.ndif.backend import (
+                ndif_backend,  # keeps nnsight out of CLI start-up
+            )
+
             return {"backend": ndif_backend(self.nn.to_model_key(), deadline=self.ndif_deadline)}
         return {"remote": self.remote}
 

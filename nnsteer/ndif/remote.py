@@ -33,7 +33,7 @@ from nnsteer.runs.checkpoint import JobBook
 T = TypeVar("T")
 
 #: The request :func:`with_retries` is sending now: its name and where its job id is kept.
-_REQUEST: ContextVar[tuple[str, JobBook | None]] = ContextVar("request", default=("", None))
+CURRENT_REQUEST: ContextVar[tuple[str, JobBook | None]] = ContextVar("request", default=("", None))
 #: Seconds between the first two polls of a running NDIF job; later waits double, up to
 #: :data:`MAX_POLL_INTERVAL`.
 POLL_INTERVAL = 0.05
@@ -145,7 +145,7 @@ def read_environment() -> dict[str, Any] | None:
     (NDIF's main branch has no ``/env``)."""
     server = _ndif_get("/env", CHECK_TIMEOUT, missing_ok=True)
     if server is None:
-        _warn("NDIF has no /env: its Python and nnsight versions are not checked before "
+        warn("NDIF has no /env: its Python and nnsight versions are not checked before "
               "the first request (the server still refuses an incompatible one)")
     return server
 
@@ -294,7 +294,7 @@ def with_retries(
     from nnsight.intervention.backends.remote import RemoteError
 
     attempt = 1
-    token = _REQUEST.set((what, jobs))
+    token = CURRENT_REQUEST.set((what, jobs))
     try:
         while True:
             try:
@@ -315,11 +315,11 @@ def with_retries(
                     ) from exc
                 base = RETRY_BASE_DELAY if base_delay is None else base_delay
                 delay = min(max_delay, base * 2 ** (attempt - 1))
-                _warn(f"{what}: {reason}; retry {attempt}/{attempts - 1} in {delay:g} s")
+                warn(f"{what}: {reason}; retry {attempt}/{attempts - 1} in {delay:g} s")
                 sleep(delay)
                 attempt += 1
     finally:
-        _REQUEST.reset(token)
+        CURRENT_REQUEST.reset(token)
 
 
 def _last_line(exc: BaseException) -> str:
@@ -348,96 +348,6 @@ class ResultExpired(Exception):
     """NDIF no longer has a job's result: the job must run again."""
 
 
-def ndif_backend(model_key: str, *, deadline: float | None = None) -> Any:
-    """The nnsight backend nnsteer sends NDIF requests with (see :class:`NdifBackend`)."""
-    from nnsight.intervention.backends.remote import RemoteBackend
-
-    class NdifBackend(RemoteBackend):
-        """nnsight's ``RemoteBackend``, submitting without blocking and then polling.
-
-        To the stage it behaves like a blocking request (the saved values land in the
-        trace's frame), but: the job id is kept in the request's :class:`JobBook` (a
-        rerun re-attaches instead of paying twice); waiting stops after ``deadline``
-        seconds; status changes are one ``tqdm.write`` line each (nnsight's own status
-        display stays off, so progress bars stay whole). Results load through nnsight's
-        own code, from the configured ``NDIF_HOST`` only.
-        """
-
-        def __init__(self) -> None:
-            super().__init__(model_key, blocking=False)
-            self.display.enabled = False
-
-        def __call__(self, tracer: Any = None) -> Any:
-            what, jobs = _REQUEST.get()
-            self.job_id = jobs.pending(what) if jobs is not None else None
-            result = None
-            if self.job_id is not None:
-                _warn(f"{what}: re-attaching to NDIF job {self.job_id}")
-                try:
-                    result = self._wait(what, jobs, reattached=True)
-                except ResultExpired:
-                    _warn(f"{what}: NDIF no longer has job {self.job_id}'s result (it keeps "
-                          "results about 2 hours); running the job again")
-                    jobs.forget(what)  # type: ignore[union-attr]
-                    self.job_id = None
-            if self.job_id is None:
-                self.submit(tracer)
-                if jobs is not None:
-                    jobs.remember(what, self.job_id)
-                result = self._wait(what, jobs)
-            self._push(result, tracer)
-            return result
-
-        def download_result(self, url: Any) -> Any:
-            """nnsight's download and load, for a URL on ``NDIF_HOST`` or over https only
-            (nnsight unpickles what it loads)."""
-            if isinstance(url, str) and not trusted_result_url(url, self.host):
-                raise NnsteerError(
-                    f"NDIF answered with a result at {url.split('?')[0]}, neither on "
-                    f"NDIF_HOST ({self.host}) nor over https: not loaded (results are "
-                    "unpickled); check NDIF_HOST"
-                )
-            return super().download_result(url)
-
-        def _wait(self, what: str, jobs: JobBook | None, reattached: bool = False) -> Any:
-            """The job's result; with ``reattached``, :class:`ResultExpired` if NDIF no
-            longer knows the job (its status is gone) or its result (the URL is gone)."""
-            import httpx
-            from nnsight.intervention.backends.remote import RemoteError
-
-            started, last, interval = time.monotonic(), None, POLL_INTERVAL
-            self.status = None
-            while True:
-                try:
-                    result = self.poll()
-                except RemoteError:
-                    if jobs is not None:  # the job is over: a retry sends a new one
-                        jobs.forget(what)
-                    raise
-                except httpx.HTTPStatusError as exc:
-                    if reattached and exc.response.status_code in EXPIRED_STATUS:
-                        raise ResultExpired(self.job_id) from None
-                    raise
-                if result is not None:
-                    return result
-                if reattached and self.status is None:  # /response answered 404
-                    raise ResultExpired(self.job_id)
-                if self.status is not None and self.status != last:
-                    last = self.status
-                    _warn(f"{what}: NDIF job {self.job_id} {last.value.lower()}")
-                waited = time.monotonic() - started
-                if deadline is not None and waited > deadline:
-                    raise NnsteerError(
-                        f"{what}: NDIF job {self.job_id} not done after {deadline:g} s "
-                        "(the deadline: --ndif-deadline, [model] ndif_deadline); rerun to "
-                        "re-attach to it, or raise the deadline"
-                    )
-                time.sleep(interval)
-                interval = min(MAX_POLL_INTERVAL, 2 * interval)
-
-    return NdifBackend()
-
-
 def trusted_result_url(url: str, host: str) -> bool:
     """Whether a result may be loaded from ``url``: on the NDIF host itself, or over https
     (NDIF stages large results on its object store, behind presigned https URLs)."""
@@ -447,7 +357,8 @@ def trusted_result_url(url: str, host: str) -> bool:
     return where.scheme == "https" or (where.scheme, where.netloc) == (ours.scheme, ours.netloc)
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
+    """One line on stderr that leaves progress bars whole."""
     from tqdm import tqdm
 
     tqdm.write(f"nnsteer: {message}", file=sys.stderr)

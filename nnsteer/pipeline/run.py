@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nnsteer.annotation.stage import annotate_chains
+from nnsteer.annotation.stage import ANNOTATOR_NAMES, annotate_chains, is_annotator
 from nnsteer.errors import BadInput
 from nnsteer.evaluation.shares import DENOMINATORS
 from nnsteer.evaluation.stage import evaluate
@@ -57,6 +57,7 @@ from nnsteer.modeling.models import (
     resolve_source,
 )
 from nnsteer.modeling.thinking import FORMAT_CHOICES, REASONING_EFFORTS, apply_thinking
+from nnsteer.package_data import package_path
 from nnsteer.pipeline.released import apply_released
 from nnsteer.report.page import write_report
 from nnsteer.runs.registry import STAGE_NAMES, STAGES, Stage
@@ -70,12 +71,19 @@ from nnsteer.runs.store import (
     run_lock,
     write_json,
 )
-from nnsteer.selection.attribution import AGGREGATIONS, METRICS, SPAN_SOURCES, attribute
+from nnsteer.selection.attribution import (
+    AGGREGATIONS,
+    ATTRIBUTION_METRICS,
+    SPAN_SOURCES,
+    attribute,
+)
 from nnsteer.selection.layers import select_layers
 from nnsteer.steer.chains import steer_chains
 from nnsteer.tasks.stage import SPLITS, write_tasks
 from nnsteer.vectors.extract import VARIANTS, extract_vectors
 
+#: The package that holds the shipped configs (the project's configs/ folder).
+CONFIGS_PACKAGE = "nnsteer.pipeline.configs"
 #: The function that runs each stage of :data:`~nnsteer.runs.registry.STAGES`.
 RUNNERS: dict[str, Callable[..., Any]] = {
     "tasks": write_tasks,
@@ -132,13 +140,31 @@ class Config:
         return RunDir(run_dir or self.run_dir or Path("runs") / model_slug(self.model.name))
 
 
-def load_config(path: Path | str) -> Config:
-    """Parse a config; :class:`BadInput` naming the file and key for anything unknown."""
-    path = Path(path)
+def shipped_configs() -> tuple[str, ...]:
+    """The names of the configs that ship with nnsteer (``demo``, ``thinking``, ...)."""
+    folder = package_path(CONFIGS_PACKAGE)
+    return tuple(sorted(p.stem for p in folder.glob("*.toml")))
+
+
+def config_path(name: Path | str) -> Path:
+    """``name`` as a config file: the file itself, or, for a name that is no file here, the
+    shipped config of that name (``demo`` or ``demo.toml``)."""
+    path = Path(name)
+    shipped = package_path(CONFIGS_PACKAGE, path.with_suffix(".toml").name)
+    if not path.exists() and path.parent == Path(".") and shipped.is_file():
+        return shipped
+    return path
+
+
+def read_config(path: Path | str) -> Config:
+    """Parse a config file, or a shipped config by name (:func:`config_path`); :class:`BadInput`
+    naming the file and key for anything unknown."""
+    path = config_path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BadInput(f"{path}: no such config file") from None
+        raise BadInput(f"{path}: no such config file (shipped configs: "
+                       f"{', '.join(shipped_configs())})") from None
     except IsADirectoryError:
         raise BadInput(f"{path}: a directory, not a config file") from None
     except UnicodeDecodeError:
@@ -220,7 +246,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("tasks", "source"): ("builtin", "file", "claude"),
     ("generate", "split"): SPLITS,
     ("extract", "variant"): VARIANTS,
-    ("attribute", "metric"): METRICS,
+    ("attribute", "metric"): ATTRIBUTION_METRICS,
     ("attribute", "spans"): SPAN_SOURCES,
     ("attribute", "aggregate"): AGGREGATIONS,
     ("generate", "prompt_template"): tuple(PROMPT_TEMPLATES),
@@ -238,14 +264,10 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
-def _is_annotator(value: Any) -> bool:
-    return value in ("auto", "rules", "learned") or (value.startswith("openai:") and value != "openai:")
-
-
 #: Options whose values follow a pattern rather than a list: its test and its description.
 PATTERNS: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
-    ("annotate", "annotator"): (_is_annotator, "auto, rules, learned or openai:<model>"),
-    ("evaluate", "annotator"): (_is_annotator, "auto, rules, learned or openai:<model>"),
+    ("annotate", "annotator"): (is_annotator, ANNOTATOR_NAMES),
+    ("evaluate", "annotator"): (is_annotator, ANNOTATOR_NAMES),
     ("select", "coefficient"): (lambda v: v == "auto" or not isinstance(v, str),
                                 'a number >= 0 or "auto"'),
 }

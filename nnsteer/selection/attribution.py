@@ -32,7 +32,7 @@ the per-probe, per-layer effects come back.
 
 Example:
     >>> df = attribute(RunDir("runs/smollm2-135m"), load_model(), metric="nll", validate=16)
-    >>> attribution_chart(df).save("attribution.html")
+    >>> figure3_chart(df).save("attribution.html")   # nnsteer.selection.figure3
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import torch
 
 from nnsteer.errors import BadInput, say
 from nnsteer.labels import STEERED_LABELS
+from nnsteer.modeling.identity import check_fits
 from nnsteer.modeling.models import LoadedModel
 from nnsteer.modeling.positions import overlapping_tokens, token_offsets
 from nnsteer.ndif.remote import with_retries
@@ -61,7 +62,7 @@ from nnsteer.vectors.extract import VectorSet, check_current, load_vectors, read
 FIRST_ORDER = ("released-code", "nll")
 #: Metrics computed on one row per (probe, layer).
 PER_LAYER = ("kl2", "exact")
-METRICS: tuple[str, ...] = FIRST_ORDER + PER_LAYER
+ATTRIBUTION_METRICS: tuple[str, ...] = FIRST_ORDER + PER_LAYER
 #: Which spans a label's vector is probed at: its own (paper), or every other label's
 #: (what the released code does: it skips the label's own spans).
 SPAN_SOURCES: tuple[str, ...] = ("own", "others")
@@ -100,9 +101,7 @@ def check_vectors(vs: VectorSet, lm: LoadedModel, source: str = "vectors") -> No
     if made_for is not None and made_for != lm.name:
         raise BadInput(f"{source}: vectors were extracted from {made_for!r}, not {lm.name!r}; "
                        "rerun `nnsteer extract` with this model")
-    if (vs.n_layers, vs.d_model) != (lm.arch.n_layers, lm.arch.d_model):
-        raise BadInput(f"{source}: vectors are [{vs.n_layers}, {vs.d_model}] but {lm.name} has "
-                       f"{lm.arch.n_layers} layers of width {lm.arch.d_model}")
+    check_fits(vs.n_layers, vs.d_model, lm, source)
 
 
 def find_probes(
@@ -173,7 +172,7 @@ def probe_effects(
     """
     from tqdm import tqdm
 
-    check_option("metric", metric, METRICS)
+    check_option("metric", metric, ATTRIBUTION_METRICS)
     if rows_per_request < 1:
         raise BadInput(f"rows per request must be at least 1, not {rows_per_request}")
     effects = torch.empty(len(probes), lm.arch.n_layers)
@@ -358,7 +357,7 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def summarize(probes: Sequence[Probe], effects: torch.Tensor, metric: str,
+def layer_effects(probes: Sequence[Probe], effects: torch.Tensor, metric: str,
               aggregate: str = "spans") -> pl.DataFrame:
     """Per (label, layer): mean and std of ``|effect|`` (see :data:`AGGREGATIONS`).
 
@@ -423,12 +422,12 @@ def validate_against_exact(
     for other in VALIDATION_REFERENCES:
         if other not in estimates:
             estimates[other] = probe_effects(lm, sequences, sample, vectors, other, batch_size)
-    truth = summarize(sample, probe_effects(lm, sequences, sample, vectors, "exact", batch_size),
+    truth = layer_effects(sample, probe_effects(lm, sequences, sample, vectors, "exact", batch_size),
                       "exact")
     profiles = [truth]
     spearmans: dict[str, dict[str, float]] = {}
     for name, values in estimates.items():
-        estimate = summarize(sample, values, name)
+        estimate = layer_effects(sample, values, name)
         profiles.append(estimate)
         spearmans[name] = {
             label: spearman(estimate.filter(pl.col("label") == label)["effect"].to_list(),
@@ -455,7 +454,7 @@ def attribute(
 
     ``labels`` defaults to the steered labels that have a vector; a default label with
     no span is skipped with a warning, a label asked for by name must have spans.
-    ``aggregate`` says how the per-span effects are averaged (:func:`summarize`);
+    ``aggregate`` says how the per-span effects are averaged (:func:`layer_effects`);
     ``limit`` probes only the first N chains of ``chains.parquet``;
     ``rows_per_request`` bounds what one NDIF request runs (:func:`probe_effects`).
     ``validate=N`` also runs ``exact`` on N probes per label and records the Spearman
@@ -465,7 +464,7 @@ def attribute(
     Resumable: the finished chains are kept in ``run.partial("attribute")`` until both
     files are written.
     """
-    check_option("metric", metric, METRICS)
+    check_option("metric", metric, ATTRIBUTION_METRICS)
     check_option("spans", spans, SPAN_SOURCES)
     check_option("aggregate", aggregate, AGGREGATIONS)
     if limit is not None and limit < 1:
@@ -502,7 +501,7 @@ def attribute(
                                         validate, metric, batch_size)
         meta["validation"] = detail["spearman"][metric]
         meta["validation_detail"] = detail
-    df = summarize(probes, effects, metric, aggregate)
+    df = layer_effects(probes, effects, metric, aggregate)
     write_parquet(_span_table(probes, effects, metric), run.path(SPANS_FILE), meta)
     write_parquet(df, run.attribution, meta)
     partial.unlink(missing_ok=True)
@@ -520,22 +519,3 @@ def _span_table(probes: Sequence[Probe], effects: torch.Tensor, metric: str) -> 
         "metric": [metric] * len(probes),
         "effects": effects.tolist(),
     }, schema_overrides={"effects": pl.List(pl.Float64)})
-
-
-def attribution_chart(df: pl.DataFrame) -> Any:
-    """Mean ``|ΔL|`` per layer with a ±1 std band, one panel per label (paper Figure 3)."""
-    import altair as alt
-
-    metric = df["metric"][0] if len(df) else ""
-    data = df.with_columns(low=(pl.col("effect") - pl.col("std")).clip(lower_bound=0),
-                           high=pl.col("effect") + pl.col("std"))
-    base = alt.Chart(data).encode(
-        x=alt.X("layer:Q", title="Layer", axis=alt.Axis(tickMinStep=1, format="d")))
-    band = base.mark_area(opacity=0.2).encode(y="low:Q", y2="high:Q", color="label:N")
-    line = base.mark_line(point=True).encode(
-        y=alt.Y("effect:Q", title=f"mean |ΔL| ({metric})"), color=alt.Color("label:N", legend=None),
-        tooltip=["label", "layer", alt.Tooltip("effect:Q", format=".4g"),
-                 alt.Tooltip("std:Q", format=".4g"), "n_spans"])
-    return (band + line).properties(width=220, height=180).facet(
-        facet=alt.Facet("label:N", title=None), columns=2
-    ).resolve_scale(y="independent").properties(title=f"Attribution per layer ({metric})")

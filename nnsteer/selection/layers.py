@@ -29,7 +29,7 @@ from nnsteer.modeling.models import LoadedModel
 from nnsteer.runs.store import RunDir, damaged, provenance, read_parquet, write_json
 from nnsteer.selection.strength import auto_coefficients, check_auto
 from nnsteer.steer.choices import LayerChoice
-from nnsteer.vectors.extract import load_vectors
+from nnsteer.vectors.extract import VectorSet, load_vectors
 
 #: ``coefficient`` that asks for a dose-response on the validation tasks (:mod:`nnsteer.selection.strength`).
 AUTO = "auto"
@@ -114,6 +114,40 @@ def read_attribution(run: RunDir, n_layers: int) -> pl.DataFrame:
     return table
 
 
+def _choices(run: RunDir, vs: VectorSet, labels: Sequence[str] | None,
+             by_hand: dict[str, list[int]], skip_fraction: float, top_k: int) -> list[Choice]:
+    """Each wanted label's :class:`Choice`: its layers by hand, else ranked by attribution."""
+    first = first_allowed_layer(vs.n_layers, skip_fraction)
+    wanted = list(labels) if labels else [label for label in STEERED_LABELS if label in vs.vectors]
+    if not wanted and not by_hand:
+        raise BadInput(no_steered_vector(run))
+    for label in list(wanted) + list(by_hand):
+        vs[label]  # BadInput naming the labels that have vectors
+    _check_hand_layers(by_hand, vs.n_layers)
+    wanted += [label for label in by_hand if label not in wanted]
+    ranked = [label for label in wanted if label not in by_hand]
+    table = read_attribution(run, vs.n_layers) if ranked else None
+    choices = []
+    for label in wanted:
+        if label in by_hand:
+            choices.append(Choice(label, [int(layer) for layer in by_hand[label]], []))
+            continue
+        if table.filter(pl.col("label") == label).is_empty():
+            raise BadInput(f"{run.attribution}: no attribution for {label!r}; "
+                           "rerun `nnsteer attribute` or give its layers by hand")
+        choices.append(rank_layers(table, label, first, top_k))
+    return choices
+
+
+def _check_hand_layers(by_hand: dict[str, list[int]], n_layers: int) -> None:
+    for label, given in by_hand.items():
+        if not given:
+            raise BadInput(f"layers for {label!r}: give at least one layer")
+        bad = [layer for layer in given if not 0 <= layer < n_layers]
+        if bad:
+            raise BadInput(f"layers for {label!r}: {_join(bad)} out of range 0..{n_layers - 1}")
+
+
 def select_layers(
     run: RunDir,
     *,
@@ -152,32 +186,8 @@ def select_layers(
                                   max_accuracy_cost)
         coefficient = min(grid)
     coefficient = check_coefficient(coefficient, "--coefficient")
-    vs = load_vectors(run.vectors)
-    first = first_allowed_layer(vs.n_layers, skip_fraction)
     by_hand = dict(layers or {})
-    wanted = list(labels) if labels else [label for label in STEERED_LABELS if label in vs.vectors]
-    if not wanted and not by_hand:
-        raise BadInput(no_steered_vector(run))
-    for label in list(wanted) + list(by_hand):
-        vs[label]  # BadInput naming the labels that have vectors
-    for label, given in by_hand.items():
-        if not given:
-            raise BadInput(f"layers for {label!r}: give at least one layer")
-        bad = [layer for layer in given if not 0 <= layer < vs.n_layers]
-        if bad:
-            raise BadInput(f"layers for {label!r}: {_join(bad)} out of range 0..{vs.n_layers - 1}")
-    wanted += [label for label in by_hand if label not in wanted]
-    ranked = [label for label in wanted if label not in by_hand]
-    table = read_attribution(run, vs.n_layers) if ranked else None
-    choices = []
-    for label in wanted:
-        if label in by_hand:
-            choices.append(Choice(label, [int(layer) for layer in by_hand[label]], []))
-            continue
-        if table.filter(pl.col("label") == label).is_empty():
-            raise BadInput(f"{run.attribution}: no attribution for {label!r}; "
-                           "rerun `nnsteer attribute` or give its layers by hand")
-        choices.append(rank_layers(table, label, first, top_k))
+    choices = _choices(run, load_vectors(run.vectors), labels, by_hand, skip_fraction, top_k)
     options = {"skip_fraction": skip_fraction, "top_k": top_k, "layers": by_hand,
                "coefficient": AUTO if auto else coefficient, "labels": labels}
     made = provenance("select", options)

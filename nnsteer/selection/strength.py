@@ -36,22 +36,19 @@ from nnsteer.evaluation.shares import chain_fractions, summarise
 from nnsteer.evaluation.stage import training_annotator
 from nnsteer.generation.loop import (
     DEFAULT_PROMPT_TEMPLATE,
-    ChainJob,
     run_chain_jobs,
     split_tasks,
 )
-from nnsteer.generation.spec import SteeringSpec
 from nnsteer.modeling.identity import check_made_on
 from nnsteer.modeling.models import LoadedModel
 from nnsteer.runs.store import RunDir, provenance, read_parquet
 from nnsteer.steer.chains import (
-    baseline_chain_id,
     behaviour_vectors,
-    steered_chain_id,
+    steering_jobs,
     vector_digest,
 )
 from nnsteer.steer.choices import LayerChoice
-from nnsteer.vectors.extract import load_vectors, per_layer
+from nnsteer.vectors.extract import load_vectors
 
 #: The default grid: log-spaced from 0.25 to 8 (each twice the one before).
 DEFAULT_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -174,15 +171,8 @@ def sweep_coefficients(
     vector_set = load_vectors(run.vectors)
     check_made_on(vector_set.metadata, lm, str(run.vectors), False)
     vectors = behaviour_vectors(vector_set, choices, lm, seed, control=False)
-    jobs = []
-    for task_id, prompt in tasks.select("task_id", "prompt").iter_rows():
-        jobs.append(ChainJob(baseline_chain_id(task_id), task_id, "validation", prompt))
-        for behaviour, choice in choices.items():
-            for c in grid:
-                spec = SteeringSpec(per_layer(vectors[behaviour]["behaviour"], choice.layers), c)
-                jobs.append(ChainJob(steered_chain_id(task_id, behaviour, "positive", c, "behaviour"),
-                                     task_id, "validation", prompt, spec, behaviour, "positive",
-                                     c, choice.layers, "behaviour", "all"))
+    jobs = steering_jobs(tasks, "validation", choices, vectors,
+                         dict.fromkeys(choices, grid), directions=("positive",))
     options = {"grid": grid, "limit": limit, "max_new_tokens": max_new_tokens,
                "batch_size": batch_size, "prompt_template": prompt_template}
     used = {b: {"behaviour": vector_digest(v["behaviour"])} for b, v in vectors.items()}

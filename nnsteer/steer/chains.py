@@ -31,7 +31,9 @@ from nnsteer.generation.loop import (
     split_tasks,
 )
 from nnsteer.generation.spec import (
+    STEERING_DIRECTIONS,
     Condition,
+    Direction,
     SteeringSpec,
     check_coefficient,
     check_mode,
@@ -39,7 +41,7 @@ from nnsteer.generation.spec import (
     parse_when,
     unit,
 )
-from nnsteer.modeling.identity import check_made_on
+from nnsteer.modeling.identity import check_fits, check_made_on
 from nnsteer.modeling.models import LoadedModel
 from nnsteer.runs.checkpoint import tensor_digest
 from nnsteer.runs.store import (
@@ -51,8 +53,6 @@ from nnsteer.runs.store import (
 )
 from nnsteer.steer.choices import LayerChoice, read_layers
 from nnsteer.vectors.extract import VectorSet, load_vectors, per_layer, steered_rows
-
-DIRECTIONS = ("positive", "negative")
 
 
 def read_layer_choices(
@@ -157,24 +157,8 @@ def steer_chains(
     earlier = _earlier_coefficients(run, chains_resume_key(lm, max_new_tokens, used), choices)
     plan = {behaviour: sorted({*(coefficients or [choice.coefficient]), *earlier.get(behaviour, ())})
             for behaviour, choice in choices.items()}
-    jobs = []
-    for task in tasks.iter_rows(named=True):
-        task_id, prompt = task["task_id"], task["prompt"]
-        jobs.append(ChainJob(baseline_chain_id(task_id), task_id, "eval", prompt))
-        for behaviour, choice in choices.items():
-            for coefficient in plan[behaviour]:
-                for direction in DIRECTIONS:
-                    for kind, vector in vectors[behaviour].items():
-                        for place in where:
-                            spec = SteeringSpec(per_layer(vector, choice.layers),
-                                                coefficient, direction, place, at, condition)
-                            mode = mode_name(place, at, condition)
-                            jobs.append(ChainJob(
-                                steered_chain_id(task_id, behaviour, direction, coefficient,
-                                                 kind, mode),
-                                task_id, "eval", prompt, spec, behaviour, direction,
-                                coefficient, choice.layers, kind, mode,
-                            ))
+    jobs = steering_jobs(tasks, "eval", choices, vectors, plan, where=where, at=at,
+                         condition=condition)
     options = {
         "behaviours": behaviours,
         "coefficients": coefficients,
@@ -198,6 +182,41 @@ def steer_chains(
         batch_size=batch_size,
         prompt_template=prompt_template,
     )
+
+
+def steering_jobs(
+    tasks: pl.DataFrame,
+    split: str,
+    choices: dict[str, LayerChoice],
+    vectors: dict[str, dict[str, torch.Tensor]],
+    coefficients: dict[str, Sequence[float]],
+    *,
+    directions: Sequence[Direction] = STEERING_DIRECTIONS,
+    where: Sequence[str] = ("all",),
+    at: str = "every",
+    condition: Condition | None = None,
+) -> list[ChainJob]:
+    """The chains to generate: per task its unsteered chain, then one per behaviour,
+    coefficient, direction, vector kind (``vectors[behaviour]``: ``behaviour``, ``random``)
+    and ``where`` mode, in that order."""
+    jobs = []
+    for task_id, prompt in tasks.select("task_id", "prompt").iter_rows():
+        jobs.append(ChainJob(baseline_chain_id(task_id), task_id, split, prompt))
+        for behaviour, choice in choices.items():
+            for coefficient in coefficients[behaviour]:
+                for direction in directions:
+                    for kind, vector in vectors[behaviour].items():
+                        for place in where:
+                            spec = SteeringSpec(per_layer(vector, choice.layers),
+                                                coefficient, direction, place, at, condition)
+                            mode = mode_name(place, at, condition)
+                            jobs.append(ChainJob(
+                                steered_chain_id(task_id, behaviour, direction, coefficient,
+                                                 kind, mode),
+                                task_id, split, prompt, spec, behaviour, direction,
+                                coefficient, choice.layers, kind, mode,
+                            ))
+    return jobs
 
 
 def read_condition(run: RunDir, when: str, vector_set: VectorSet, lm: LoadedModel) -> Condition:
@@ -246,11 +265,7 @@ def behaviour_vectors(
     control: bool,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """``{behaviour: {"behaviour": vector, "random": control}}`` at each vector layer."""
-    if (vector_set.n_layers, vector_set.d_model) != (lm.arch.n_layers, lm.arch.d_model):
-        raise BadInput(
-            f"the vectors are [{vector_set.n_layers}, {vector_set.d_model}] per label but "
-            f"{lm.name} has {lm.arch.n_layers} layers of width {lm.arch.d_model}"
-        )
+    check_fits(vector_set.n_layers, vector_set.d_model, lm, "the vectors")
     vectors = {}
     for behaviour, choice in choices.items():
         vector = steered_rows(vector_set, behaviour, choice.vector_layer, choice.layers).float()

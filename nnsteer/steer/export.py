@@ -35,6 +35,7 @@ from nnsteer.modeling.identity import (
     LAYER_NUMBERING,
     OPERATION,
     application,
+    check_fits,
     check_made_on,
 )
 from nnsteer.modeling.models import LoadedModel
@@ -278,9 +279,7 @@ def import_vector(run: RunDir, lm: LoadedModel, path: Path | str, name: str, *, 
     if run.vectors.exists():
         vs = load_vectors(run.vectors)
         check_made_on(vs.metadata, lm, str(run.vectors), force)
-        if (vs.n_layers, vs.d_model) != (lm.arch.n_layers, lm.arch.d_model):
-            raise BadInput(f"{run.vectors}: its vectors are [{vs.n_layers}, {vs.d_model}], "
-                           f"{lm.name} has {lm.arch.n_layers} layers of width {lm.arch.d_model}")
+        check_fits(vs.n_layers, vs.d_model, lm, str(run.vectors))
         imported = vs.metadata.get(PER_LAYER, [])
         if name in vs.vectors and name not in imported and not replace:
             raise BadInput(f"--as {name}: {run.vectors} already has an extracted {name!r} vector; "
