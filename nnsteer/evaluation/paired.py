@@ -36,6 +36,8 @@ def ordered_behaviours(behaviours: list[str]) -> list[str]:
 
 
 def condition_order(direction: str, vector: str, coefficient: float, mode: str) -> tuple:
+    """The sort key of a condition in tables and charts: mode ``all`` (the paper's setting) first,
+    then by mode, vector, direction and coefficient."""
     return mode != "all", mode, VECTORS.index(vector), DIRECTIONS.index(direction), coefficient
 
 
@@ -50,6 +52,9 @@ def with_mode(chains: pl.DataFrame) -> pl.DataFrame:
 
 def share_stats(shares: pl.DataFrame, n_boot: int, seed: int, min_tasks: int,
                  baseline: pl.DataFrame | None = None) -> dict[str, Any]:
+    """The mean of one condition's per-task ``shares`` with its bootstrap interval and, given the
+    ``baseline``'s, the paired difference, its interval and p-value; no interval or p below
+    ``min_tasks`` tasks."""
     values = shares["share"].to_numpy()
     low, high = _interval(values, n_boot, seed, min_tasks)
     stats = {"n_tasks": len(values), "mean": float(values.mean()) if len(values) else None,
@@ -83,6 +88,8 @@ def with_holm(table: pl.DataFrame) -> pl.DataFrame:
 
 
 def condition_name(row: dict[str, Any], with_coefficient: bool = True) -> str:
+    """A condition's name in tables and charts (``baseline``, ``positive ×4``, ``random negative
+    [thinking] ×4``)."""
     if row["direction"] == "none":
         return "baseline"
     name = row["direction"] if row["vector"] == "behaviour" else f"random {row['direction']}"
@@ -92,6 +99,7 @@ def condition_name(row: dict[str, Any], with_coefficient: bool = True) -> str:
 
 
 def share_text(row: dict[str, Any]) -> str:
+    """A summary row's mean share in percent, with its interval where there is one."""
     if row["mean"] is None:
         return "no chain with labelled tokens"
     if row["ci_low"] is None:
@@ -100,6 +108,8 @@ def share_text(row: dict[str, Any]) -> str:
 
 
 def diff_text(row: dict[str, Any]) -> str:
+    """A summary row's paired difference from the baseline in percentage points, with its
+    interval where there is one."""
     if row["diff"] is None:
         return "no paired difference"
     if row["diff_low"] is None:
