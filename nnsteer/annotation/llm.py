@@ -111,6 +111,7 @@ class LLMAnnotator:
         self._lock = threading.Lock()
 
     def cache_path(self, text: str) -> Path | None:
+        """Where the reply for ``text`` is cached (per model and prompt); None without a cache."""
         if self.cache_dir is None:
             return None
         digest = hashlib.sha256(text.encode()).hexdigest()

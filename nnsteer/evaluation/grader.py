@@ -200,6 +200,7 @@ class LLMJudge(LLMAnnotator):
         self.prompt_key = f"g{hashlib.sha256(self.template.encode()).hexdigest()[:16]}"
 
     def messages(self, text: str) -> list[dict[str, str]]:
+        """The Chat Completions messages for a filled judge prompt: ``text`` as the one user turn."""
         return [{"role": "user", "content": text}]
 
     def judge(self, text: str) -> bool | Failed:
@@ -213,6 +214,7 @@ class LLMJudge(LLMAnnotator):
         return self.ask(text, accept)
 
     def fill(self, question: str, reference: str, answer: str) -> str:
+        """The judge prompt with the task's question, its reference answer and the chain's answer."""
         return (self.template.replace("{question}", question).replace("{reference}", reference)
                 .replace("{answer}", answer))
 

@@ -39,6 +39,8 @@ def ordered_behaviours(behaviours: list[str]) -> list[str]:
 
 
 def condition_order(direction: str, vector: str, coefficient: float, mode: str) -> tuple:
+    """The sort key of a condition in tables and charts: mode ``all`` (the paper's setting) first,
+    then by mode, vector, direction and coefficient."""
     return mode != "all", mode, VECTORS.index(vector), CHAIN_DIRECTIONS.index(direction), coefficient
 
 
@@ -53,6 +55,9 @@ def with_mode(chains: pl.DataFrame) -> pl.DataFrame:
 
 def share_stats(shares: pl.DataFrame, n_boot: int, seed: int, min_tasks: int,
                  baseline: pl.DataFrame | None = None) -> dict[str, Any]:
+    """The mean of one condition's per-task ``shares`` with its bootstrap interval and, given the
+    ``baseline``'s, the paired difference, its interval and p-value; no interval or p below
+    ``min_tasks`` tasks."""
     values = shares["share"].to_numpy()
     low, high = _interval(values, n_boot, seed, min_tasks)
     stats = {"n_tasks": len(values), "mean": float(values.mean()) if len(values) else None,
@@ -86,6 +91,8 @@ def with_holm(table: pl.DataFrame) -> pl.DataFrame:
 
 
 def condition_name(row: dict[str, Any], with_coefficient: bool = True) -> str:
+    """A condition's name in tables and charts (``baseline``, ``positive ×4``, ``random negative
+    [thinking] ×4``)."""
     if row["direction"] == "none":
         return "baseline"
     name = row["direction"] if row["vector"] == "behaviour" else f"random {row['direction']}"
@@ -103,14 +110,15 @@ def interval_text(value: float, low: float | None, high: float | None, fmt: str,
 
 
 def share_text(row: dict[str, Any]) -> str:
-    """A summary row's mean share with its interval, in percent."""
+    """A summary row's mean share in percent, with its interval where there is one."""
     if row["mean"] is None:
         return "no chain with labelled tokens"
     return interval_text(row["mean"], row["ci_low"], row["ci_high"], ".1f", unit="%")
 
 
 def diff_text(row: dict[str, Any]) -> str:
-    """A summary row's paired difference with its interval, in percentage points."""
+    """A summary row's paired difference from the baseline in percentage points, with its
+    interval where there is one."""
     if row["diff"] is None:
         return "no paired difference"
     return interval_text(row["diff"], row["diff_low"], row["diff_high"], "+.1f", unit=" pp")

@@ -203,6 +203,8 @@ def steering_chart(summary: pl.DataFrame) -> alt.LayerChart:
 
 
 def denominator_labels(denominator: str) -> tuple[str, ...]:
+    """The labels whose tokens make up the shares' denominator (``--denominator``); a name not in
+    :data:`DENOMINATORS` is bad input."""
     if denominator not in DENOMINATORS:
         raise BadInput(f"--denominator must be one of {', '.join(DENOMINATORS)}, got {denominator!r}")
     return DENOMINATORS[denominator]

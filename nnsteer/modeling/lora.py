@@ -48,6 +48,7 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base projection of ``x`` plus the scaled low-rank update."""
         return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scale
 
 

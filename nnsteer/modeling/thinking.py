@@ -141,6 +141,7 @@ class TagFormat(ThinkingFormat):
         self.name, self.open_tag, self.close_tag = name, open_tag, close_tag
 
     def end_ids(self, tokenizer: Any) -> frozenset[int]:
+        """The closing tag's id where it is one token; else none."""
         close = token_id(tokenizer, self.close_tag)
         return frozenset() if close is None else frozenset({close})
 
@@ -202,6 +203,8 @@ class HarmonyFormat(ThinkingFormat):
               "Channel must be included for every message.")
 
     def prompt(self, tokenizer: Any, content: str, **template_kwargs: Any) -> str:
+        """The chat template's prompt, or the published harmony layout with the reasoning effort
+        for a tokenizer without a template."""
         if tokenizer.chat_template:
             return super().prompt(tokenizer, content, **template_kwargs)
         effort = template_kwargs.get("reasoning_effort", DEFAULT_REASONING_EFFORT)
@@ -209,10 +212,12 @@ class HarmonyFormat(ThinkingFormat):
                 f"{self.START}user{self.MESSAGE}{content}{self.END}{self.START}assistant")
 
     def end_ids(self, tokenizer: Any) -> frozenset[int]:
+        """``<|end|>``, which closes the analysis message."""
         end = token_id(tokenizer, self.END)
         return frozenset() if end is None else frozenset({end})
 
     def stop_ids(self, tokenizer: Any) -> frozenset[int]:
+        """``<|return|>`` and ``<|call|>``, which end the assistant's turn."""
         return frozenset(filter(None, (token_id(tokenizer, t) for t in (self.RETURN, self.CALL))))
 
     def end_marker(self, tokenizer: Any) -> list[int]:

@@ -394,6 +394,8 @@ class PipelineState:
         self.stages: dict[str, dict[str, Any]] = stages
 
     def up_to_date(self, stage: str, fp: str, outputs: dict[str, str | None]) -> bool:
+        """Whether ``stage`` finished with this fingerprint and its ``outputs`` (name: digest)
+        are the ones it wrote then."""
         record = self.stages.get(stage, {})
         return (record.get("fingerprint") == fp and record.get("complete") is True
                 and None not in outputs.values() and record.get("outputs") == outputs)
@@ -421,6 +423,7 @@ class PipelineState:
                             "time": now_iso(), "previous": previous})
 
     def finish(self, stage: str, fp: str, outputs: dict[str, str | None]) -> None:
+        """Record that ``stage`` finished with this fingerprint and wrote ``outputs``."""
         self._write(stage, {"fingerprint": fp, "complete": True, "outputs": outputs,
                             "time": now_iso()})
 

@@ -122,9 +122,11 @@ class JobBook:
         return self._read().get(what)
 
     def remember(self, what: str, job_id: str) -> None:
+        """Note that the request ``what`` was sent as NDIF job ``job_id``."""
         self._write({**self._read(), what: job_id})
 
     def forget(self, what: str) -> None:
+        """Drop the request ``what``: answered, failed or expired, it has no job to re-attach to."""
         jobs = self._read()
         if jobs.pop(what, None) is not None:
             self._write(jobs)

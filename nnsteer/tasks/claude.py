@@ -80,6 +80,7 @@ class TokenUse:
     requests: int = 0
 
     def add(self, usage: Any) -> None:
+        """Count one request and its ``usage`` (an Anthropic reply's token counts)."""
         self.input_tokens += usage.input_tokens
         self.output_tokens += usage.output_tokens
         self.requests += 1
