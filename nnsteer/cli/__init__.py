@@ -87,7 +87,7 @@ class _Group(click.Group):
         if self._loaded:
             return
         with _interrupt_after():
-            from nnsteer.cli import models, portable, stages
+            from nnsteer.cli import models, portable, stages  # keeps torch out of CLI start-up
 
         for command in [models.command, *portable.COMMANDS, *stages.COMMANDS]:
             self.add_command(command)

@@ -6,12 +6,12 @@ import click
 
 from nnsteer.cli.common import model_options, open_model, run_dir
 from nnsteer.labels import OVERALL
-from nnsteer.vectors.extract import extract_vectors, read_inputs
+from nnsteer.vectors.extract import VARIANTS, extract_vectors, read_inputs
 
 
 @click.command(name="extract")
 @model_options
-@click.option("--variant", type=click.Choice(["paper", "released-code"]), default="paper",
+@click.option("--variant", type=click.Choice(VARIANTS), default="paper",
               show_default=True,
               help="paper: per-chain means over each label's positions; released-code: per-span "
                    "means over a span's first tokens, rescaled to the overall mean's norm.")

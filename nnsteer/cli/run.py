@@ -13,7 +13,11 @@ from nnsteer.pipeline.run import read_config, run_pipeline, shipped_configs
 from nnsteer.runs.registry import STAGE_NAMES
 
 
-@click.command(name="run")
+@click.command(name="run", help=f"Run {' → '.join(STAGE_NAMES)}.\n\n" """
+    A stage is skipped when its outputs are up to date (same options, model and
+    inputs). After Ctrl-C or a crash, rerun the command without --force to continue
+    where it stopped: with --force the chosen stages start from scratch again.
+""", short_help="Run every stage from a TOML config, skipping those that are up to date.")
 @click.option("--config", "config_path", required=True,
               type=click.Path(dir_okay=False, path_type=Path), help="The study's TOML config, or the name of one shipped with nnsteer: "
                    f"{', '.join(shipped_configs())}.")
@@ -31,12 +35,6 @@ from nnsteer.runs.registry import STAGE_NAMES
 @click.pass_context
 def command(ctx: click.Context, config_path: Path, from_stage: str | None,
             only: tuple[str, ...], released_code: bool, force: bool) -> None:
-    """Run tasks → generate → annotate → extract → attribute → select → steer → evaluate → report.
-
-    A stage is skipped when its outputs are up to date (same options, model and
-    inputs). After Ctrl-C or a crash, rerun the command without --force to continue
-    where it stopped: with --force the chosen stages start from scratch again.
-    """
     config = read_config(config_path)
     if released_code:
         config = dataclasses.replace(config, released_code=True)

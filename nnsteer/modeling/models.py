@@ -102,9 +102,7 @@ class LoadedModel:
         """The keyword arguments of a stage's ``trace``, ``generate`` or ``session``: on NDIF
         nnsteer's backend (:func:`nnsteer.ndif.backend.ndif_backend`), else ``remote=``."""
         if self.remote is True:
-            from nnsteer.ndif.backend import (
-                ndif_backend,  # keeps nnsight out of CLI start-up
-            )
+            from nnsteer.ndif.backend import ndif_backend  # keeps nnsight out of CLI start-up
 
             return {"backend": ndif_backend(self.nn.to_model_key(), deadline=self.ndif_deadline)}
         return {"remote": self.remote}
