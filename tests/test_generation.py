@@ -233,7 +233,7 @@ def test_prompt_template_is_recorded_and_checked(tiny_llama, tmp_path):
             r"shape \(32,\); the model's width is 64",
         ),
         (["ok"], SteeringSpec({1: torch.full((64,), math.nan)}, 1.0), "contains NaN"),
-        (["ok"], SteeringSpec({1: torch.zeros(64)}, -1.0), "coefficient must be"),
+        (["ok"], SteeringSpec({1: torch.zeros(64)}, -1.0), "coefficient: -1.0 is not a number >= 0"),
     ],
 )
 def test_bad_input_fails_before_generating(tiny_llama, prompts, spec, message):

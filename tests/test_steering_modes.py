@@ -9,6 +9,8 @@ the mask is set. It shares no code with the nnsight block.
 
 from __future__ import annotations
 
+import sys
+
 import polars as pl
 import pytest
 import torch
@@ -35,6 +37,14 @@ PROMPTS = [
 ]
 NEW = 8
 COEFFICIENT = 3.0
+
+
+def _fake_end_of_thinking(monkeypatch, ids) -> None:
+    """Every nnsteer module that uses the model's end-of-thinking marker sees ``ids``."""
+    for module in list(sys.modules.values()):
+        if (getattr(module, "__name__", "").startswith("nnsteer.")
+                and getattr(module, "end_of_thinking_ids", None) is end_of_thinking_ids):
+            monkeypatch.setattr(module, "end_of_thinking_ids", lambda lm: list(ids))
 
 
 def _vectors(d_model: int, layers: list[int], seed: int = 0) -> dict[int, torch.Tensor]:
@@ -145,7 +155,7 @@ def _check(lm, specs, prompts=PROMPTS, marker=(), boundaries=((), ())):
 def marked(monkeypatch):
     """Make ``marker`` the end-of-thinking spelling (the tiny models never write </think>)."""
     def use(marker):
-        monkeypatch.setattr(generation, "end_of_thinking_ids", lambda lm: list(marker))
+        _fake_end_of_thinking(monkeypatch, marker)
     return use
 
 
@@ -229,7 +239,7 @@ def test_modes_mix_in_one_batch(tiny_qwen2, marked):
 
 
 def test_remote_local_runs_every_mode(tokenizer, monkeypatch):
-    monkeypatch.setattr(generation, "end_of_thinking_ids", lambda lm: [30])
+    _fake_end_of_thinking(monkeypatch, [30])
     condition = Condition("backtracking", 0, 0.1, unit(_vectors(64, [0], seed=3)[0]))
     vectors = _vectors(64, [1, 2])
     specs = [SteeringSpec(vectors, COEFFICIENT, "positive", "thinking", "step-starts", condition),
@@ -311,7 +321,7 @@ def test_every_mode_runs_remotely_as_locally(tokenizer, monkeypatch, backend):
     from strict_remote import strict_remote
 
     lm = make_tiny("llama", tokenizer)
-    monkeypatch.setattr(generation, "end_of_thinking_ids", lambda lm: [30])  # "?"
+    _fake_end_of_thinking(monkeypatch, [30])  # "?"
     condition = Condition("backtracking", 0, 0.1, unit(_vectors(64, [0], seed=3)[0]))
     vectors = _vectors(64, [1, 2])
     specs = [SteeringSpec(vectors, COEFFICIENT, "positive", where) for where in WHERE_FLAGS]
