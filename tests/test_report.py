@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -323,6 +324,9 @@ def test_renders_in_headless_chromium(which, request, tmp_path):
     assert f'data-charts-rendered="{len(CHARTS)}"' in page, dom.stderr[-2000:]
     assert 'class="js-error"' not in page
     assert not re.search(r"CONSOLE.*(Uncaught|Error)|Uncaught", dom.stderr), dom.stderr[-2000:]
+    widest = int(re.search(r'data-widest-table="(\d+)"', page).group(1))
+    width = int(re.search(r'data-page-width="(\d+)"', page).group(1))
+    assert 0 < widest <= width  # every table fits the page, the folded provenance included
     for name in CHARTS:
         chart = page.split(f'id="chart-{name}"', 1)[1].split("</section>", 1)[0]
         assert "<svg" in chart, name
@@ -361,3 +365,28 @@ def test_vectors_with_only_overall(tmp_path):
     result = CliRunner().invoke(cli, ["--run-dir", str(run.root), "report"])
     assert result.exit_code == 0, result.output
     assert "holds only the overall mean" in run.report.read_text()
+
+
+def test_results_come_first_and_reference_material_last(full_report):
+    page = full_report.report.read_text()
+    titles = re.findall(r'<section id="section-\d+"><h2>([^<]+)</h2>', page)
+    assert titles[:3] == ["At a glance", CHARTS["forest"], CHARTS["costs"]]
+    assert titles[-2:] == ["Behaviour labels", "Provenance"]
+    assert titles.index(CHARTS["attribution"]) < titles.index("Example chains")
+    toc = re.findall(r'<li><a href="#section-\d+">([^<]+)</a></li>', page)
+    assert [html.unescape(t) for t in toc] == [html.unescape(t) for t in titles]
+    provenance = page.split("<h2>Provenance</h2>", 1)[1].split("</section>", 1)[0]
+    assert provenance.lstrip().startswith("<details>")
+
+
+def test_unvaried_cost_metrics_are_named_not_charted():
+    from nnsteer.evaluation.costs import unvaried_metrics
+
+    table = pl.DataFrame({
+        "metric": ["correct", "correct", "repetition", "repetition", "answered", "answered"],
+        "mean": [0.0, 0.0, 0.1, 0.3, 1.0, 1.0],
+        "diff": [None, 0.0, None, 0.2, None, 0.0],
+    })
+    assert unvaried_metrics(table) == ["correct", "answered"]
+    moved = table.with_columns(diff=pl.Series([None, 0.0, None, 0.2, None, -0.5]))
+    assert unvaried_metrics(moved) == ["correct"]

@@ -255,6 +255,18 @@ def _mean_phrase(row: dict[str, Any]) -> str:
     return f"{name} {value:.{_digits(METRIC_DISPLAY[row['metric']][1])}f}{unit}"
 
 
+def unvaried_metrics(cost_summary: pl.DataFrame) -> list[str]:
+    """The metrics of a :func:`summarise_costs` table that no condition moved: the same mean
+    in every condition, every paired difference 0 (e.g. accuracy 0% everywhere)."""
+    unvaried = []
+    for (metric,), rows in cost_summary.group_by("metric", maintain_order=True):
+        means = rows["mean"].drop_nulls()
+        diffs = rows["diff"].drop_nulls()
+        if means.n_unique() <= 1 and (diffs == 0).all():
+            unvaried.append(metric)
+    return unvaried
+
+
 def tradeoff_rows(behaviour_summary: pl.DataFrame, cost_summary: pl.DataFrame) -> pl.DataFrame:
     """Per steered condition and cost metric: the behaviour's paired change (pp) and the
     cost's (in the metric's unit), each with its interval (null below the tasks needed)."""

@@ -34,6 +34,8 @@ class Section:
     body: str
     chart: str | None = None
     spec: dict[str, Any] | None = None
+    #: Shown closed (``<details>``): reference material rather than a result.
+    folded: bool = False
 
 
 class Unavailable(Exception):

@@ -73,7 +73,7 @@ def provenance_section(run: RunDir) -> Section:
         raise Unavailable("Not run yet: the run directory holds no stage outputs.")
     intro = (f"<p>Run directory <code>{html.escape(str(run.root))}</code>; report written "
              f"{now_iso()} by nnsteer {nnsteer_version()}.</p>")
-    return Section("Provenance", intro + html_table(pl.DataFrame(rows)))
+    return Section("Provenance", intro + html_table(pl.DataFrame(rows)), folded=True)
 
 
 def _file_provenance(run: RunDir, path: Path) -> dict[str, Any]:

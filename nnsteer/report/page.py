@@ -81,18 +81,24 @@ def save_charts(charts: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
 def render_page(title: str, sections: list[Section]) -> str:
     """The HTML page: sections in order, charts embedded with the JavaScript inlined."""
     specs = {s.chart: s.spec for s in sections if s.spec is not None}
-    body = "\n".join(
-        f'<section><h2>{html.escape(s.title)}</h2>\n{s.body}\n'
-        + (f'<div class="chart" id="chart-{s.chart}"></div>' if s.spec is not None else "")
-        + "</section>"
-        for s in sections
-    )
+    toc = "".join(f'<li><a href="#section-{i}">{html.escape(s.title)}</a></li>'
+                  for i, s in enumerate(sections, start=1))
+    body = "\n".join(_section_html(i, s) for i, s in enumerate(sections, start=1))
     return _PAGE.format(
         title=html.escape(title),
-        body=body,
+        body=f'<nav class="toc"><h2>Contents</h2><ol>{toc}</ol></nav>\n{body}',
         bundle=_script_safe(_javascript_bundle()),
         specs=_script_safe(json.dumps(specs)),
     )
+
+
+def _section_html(number: int, section: Section) -> str:
+    content = section.body + (f'<div class="chart" id="chart-{section.chart}"></div>'
+                              if section.spec is not None else "")
+    if section.folded:
+        content = f"<details><summary>Show</summary>\n{content}\n</details>"
+    return (f'<section id="section-{number}"><h2>{html.escape(section.title)}</h2>\n'
+            f"{content}\n</section>")
 
 
 @functools.cache
@@ -114,18 +120,20 @@ def _section(title: str, build: Callable[[RunDir], Section], run: RunDir) -> Sec
         return Section(title, f'<p class="missing">{html.escape(str(exc))}</p>')
 
 
+#: The sections in page order: the results first, then how they were reached, then the
+#: reference material.
 _BUILDERS: list[tuple[str, Callable[[RunDir], Section]]] = [
     ("At a glance", overview_section),
-    ("Provenance", provenance_section),
-    ("Behaviour labels", label_counts_section),
+    (CHARTS["forest"], forest_section),
+    (CHARTS["costs"], costs_section),
+    (CHARTS["steering"], steering_section),
     (CHARTS["attribution"], attribution_section),
     (CHARTS["validation"], validation_section),
     (CHARTS["similarity"], similarity_section),
     ("Selected layers", layers_section),
-    (CHARTS["steering"], steering_section),
-    (CHARTS["forest"], forest_section),
-    (CHARTS["costs"], costs_section),
     ("Example chains", example_chains_section),
+    ("Behaviour labels", label_counts_section),
+    ("Provenance", provenance_section),
 ]
 
 
@@ -136,9 +144,11 @@ _PAGE = """<!DOCTYPE html>
 <title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
-table {{ border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }}
+table {{ border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; max-width: 100%; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }}
-td {{ max-width: 520px; overflow-wrap: break-word; }}
+td {{ max-width: 520px; overflow-wrap: anywhere; }}
+.toc ol {{ columns: 2; font-size: 0.9em; }}
+details > summary {{ cursor: pointer; color: #555; }}
 .missing {{ color: #888; font-style: italic; }}
 .chart {{ margin: 1em 0; }}
 pre {{ white-space: pre-wrap; }}
@@ -166,6 +176,12 @@ window.addEventListener("error", function (e) {{
     return vegaEmbed("#chart-" + name, specs[name], {{ renderer: "svg", actions: false }});
   }})).then(function () {{
     document.body.setAttribute("data-charts-rendered", String(names.length));
+    var widest = 0;
+    document.querySelectorAll("details").forEach(function (d) {{ d.open = true; }});
+    document.querySelectorAll("table").forEach(function (t) {{ widest = Math.max(widest, t.scrollWidth); }});
+    document.querySelectorAll("details").forEach(function (d) {{ d.open = false; }});
+    document.body.setAttribute("data-widest-table", String(widest));
+    document.body.setAttribute("data-page-width", String(document.body.clientWidth));
   }}).catch(function (err) {{
     var p = document.createElement("p"); p.className = "js-error"; p.textContent = "chart: " + err;
     document.getElementById("errors").appendChild(p);

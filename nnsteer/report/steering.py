@@ -11,10 +11,12 @@ import altair as alt
 import polars as pl
 
 from nnsteer.evaluation.costs import (
+    METRIC_DISPLAY,
     costs_text,
     summarise_costs,
     tradeoff_chart,
     tradeoff_rows,
+    unvaried_metrics,
 )
 from nnsteer.evaluation.paired import CONDITION_COLOURS, condition_name, interval_text
 from nnsteer.evaluation.shares import steering_chart, summarise, summary_text
@@ -195,8 +197,14 @@ def costs_section(run: RunDir) -> Section:
         raise Unavailable("Not measured: this evaluation.parquet has no cost columns (rerun "
                            "`nnsteer evaluate`).")
     grader = read_metadata(run.evaluation).get("options", {}).get("grader", "offline")
-    rows = tradeoff_rows(steering_summary(run), costs)
+    unvaried = unvaried_metrics(costs)
+    if len(unvaried) == costs["metric"].n_unique():  # nothing moved: chart every metric
+        unvaried = []
+    rows = tradeoff_rows(steering_summary(run), costs.filter(~pl.col("metric").is_in(unvaried)))
     text = costs_text(costs, grader)
+    if unvaried:
+        names = ", ".join(METRIC_DISPLAY[m][0] for m in unvaried)
+        text += f"\nNot charted: {names} (the same in every condition)."
     body = ("<p>Each point is one steered condition: its paired change in the target behaviour "
             "(y) against its paired change in one cost (x), both against the unsteered chain of "
             "the same task, with 95% bootstrap intervals. Accuracy, closed thinking and answered "
