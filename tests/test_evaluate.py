@@ -333,7 +333,7 @@ def test_bad_input_leaves_outputs_intact(tmp_path, tokenizer):
         evaluate(run, tokenizer=tokenizer, denominator="sentences")
     with pytest.raises(BadInput, match="--annotator 'gpt'"):
         evaluate(run, tokenizer=tokenizer, annotator="gpt")
-    with pytest.raises(BadInput, match="--grader must be 'offline' or 'openai:<model>'"):
+    with pytest.raises(BadInput, match="--grader 'gpt-4o': expected 'offline' or 'openai:<model>'"):
         evaluate(run, tokenizer=tokenizer, grader="gpt-4o")
     assert run.evaluation.read_bytes() == before
 

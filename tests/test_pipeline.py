@@ -55,6 +55,36 @@ def test_bad_values_are_bad_input(tmp_path, text):
         run_pipeline(read_config(config), run_dir=tmp_path / "run")
 
 
+@pytest.mark.parametrize("text, message", [
+    ("[select]\ncoefficient = nan\n", r"\[select\] coefficient = nan: must be a finite number"),
+    ("[select]\ncoefficient = inf\n", r"\[select\] coefficient = inf: must be a finite number"),
+    ("[select]\ngrid = [0.0]\n", r"\[select\] grid = \[0.0\]: expected numbers > 0"),
+    ("[select]\nmax_coherence_cost = -1.0\n", r"\[select\] max_coherence_cost = -1.0: expected a finite number >= 0"),
+    ("[steer]\ncoefficients = [-1.0]\n", r"\[steer\] coefficients = \[-1.0\]: -1.0 is not a number >= 0"),
+    ("[steer]\nwhen = 'garbage'\n", r"\[steer\] when = 'garbage': expected LABEL@LAYER>THRESHOLD"),
+    ("[evaluate]\ngrader = 'foo'\n", r"\[evaluate\] grader = 'foo': expected 'offline'"),
+    ("[annotate]\nannotator = 'openai:gpt-4o'\nannotator_prompt = 'missing.txt'\n",
+     r"\[annotate\] annotator_prompt = 'missing.txt': cannot read it"),
+])
+def test_every_value_is_checked_before_any_stage_runs(tmp_path, text, message):
+    """The CLI's own checks, run on the config before anything loads, naming the key."""
+    config = write_config(tmp_path / "bad.toml", text)
+    result = CliRunner().invoke(cli, ["--run-dir", str(tmp_path / "run"), "run", "--config",
+                                      str(config), "--only", "tasks"])
+    assert result.exit_code == 2
+    assert re.search(f"bad.toml: {message}", result.output), result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_shipped_config_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["--run-dir", "demo", "run", "--config", "demo", "--only", "tasks"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo" / "tasks.parquet").is_file()
+    result = CliRunner().invoke(cli, ["run", "--config", "no-such-study", "--only", "tasks"])
+    assert result.exit_code == 2 and "shipped configs: demo," in result.output
+
+
 def test_shipped_configs_parse():
     for path in sorted(CONFIGS.glob("*.toml")):
         config = read_config(path)

@@ -69,7 +69,7 @@ def resolve_grader(grader: str) -> str:
     """``offline`` or ``openai:<model>``; :class:`BadInput` for anything else."""
     if grader == OFFLINE or (grader.startswith("openai:") and grader.removeprefix("openai:")):
         return grader
-    raise BadInput(f"--grader must be 'offline' or 'openai:<model>', got {grader!r}")
+    raise BadInput(f"--grader {grader!r}: expected 'offline' or 'openai:<model>'")
 
 
 def final_segment(answer: str) -> str:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import inspect
+import math
+import re
 import sys
 import time
 import tomllib
@@ -39,12 +41,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nnsteer.annotation.stage import ANNOTATOR_NAMES, annotate_chains, is_annotator
+from nnsteer.annotation.stage import (
+    ANNOTATOR_NAMES,
+    annotate_chains,
+    is_annotator,
+    read_annotator_prompt,
+)
 from nnsteer.errors import BadInput
+from nnsteer.evaluation.grader import resolve_grader
 from nnsteer.evaluation.shares import DENOMINATORS
 from nnsteer.evaluation.stage import evaluate
 from nnsteer.generation.loop import PROMPT_TEMPLATES, generate_chains
-from nnsteer.generation.spec import AT, WHERE
+from nnsteer.generation.spec import AT, WHERE, check_coefficient, parse_when
 from nnsteer.labels import LABELS
 from nnsteer.modeling.models import (
     DEFAULT_MODEL,
@@ -77,7 +85,8 @@ from nnsteer.selection.attribution import (
     SPAN_SOURCES,
     attribute,
 )
-from nnsteer.selection.layers import select_layers
+from nnsteer.selection.layers import AUTO, select_layers
+from nnsteer.selection.strength import Bounds, check_grid
 from nnsteer.steer.chains import steer_chains
 from nnsteer.tasks.stage import SPLITS, write_tasks
 from nnsteer.vectors.extract import VARIANTS, extract_vectors
@@ -213,11 +222,24 @@ def check_value(path: Path, section: str, key: str, value: Any, hint: Any) -> No
         choices = _choices(section, key, hint)
         if choices is not None and any(v not in choices for v in _items(value)):
             raise BadInput(f"{where}: must be one of {', '.join(map(str, choices))}")
+    if any(not math.isfinite(n) for n in _numbers(value)):
+        raise BadInput(f"{where}: must be a finite number")
     least = LEAST.get(key)
     if least is not None and any(n < least for n in _numbers(value)):
         raise BadInput(f"{where}: must be {least} or more")
     if key in FRACTIONS and not 0 <= value < 1:
         raise BadInput(f"{where}: must be a fraction in [0, 1)")
+    validate = VALIDATORS.get((section, key))
+    if validate is not None and value is not None:
+        try:
+            validate(value)
+        except BadInput as exc:
+            raise BadInput(f"{where}: {_without_option(str(exc))}") from None
+
+
+def _without_option(message: str) -> str:
+    """A CLI check's message without its leading ``--option value:`` (the config key is named)."""
+    return re.sub(r"^--[\w-]+(?: [^:]*)?: ", "", message)
 
 
 def _items(value: Any) -> list[Any]:
@@ -241,6 +263,31 @@ LEAST: dict[str, int | float] = {
     "coefficient": 0, "layers": 0, "timeout": 0.001, "retries": 0, "min_spans": 1,
 }
 FRACTIONS = frozenset({"skip_fraction"})
+
+
+def _check_prompt_file(path: str) -> None:
+    read_annotator_prompt(path, "openai:")  # the file exists, is text and is not empty
+
+
+def _check_coefficients(values: list[float]) -> None:
+    for value in values:
+        check_coefficient(value, "--coefficients")
+
+
+#: Options checked by the same function that checks their command-line option, after their
+#: type: it raises :class:`BadInput`, whose message the config check prefixes with the key.
+VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
+    ("select", "coefficient"): lambda v: v == AUTO or check_coefficient(v, "--coefficient"),
+    ("select", "grid"): check_grid,
+    ("select", "max_coherence_cost"): lambda v: Bounds(coherence=v),
+    ("select", "max_repetition_cost"): lambda v: Bounds(repetition=v),
+    ("select", "max_accuracy_cost"): lambda v: Bounds(accuracy=v),
+    ("steer", "coefficients"): _check_coefficients,
+    ("steer", "when"): parse_when,
+    ("evaluate", "grader"): resolve_grader,
+    ("annotate", "annotator_prompt"): _check_prompt_file,
+    ("evaluate", "annotator_prompt"): _check_prompt_file,
+}
 #: Options whose values are one of a list, and the list.
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("tasks", "source"): ("builtin", "file", "claude"),
