@@ -345,7 +345,7 @@ def test_damaged_pipeline_state_and_non_utf8_files_are_one_line(tmp_path):
     ("[select]\nlayers = {backtracking = [-1]}", "must be 0 or more"),
     ("[select]\nskip_fraction = 1.5", "[select] skip_fraction = 1.5: must be a fraction in [0, 1)"),
     ("[generate]\nlimit = 0", "[generate] limit = 0: must be 1 or more"),
-    ('[annotate]\nannotator = "gpt4"', "[annotate] annotator = 'gpt4': must be auto, rules, learned or "
+    ('[annotate]\nannotator = "gpt4"', "[annotate] annotator = 'gpt4': must be auto, learned, rules or "
                                        "openai:<model>"),
     ('[extract]\nvariant = "papr"', "[extract] variant = 'papr': must be one of paper, released-code"),
     ('[model]\ndtype = "float8"', "[model] dtype = 'float8': must be one of auto"),

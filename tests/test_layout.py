@@ -115,19 +115,19 @@ def installed(tmp_path_factory) -> Path:
 
 
 def _run_installed(bin_dir: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``args`` run by the installed environment (``nnsteer`` or ``python``), this checkout out of reach."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run([str(bin_dir / "nnsteer"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([str(bin_dir / args[0]), *args[1:]], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_a_real_install_finds_its_shipped_files(installed, tmp_path):
-    where = subprocess.run([str(installed / "python"), "-c", "import nnsteer; print(nnsteer.__file__)"],
-                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout
-    assert str(ROOT) not in where and "site-packages" in where  # the wheel's copy, not this checkout
-    tasks = _run_installed(installed, tmp_path, "--run-dir", "built-in", "tasks")
+    where = _run_installed(installed, tmp_path, "python", "-c", "import nnsteer; print(nnsteer.__file__)")
+    assert str(ROOT) not in where.stdout and "site-packages" in where.stdout  # the wheel's copy
+    tasks = _run_installed(installed, tmp_path, "nnsteer", "--run-dir", "built-in", "tasks")
     assert tasks.returncode == 0, tasks.stderr
     assert (tmp_path / "built-in" / "tasks.parquet").is_file()
-    demo = _run_installed(installed, tmp_path, "--run-dir", "demo", "run", "--config", "demo",
+    demo = _run_installed(installed, tmp_path, "nnsteer", "--run-dir", "demo", "run", "--config", "demo",
                           "--only", "tasks")
     assert demo.returncode == 0, demo.stderr
     assert "[1/1] tasks  done" in demo.stderr
@@ -135,6 +135,6 @@ def test_a_real_install_finds_its_shipped_files(installed, tmp_path):
 
 @pytest.mark.embedded
 def test_a_real_install_describes_the_embedded_model(installed, tmp_path):
-    models = _run_installed(installed, tmp_path, "models")
+    models = _run_installed(installed, tmp_path, "nnsteer", "models")
     assert models.returncode == 0, models.stderr
     assert "smollm2-135m" in models.stdout

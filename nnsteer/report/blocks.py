@@ -43,12 +43,14 @@ class Unavailable(Exception):
 
 
 def need(path: Path) -> Path:
+    """``path``, or :class:`Unavailable` naming the stage to run if the file is missing."""
     if not path.exists():
         raise Unavailable(f"Not run yet: {path.name} is missing (run `nnsteer {producer(path.name)}`).")
     return path
 
 
 def html_table(df: pl.DataFrame) -> str:
+    """``df`` as an HTML table, every cell escaped (floats to 4 significant digits)."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
