@@ -16,6 +16,7 @@ from conftest import make_tiny
 
 from nnsteer.errors import BadInput
 from nnsteer.generation import loop as generation
+from nnsteer.generation import spec as steering_spec
 from nnsteer.generation.loop import chat_prompt, generate
 from nnsteer.generation.modes import calibrate_threshold, step_boundary_ids
 from nnsteer.generation.spec import (
@@ -141,12 +142,17 @@ def _check(lm, specs, prompts=PROMPTS, marker=(), boundaries=((), ())):
     return ids, counts
 
 
+def use_marker(monkeypatch, marker) -> None:
+    """Make ``marker`` the end-of-thinking spelling where specs are checked and where the
+    batch is built (the tiny models never write </think>)."""
+    for module in (generation, steering_spec):
+        monkeypatch.setattr(module, "end_of_thinking_ids", lambda lm: list(marker))
+
+
 @pytest.fixture
 def marked(monkeypatch):
-    """Make ``marker`` the end-of-thinking spelling (the tiny models never write </think>)."""
-    def use(marker):
-        monkeypatch.setattr(generation, "end_of_thinking_ids", lambda lm: list(marker))
-    return use
+    """Make ``marker`` the end-of-thinking spelling (:func:`use_marker`)."""
+    return lambda marker: use_marker(monkeypatch, marker)
 
 
 @pytest.mark.parametrize("where", ["all", "prompt", "generated"])
@@ -229,7 +235,7 @@ def test_modes_mix_in_one_batch(tiny_qwen2, marked):
 
 
 def test_remote_local_runs_every_mode(tokenizer, monkeypatch):
-    monkeypatch.setattr(generation, "end_of_thinking_ids", lambda lm: [30])
+    use_marker(monkeypatch, [30])
     condition = Condition("backtracking", 0, 0.1, unit(_vectors(64, [0], seed=3)[0]))
     vectors = _vectors(64, [1, 2])
     specs = [SteeringSpec(vectors, COEFFICIENT, "positive", "thinking", "step-starts", condition),
@@ -311,7 +317,7 @@ def test_every_mode_runs_remotely_as_locally(tokenizer, monkeypatch, backend):
     from strict_remote import strict_remote
 
     lm = make_tiny("llama", tokenizer)
-    monkeypatch.setattr(generation, "end_of_thinking_ids", lambda lm: [30])  # "?"
+    use_marker(monkeypatch, [30])  # "?"
     condition = Condition("backtracking", 0, 0.1, unit(_vectors(64, [0], seed=3)[0]))
     vectors = _vectors(64, [1, 2])
     specs = [SteeringSpec(vectors, COEFFICIENT, "positive", where) for where in WHERE_FLAGS]
