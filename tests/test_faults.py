@@ -454,7 +454,7 @@ def test_wrong_case_status_and_repeated_chains_are_refused(chains_run, tokenizer
 
 def test_prompt_longer_than_the_model_is_refused(tiny_llama):
     from nnsteer.errors import BadInput
-    from nnsteer.generation.loop import ChainJob, check_lengths
+    from nnsteer.generation.chains import ChainJob, check_lengths
 
     limit = tiny_llama.hf_model.config.max_position_embeddings
     job = ChainJob(chain_id="t1", task_id="t1", split="train", prompt="seven " * limit)

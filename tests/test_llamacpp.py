@@ -38,7 +38,8 @@ except ImportError:
                 "the nnsteer cache (about 4.5 min on 2 cores) and installs it", allow_module_level=True)
 
 import nnsteer  # noqa: E402
-from nnsteer.generation.loop import generate, prompt_token_ids  # noqa: E402
+from nnsteer.generation.loop import generate  # noqa: E402
+from nnsteer.generation.prompts import prompt_token_ids  # noqa: E402
 from nnsteer.generation.spec import SteeringSpec
 from nnsteer.modeling.models import embedded_gguf, load_model  # noqa: E402
 from nnsteer.runs.store import RunDir, write_json  # noqa: E402

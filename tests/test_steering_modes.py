@@ -17,8 +17,9 @@ from conftest import make_tiny
 from nnsteer.errors import BadInput
 from nnsteer.generation import loop as generation
 from nnsteer.generation import spec as steering_spec
-from nnsteer.generation.loop import chat_prompt, generate
+from nnsteer.generation.loop import generate
 from nnsteer.generation.modes import calibrate_threshold, step_boundary_ids
+from nnsteer.generation.prompts import chat_prompt
 from nnsteer.generation.spec import (
     WHERE_FLAGS,
     Condition,
@@ -423,7 +424,7 @@ def _labelled_run(tmp_path, lm):
     """Train chains of the tiny model, spans over thirds of each response, vectors, layers."""
     from test_generation import write_tasks
 
-    from nnsteer.generation.loop import generate_chains
+    from nnsteer.generation.chains import generate_chains
     from nnsteer.labels import LABELS
     from nnsteer.runs.store import RunDir, provenance, write_json, write_parquet
     from nnsteer.vectors.extract import extract_vectors

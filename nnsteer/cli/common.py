@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from nnsteer.annotation.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT
-from nnsteer.generation.loop import DEFAULT_PROMPT_TEMPLATE, PROMPT_TEMPLATES
+from nnsteer.generation.prompts import DEFAULT_PROMPT_TEMPLATE, PROMPT_TEMPLATES
 from nnsteer.modeling.models import (
     DEFAULT_MODEL,
     LoadedModel,

@@ -43,7 +43,8 @@ from nnsteer.annotation.stage import annotate_chains
 from nnsteer.errors import BadInput
 from nnsteer.evaluation.shares import DENOMINATORS
 from nnsteer.evaluation.stage import evaluate
-from nnsteer.generation.loop import PROMPT_TEMPLATES, generate_chains
+from nnsteer.generation.chains import generate_chains
+from nnsteer.generation.prompts import PROMPT_TEMPLATES
 from nnsteer.generation.spec import AT, WHERE
 from nnsteer.labels import LABELS
 from nnsteer.modeling.models import (
