@@ -57,7 +57,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 @pytest.fixture
 def chains_run(tmp_path, monkeypatch, tokenizer) -> RunDir:
     """A run directory with three chains of :data:`TEXTS` and a key in the environment."""
-    from nnsteer.modeling.models import cache_dir, embedded_dir
+    from nnsteer.modeling.embedded import cache_dir, embedded_dir
 
     model = embedded_dir("smollm2-135m")  # the tokenizer of the chains, made once
     monkeypatch.setenv("OPENAI_API_KEY", KEY)

@@ -32,7 +32,7 @@ from nnsteer.annotation.rules import rules_annotate
 from nnsteer.annotation.spans import Span
 from nnsteer.errors import BadInput
 from nnsteer.labels import FAILED, LABELS, OK, UNALIGNED, UNKNOWN_LABEL
-from nnsteer.modeling.models import cache_dir as user_cache
+from nnsteer.modeling.embedded import cache_dir as user_cache
 from nnsteer.modeling.models import load_tokenizer
 from nnsteer.modeling.positions import (
     merge_positions,

@@ -16,10 +16,10 @@ from nnsteer.modeling.models import (
     LoadedModel,
     load_model,
     load_tokenizer,
-    model_name,
     model_slug,
-    parse_placement_text,
 )
+from nnsteer.modeling.placement import parse_placement_text
+from nnsteer.modeling.sources import model_name
 from nnsteer.modeling.thinking import (
     FORMAT_CHOICES,
     REASONING_EFFORTS,

@@ -47,16 +47,10 @@ from nnsteer.generation.chains import generate_chains
 from nnsteer.generation.prompts import PROMPT_TEMPLATES
 from nnsteer.generation.spec import AT, WHERE
 from nnsteer.labels import LABELS
-from nnsteer.modeling.models import (
-    DEFAULT_MODEL,
-    EMBEDDED_MODELS,
-    LoadedModel,
-    check_placement,
-    load_model,
-    model_slug,
-    resolve_device,
-    resolve_source,
-)
+from nnsteer.modeling.embedded import EMBEDDED_MODELS
+from nnsteer.modeling.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
+from nnsteer.modeling.placement import check_placement, resolve_device
+from nnsteer.modeling.sources import resolve_source
 from nnsteer.modeling.thinking import FORMAT_CHOICES, REASONING_EFFORTS, apply_thinking
 from nnsteer.pipeline.released import apply_released
 from nnsteer.report.page import write_report
@@ -109,7 +103,7 @@ class ModelConfig:
     batch_size: int = 8
     hot_swap: bool = False
     ndif_deadline: float | None = None
-    #: accelerate's placement (``nnsteer.modeling.models.check_placement``): a name or {module = device}.
+    #: accelerate's placement (``nnsteer.modeling.placement.check_placement``): a name or {module = device}.
     device_map: str | dict[str, Any] | None = None
     max_memory: dict[str, Any] | None = None
     #: :mod:`nnsteer.modeling.thinking`: ``auto`` (None) detects the format.
