@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from nnsteer.annotation.learned import shipped_annotator, weights_digest
 from nnsteer.annotation.llm import (
     API_KEY_ENV,
-    DEFAULT_MODEL,
+    DEFAULT_ANNOTATOR_MODEL,
     PROMPT_VERSION,
     annotate_texts,
     prompt_digest,
@@ -108,7 +108,7 @@ def resolve_annotator(annotator: str) -> str:
     (with a notice)."""
     if annotator == "auto":
         if os.environ.get(API_KEY_ENV):
-            return f"openai:{DEFAULT_MODEL}"
+            return f"openai:{DEFAULT_ANNOTATOR_MODEL}"
         click.echo(f"nnsteer: {API_KEY_ENV} is not set: annotating with the offline "
                    f"`{OFFLINE_DEFAULT}` annotator", err=True)
         return OFFLINE_DEFAULT
