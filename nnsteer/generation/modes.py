@@ -15,7 +15,8 @@ step's input tokens (see ``docs/steering-modes.md`` for the exact positions):
   label, exceeds the threshold.
 
 :func:`block_inputs` turns a batch's specs into the plain tensors and lists the trace
-uploads (:class:`BlockInputs`); :func:`calibrate_threshold` picks a condition's threshold on labelled tokens.
+uploads (:class:`BlockInputs`); :func:`calibrate_threshold` picks a condition's threshold
+on labelled tokens.
 """
 
 from __future__ import annotations

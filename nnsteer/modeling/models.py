@@ -142,8 +142,9 @@ def load_model(
 
     ``device="auto"`` spreads the layers over all GPUs (``device_map="auto"``).
     ``device_map`` and ``max_memory`` go to transformers/accelerate as they are
-    (:func:`check_placement`): a model larger than one GPU is then spread over GPUs, the
-    CPU and the disk (offloaded weights in ``<cache>/offload/<model>``).
+    (:func:`nnsteer.modeling.placement.check_placement`): a model larger than one GPU is
+    then spread over GPUs, the CPU and the disk (offloaded weights in
+    ``<cache>/offload/<model>``).
     With ``remote=True`` the weights stay on NDIF; :func:`check_remote` runs first, then
     :func:`check_route` with the model key nnsight will send (``hot_swap`` skips the
     checks that NDIF runs the model now). ``ndif_deadline``: seconds per request at most.
