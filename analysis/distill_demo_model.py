@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-from nnsteer.generation.loop import TASK_TEMPLATE, THINK_CLOSE, THINK_OPEN, chat_prompt
+from nnsteer.generation.prompts import TASK_TEMPLATE, chat_prompt
+from nnsteer.modeling.embedded import embedded_dir
 from nnsteer.modeling.lora import adapter_state, attach, save_adapter
-from nnsteer.modeling.models import embedded_dir
+from nnsteer.modeling.thinking import THINK_CLOSE, THINK_OPEN
 
 _FILLER = re.compile(r"^(?:(?:okay|alright|ok|so|hmm|well)[,.!]?\s+)+", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s")

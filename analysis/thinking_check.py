@@ -19,8 +19,8 @@ from pathlib import Path
 import polars as pl
 
 from nnsteer.annotation.stage import annotate_frame
-from nnsteer.generation.loop import THINK_CLOSE, THINK_OPEN
 from nnsteer.labels import STEERED_LABELS
+from nnsteer.modeling.thinking import THINK_CLOSE, THINK_OPEN
 from nnsteer.runs.store import RunDir, read_metadata
 
 

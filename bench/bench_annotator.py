@@ -25,7 +25,8 @@ from _output import emit  # bench/_output.py
 
 from nnsteer.annotation.agreement import read_annotated_chains
 from nnsteer.annotation.learned import ENCODER, WINDOW, shipped_annotator
-from nnsteer.modeling.models import _load_weights, resolve_source
+from nnsteer.modeling.models import load_weights
+from nnsteer.modeling.sources import resolve_source
 
 TEXT = ("Okay, so I need to find how many apples are left. There were 24 and 9 were taken, so "
         "24 - 9 = 15. Wait, let me double-check that. Hmm, I'm not sure the question says they "
@@ -54,7 +55,7 @@ def main() -> None:
     texts = ([r["thinking_process"] for r in read_annotated_chains(args.file)[:args.chains]]
              if args.file else [TEXT] * args.chains)
     annotator = shipped_annotator()
-    model, tokenizer = _load_weights(resolve_source(ENCODER), "cpu", torch.float32)
+    model, tokenizer = load_weights(resolve_source(ENCODER), "cpu", torch.float32)
 
     @torch.no_grad()
     def forward(text: str) -> None:

@@ -19,7 +19,8 @@ from functools import partial
 
 import torch
 
-from nnsteer.generation.loop import GREEDY, eos_ids, generate, prompt_token_ids
+from nnsteer.generation.loop import GREEDY, eos_ids, generate
+from nnsteer.generation.prompts import prompt_token_ids
 from nnsteer.generation.spec import SteeringSpec
 from nnsteer.modeling.models import load_model
 from nnsteer.tasks.stage import load_builtin_tasks

@@ -118,8 +118,8 @@ def run_study(args) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from fake_ndif import fake_ndif, served  # noqa: E402
 
-    from nnsteer.generation import loop as generation
-    from nnsteer.modeling.models import embedded_dir
+    from nnsteer.generation import chains as generation
+    from nnsteer.modeling.embedded import embedded_dir
     from nnsteer.runs.store import RunDir, write_json
     from nnsteer.selection import attribution
     from nnsteer.steer import chains as steer

@@ -9,17 +9,13 @@ from nnsteer.errors import BadInput, NnsteerError
 __version__ = version("nnsteer")
 
 if TYPE_CHECKING:
-    from nnsteer.modeling.models import (
-        Architecture,
-        LoadedModel,
-        load_model,
-        wrap_model,
-    )
+    from nnsteer.modeling.architecture import Architecture
+    from nnsteer.modeling.models import LoadedModel, load_model, wrap_model
     from nnsteer.runs.store import RunDir
     from nnsteer.steer.hooks import steering
 
 #: Imported on first use, so that ``nnsteer`` (the command) starts without torch.
-_LAZY = {"Architecture": "nnsteer.modeling.models", "LoadedModel": "nnsteer.modeling.models",
+_LAZY = {"Architecture": "nnsteer.modeling.architecture", "LoadedModel": "nnsteer.modeling.models",
          "load_model": "nnsteer.modeling.models", "wrap_model": "nnsteer.modeling.models", "RunDir": "nnsteer.runs.store",
          "steering": "nnsteer.steer.hooks"}
 

@@ -25,7 +25,8 @@ from target_tokenizers import (
     write_tokenizer,
 )
 
-from nnsteer.modeling.models import LoadedModel, embedded_dir, wrap_model
+from nnsteer.modeling.embedded import embedded_dir
+from nnsteer.modeling.models import LoadedModel, wrap_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ANNOTATED_CHAINS = SHARED / "data" / "annotated-chains"

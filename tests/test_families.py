@@ -280,7 +280,7 @@ def test_explicit_device_map_with_disk_offload_gives_the_same_numbers(saved_gpt_
     ("auto", ["1GiB"], "max_memory .*expected a table"),
 ])
 def test_bad_placement_is_one_line(device_map, max_memory, message):
-    from nnsteer.modeling.models import check_placement
+    from nnsteer.modeling.placement import check_placement
 
     with pytest.raises(BadInput, match=message):
         check_placement(device_map, max_memory)

@@ -57,7 +57,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 @pytest.fixture
 def chains_run(tmp_path, monkeypatch, tokenizer) -> RunDir:
     """A run directory with three chains of :data:`TEXTS` and a key in the environment."""
-    from nnsteer.modeling.models import cache_dir, embedded_dir
+    from nnsteer.modeling.embedded import cache_dir, embedded_dir
 
     model = embedded_dir("smollm2-135m")  # the tokenizer of the chains, made once
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -454,7 +454,7 @@ def test_wrong_case_status_and_repeated_chains_are_refused(chains_run, tokenizer
 
 def test_prompt_longer_than_the_model_is_refused(tiny_llama):
     from nnsteer.errors import BadInput
-    from nnsteer.generation.loop import ChainJob, check_lengths
+    from nnsteer.generation.chains import ChainJob, check_lengths
 
     limit = tiny_llama.hf_model.config.max_position_embeddings
     job = ChainJob(chain_id="t1", task_id="t1", split="train", prompt="seven " * limit)

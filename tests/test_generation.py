@@ -15,13 +15,9 @@ from nnsteer.annotation.stage import annotate_chains
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.generation import loop as generation
-from nnsteer.generation.loop import (
-    chat_prompt,
-    generate,
-    generate_chains,
-    prompt_token_ids,
-    reasoning_span,
-)
+from nnsteer.generation.chains import generate_chains
+from nnsteer.generation.loop import generate, reasoning_span
+from nnsteer.generation.prompts import chat_prompt, prompt_token_ids
 from nnsteer.generation.spec import SteeringSpec
 from nnsteer.runs.store import RunDir, read_metadata, write_parquet
 from nnsteer.vectors.extract import read_inputs
@@ -233,7 +229,7 @@ def test_prompt_template_is_recorded_and_checked(tiny_llama, tmp_path):
             r"shape \(32,\); the model's width is 64",
         ),
         (["ok"], SteeringSpec({1: torch.full((64,), math.nan)}, 1.0), "contains NaN"),
-        (["ok"], SteeringSpec({1: torch.zeros(64)}, -1.0), "coefficient: -1.0 is not a number >= 0"),
+        (["ok"], SteeringSpec({1: torch.zeros(64)}, -1.0), "steering coefficient: -1.0 is not a number >= 0"),
     ],
 )
 def test_bad_input_fails_before_generating(tiny_llama, prompts, spec, message):
@@ -363,7 +359,7 @@ def test_interrupted_run_keeps_finished_batches(tokenizer, tmp_path):
 def test_interrupted_chains_are_refused_until_finished(tiny_llama, tmp_path, monkeypatch):
     run = RunDir(tmp_path)
     write_tasks(run, n_train=3)
-    FaultAfter(monkeypatch, generation, "_generate_batch", after=1)
+    FaultAfter(monkeypatch, generation, "generate_batch", after=1)
     with pytest.raises(KeyboardInterrupt):
         generate_chains(run, tiny_llama, max_new_tokens=3, batch_size=1)
     meta = read_metadata(run.chains)
@@ -377,7 +373,7 @@ def test_interrupted_chains_are_refused_until_finished(tiny_llama, tmp_path, mon
     assert result.exit_code == 2 and result.stderr == f"nnsteer: error: {message}\n"
     assert not run.annotations.exists()
 
-    FaultAfter(monkeypatch, generation, "_generate_batch")  # no more interruptions
+    FaultAfter(monkeypatch, generation, "generate_batch")  # no more interruptions
     assert generate_chains(run, tiny_llama, max_new_tokens=3, batch_size=1).height == 3
     meta = read_metadata(run.chains)
     assert (meta["complete"], meta["chains_done"], meta["chains_planned"]) == (True, 3, 3)

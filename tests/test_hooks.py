@@ -8,7 +8,8 @@ from test_generation import PROMPTS
 from test_steer import LAYERS, NEW, run, write_vectors  # noqa: F401  (the run fixture)
 
 import nnsteer
-from nnsteer.generation.loop import chat_prompt, generate
+from nnsteer.generation.loop import generate
+from nnsteer.generation.prompts import chat_prompt
 from nnsteer.generation.spec import SteeringSpec
 from nnsteer.vectors.extract import load_vectors
 

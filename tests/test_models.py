@@ -11,13 +11,9 @@ import pytest
 import torch
 
 from nnsteer.errors import BadInput
-from nnsteer.modeling.models import (
-    Architecture,
-    describe_model,
-    load_model,
-    model_name,
-    resolve_source,
-)
+from nnsteer.modeling.architecture import Architecture
+from nnsteer.modeling.models import describe_model, load_model
+from nnsteer.modeling.sources import model_name, resolve_source
 
 
 def _layer_outputs(lm, ids, mask):
@@ -116,7 +112,7 @@ def unreachable_hub(monkeypatch, tmp_path):
     """A hub endpoint nothing listens on, and an empty Hugging Face cache."""
     import huggingface_hub.constants
 
-    from nnsteer.modeling.models import hub_reachable
+    from nnsteer.modeling.sources import hub_reachable
 
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -213,7 +209,7 @@ def test_embedded_model_equals_gguf():
     """The cached safetensors copy computes what transformers' GGUF loader computes."""
     from transformers import AutoModelForCausalLM
 
-    from nnsteer.modeling.models import embedded_gguf
+    from nnsteer.modeling.embedded import embedded_gguf
 
     lm = load_model("smollm2-135m", device="cpu")
     gguf = embedded_gguf("smollm2-135m")

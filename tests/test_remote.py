@@ -535,8 +535,7 @@ def test_cli_options_reach_load_model(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(common, "load_model", lambda model, **options: seen.update(options))
-    monkeypatch.setattr(common, "apply_thinking",
-                        lambda lm, *thinking: seen.update(thinking=thinking))
+    monkeypatch.setattr(common, "apply_thinking", lambda lm, *thinking: seen.update(thinking=thinking))
 
     @click.command()
     @common.model_options

@@ -42,7 +42,7 @@ from nnsteer.runs.store import (
 )
 from nnsteer.vectors import residuals
 
-generation = pytest.importorskip("nnsteer.generation.loop")
+generation = pytest.importorskip("nnsteer.generation.chains")
 vectors = pytest.importorskip("nnsteer.vectors.extract")
 attribution = pytest.importorskip("nnsteer.selection.attribution")
 steer = pytest.importorskip("nnsteer.steer.chains")

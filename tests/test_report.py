@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from nnsteer.cli import cli
 from nnsteer.labels import LABELS, OVERALL, STEERED_LABELS
-from nnsteer.report.page import write_report
 from nnsteer.report.blocks import CHARTS
+from nnsteer.report.page import write_report
 from nnsteer.runs.store import RunDir, provenance, write_json, write_parquet
 
 ARTIFACTS = Path(__file__).parent / "artifacts"

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.modeling.models import resolve_device
+from nnsteer.modeling.placement import resolve_device
 from nnsteer.runs.store import RunDir, write_json
 from nnsteer.selection.attribution import attribute
 from nnsteer.selection.layers import select_layers

@@ -222,7 +222,7 @@ def test_interrupted_steer_is_refused_by_evaluate_until_finished(run, tiny_llama
     from nnsteer.evaluation.stage import evaluate
 
     options = dict(behaviours=["backtracking"], limit=1, max_new_tokens=3, batch_size=2)
-    FaultAfter(monkeypatch, generation, "_generate_batch", after=1)
+    FaultAfter(monkeypatch, generation, "generate_batch", after=1)
     with pytest.raises(KeyboardInterrupt):
         steer_chains(run, tiny_llama, **options)
     assert pl.read_parquet(run.steered).height == 2
@@ -231,7 +231,7 @@ def test_interrupted_steer_is_refused_by_evaluate_until_finished(run, tiny_llama
         evaluate(run, annotator="rules", tokenizer=tiny_llama.tokenizer)
     assert not run.evaluation.exists()
 
-    FaultAfter(monkeypatch, generation, "_generate_batch")
+    FaultAfter(monkeypatch, generation, "generate_batch")
     assert steer_chains(run, tiny_llama, **options).height == 5
     assert read_metadata(run.steered)["complete"] is True
     evaluate(run, annotator="rules", tokenizer=tiny_llama.tokenizer, n_boot=10)

@@ -9,8 +9,6 @@ the mask is set. It shares no code with the nnsight block.
 
 from __future__ import annotations
 
-import sys
-
 import polars as pl
 import pytest
 import torch
@@ -18,8 +16,10 @@ from conftest import make_tiny
 
 from nnsteer.errors import BadInput
 from nnsteer.generation import loop as generation
-from nnsteer.generation.loop import chat_prompt, generate
+from nnsteer.generation import spec as steering_spec
+from nnsteer.generation.loop import generate
 from nnsteer.generation.modes import calibrate_threshold, step_boundary_ids
+from nnsteer.generation.prompts import chat_prompt
 from nnsteer.generation.spec import (
     WHERE_FLAGS,
     Condition,
@@ -37,14 +37,6 @@ PROMPTS = [
 ]
 NEW = 8
 COEFFICIENT = 3.0
-
-
-def _fake_end_of_thinking(monkeypatch, ids) -> None:
-    """Every nnsteer module that uses the model's end-of-thinking marker sees ``ids``."""
-    for module in list(sys.modules.values()):
-        if (getattr(module, "__name__", "").startswith("nnsteer.")
-                and getattr(module, "end_of_thinking_ids", None) is end_of_thinking_ids):
-            monkeypatch.setattr(module, "end_of_thinking_ids", lambda lm: list(ids))
 
 
 def _vectors(d_model: int, layers: list[int], seed: int = 0) -> dict[int, torch.Tensor]:
@@ -151,12 +143,17 @@ def _check(lm, specs, prompts=PROMPTS, marker=(), boundaries=((), ())):
     return ids, counts
 
 
+def use_marker(monkeypatch, marker) -> None:
+    """Make ``marker`` the end-of-thinking spelling where specs are checked and where the
+    batch is built (the tiny models never write </think>)."""
+    for module in (generation, steering_spec):
+        monkeypatch.setattr(module, "end_of_thinking_ids", lambda lm: list(marker))
+
+
 @pytest.fixture
 def marked(monkeypatch):
-    """Make ``marker`` the end-of-thinking spelling (the tiny models never write </think>)."""
-    def use(marker):
-        _fake_end_of_thinking(monkeypatch, marker)
-    return use
+    """Make ``marker`` the end-of-thinking spelling (:func:`use_marker`)."""
+    return lambda marker: use_marker(monkeypatch, marker)
 
 
 @pytest.mark.parametrize("where", ["all", "prompt", "generated"])
@@ -239,7 +236,7 @@ def test_modes_mix_in_one_batch(tiny_qwen2, marked):
 
 
 def test_remote_local_runs_every_mode(tokenizer, monkeypatch):
-    _fake_end_of_thinking(monkeypatch, [30])
+    use_marker(monkeypatch, [30])
     condition = Condition("backtracking", 0, 0.1, unit(_vectors(64, [0], seed=3)[0]))
     vectors = _vectors(64, [1, 2])
     specs = [SteeringSpec(vectors, COEFFICIENT, "positive", "thinking", "step-starts", condition),
@@ -321,7 +318,7 @@ def test_every_mode_runs_remotely_as_locally(tokenizer, monkeypatch, backend):
     from strict_remote import strict_remote
 
     lm = make_tiny("llama", tokenizer)
-    _fake_end_of_thinking(monkeypatch, [30])  # "?"
+    use_marker(monkeypatch, [30])  # "?"
     condition = Condition("backtracking", 0, 0.1, unit(_vectors(64, [0], seed=3)[0]))
     vectors = _vectors(64, [1, 2])
     specs = [SteeringSpec(vectors, COEFFICIENT, "positive", where) for where in WHERE_FLAGS]
@@ -427,7 +424,7 @@ def _labelled_run(tmp_path, lm):
     """Train chains of the tiny model, spans over thirds of each response, vectors, layers."""
     from test_generation import write_tasks
 
-    from nnsteer.generation.loop import generate_chains
+    from nnsteer.generation.chains import generate_chains
     from nnsteer.labels import LABELS
     from nnsteer.runs.store import RunDir, provenance, write_json, write_parquet
     from nnsteer.vectors.extract import extract_vectors

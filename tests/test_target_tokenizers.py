@@ -18,12 +18,8 @@ from conftest import reciting_hf
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.generation.loop import (
-    _finish,
-    prompt_token_ids,
-    reasoning_span,
-    thinking_span,
-)
+from nnsteer.generation.loop import finish_generation, reasoning_span, thinking_span
+from nnsteer.generation.prompts import prompt_token_ids
 from nnsteer.modeling.models import ROUND_TRIP_SAMPLE, check_tokenizer, load_tokenizer
 from nnsteer.modeling.positions import (
     decode_response,
@@ -105,7 +101,7 @@ def _think_response_ids(tok, answer: str = "\n\nNine ✓") -> list[int]:
 def test_reasoning_ends_at_the_think_token(target_tokenizer):
     tok = target_tokenizer
     ids = _think_response_ids(tok)
-    gen = _finish(tok, [], ids, {tok.eos_token_id})
+    gen = finish_generation(tok, [], ids, {tok.eos_token_id})
     assert gen.finish_reason == "eos"
     assert (gen.thinking_start, gen.thinking_end) == reasoning_span(gen.response)
     assert gen.response[gen.thinking_start : gen.thinking_end] == "Okay, 2 × 4 ≈ 8 →"
@@ -123,7 +119,7 @@ def test_reasoning_ends_at_a_special_think_token(target_tokenizer_files, tmp_pat
     (folder / "tokenizer.json").write_text(json.dumps(files, ensure_ascii=False))
     tok = AutoTokenizer.from_pretrained(folder)
     ids = _think_response_ids(tok, answer=" Nine")
-    gen = _finish(tok, [], ids, {tok.eos_token_id})
+    gen = finish_generation(tok, [], ids, {tok.eos_token_id})
     assert gen.response == "Okay, 2 × 4 ≈ 8 → Nine"
     assert reasoning_span(gen.response) == (0, len(gen.response))  # the text alone cannot tell
     assert gen.response[gen.thinking_start : gen.thinking_end] == "Okay, 2 × 4 ≈ 8 →"

@@ -16,13 +16,8 @@ from target_tokenizers import FORMAT_NAMES, NAMES
 
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.generation.loop import (
-    _finish,
-    _generate_batch,
-    chat_prompt,
-    eos_ids,
-    prompt_token_ids,
-)
+from nnsteer.generation.loop import eos_ids, finish_generation, generate_batch
+from nnsteer.generation.prompts import chat_prompt, prompt_token_ids
 from nnsteer.modeling.positions import decode_response
 from nnsteer.modeling.thinking import (
     FORMATS,
@@ -214,7 +209,7 @@ def test_harmony(format_tokenizer):
     _check(tok, HARMONY, cut, decode_response(tok, cut[parts.reasoning_ids[0]:]), "")
     final_only = tok.encode("<|channel|>final<|message|>8<|return|>", add_special_tokens=False)
     assert HARMONY.spans(tok, final_only).reasoning_ids == (0, 0)
-    gen = _finish(tok, prompt, ids + ids, {special["<|return|>"]}, HARMONY)  # cut at the stop
+    gen = finish_generation(tok, prompt, ids + ids, {special["<|return|>"]}, HARMONY)  # cut at the stop
     assert gen.output_ids == ids and gen.finish_reason == "eos"
     assert gen.response[gen.thinking_start:gen.thinking_end] == "We need 2 × 4. That is 8 → check: 4 + 4 = 8."
 
@@ -244,9 +239,9 @@ def test_harmony_generation_stops_on_its_own_end_tokens(format_tokenizer):
     choice = thinking_of(lm)
     assert choice.format is HARMONY and call in eos_ids(lm, choice)
     prompt = prompt_token_ids(tok, "What is 2 × 4?", thinking=choice)
-    rows, _ = _generate_batch(lm, [prompt], [None], 6, eos_ids(lm, choice))
+    rows, _ = generate_batch(lm, [prompt], [None], 6, eos_ids(lm, choice))
     assert rows == [[call]]
-    assert len(_generate_batch(lm, [prompt], [None], 6)[0][0]) == 6  # without the format: on to the limit
+    assert len(generate_batch(lm, [prompt], [None], 6)[0][0]) == 6  # without the format: on to the limit
 
 
 def test_none(format_tokenizer):
@@ -314,7 +309,7 @@ def _one_space(text: str) -> str:
 
 
 def test_chains_record_the_format(tiny_qwen2, tmp_path):
-    from nnsteer.generation.loop import ChainJob, run_chain_jobs
+    from nnsteer.generation.chains import ChainJob, run_chain_jobs
 
     path = tmp_path / "chains.parquet"
     run_chain_jobs(tiny_qwen2, [ChainJob("c0", "t0", "train", "What is 2 + 2?")], path, {"stage": "generate"},

@@ -17,7 +17,7 @@ from test_residuals import block_outputs
 from nnsteer.annotation.stage import annotate_chains
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
-from nnsteer.generation.loop import generate_chains
+from nnsteer.generation.chains import generate_chains
 from nnsteer.labels import LABELS
 from nnsteer.runs.store import RunDir, provenance, read_metadata, write_parquet
 from nnsteer.vectors import residuals

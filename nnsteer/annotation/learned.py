@@ -27,7 +27,8 @@ import torch
 from nnsteer.annotation.rules import rules_annotate
 from nnsteer.annotation.spans import Span
 from nnsteer.labels import LABELS, OK
-from nnsteer.modeling.models import load_weights, resolve_source
+from nnsteer.modeling.models import load_weights
+from nnsteer.modeling.sources import resolve_source
 from nnsteer.package_data import package_path
 from nnsteer.runs.store import file_digest
 

@@ -32,7 +32,8 @@ from nnsteer.modeling.models import model_slug
 from nnsteer.runs.store import write_json
 
 API_KEY_ENV = "OPENAI_API_KEY"
-DEFAULT_MODEL = "gpt-4o"
+#: The LLM annotator's default model, and the one ``--annotator auto`` picks with an API key.
+DEFAULT_ANNOTATOR_MODEL = "gpt-4o"
 #: Bump when PROMPT changes: cached replies of other versions are not reused.
 PROMPT_VERSION = "1"
 #: A reply is accepted when its labelled spans cover this share of the reasoning's
@@ -96,7 +97,7 @@ class Failed:
 class LLMAnnotator:
     """Annotates texts through a Chat Completions endpoint, with an on-disk reply cache."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, *, base_url: str | None = None,
+    def __init__(self, model: str = DEFAULT_ANNOTATOR_MODEL, *, base_url: str | None = None,
                  cache_dir: Path | None = None, max_retries: int = DEFAULT_RETRIES,
                  timeout: float = DEFAULT_TIMEOUT, prompt: str | None = None) -> None:
         self.model = model
@@ -251,7 +252,7 @@ def unacceptable(spans: Sequence[Span], text: str) -> str | None:
 
 
 def annotate_texts(
-    texts: Sequence[str], *, model: str = DEFAULT_MODEL, base_url: str | None = None,
+    texts: Sequence[str], *, model: str = DEFAULT_ANNOTATOR_MODEL, base_url: str | None = None,
     workers: int = 8, cache_dir: Path | None = None, progress: bool = True,
     retries: int = DEFAULT_RETRIES, timeout: float = DEFAULT_TIMEOUT, prompt: str | None = None,
 ) -> list[list[Span] | Failed]:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from nnsteer.annotation.learned import shipped_annotator, weights_digest
 from nnsteer.annotation.llm import (
     API_KEY_ENV,
-    DEFAULT_MODEL,
+    DEFAULT_ANNOTATOR_MODEL,
     PROMPT_VERSION,
     annotate_texts,
     prompt_digest,
@@ -32,7 +32,7 @@ from nnsteer.annotation.rules import rules_annotate
 from nnsteer.annotation.spans import Span
 from nnsteer.errors import BadInput
 from nnsteer.labels import FAILED, LABELS, OK, UNALIGNED, UNKNOWN_LABEL
-from nnsteer.modeling.models import cache_dir as user_cache
+from nnsteer.modeling.embedded import cache_dir as user_cache
 from nnsteer.modeling.models import load_tokenizer
 from nnsteer.modeling.positions import (
     merge_positions,
@@ -110,7 +110,7 @@ def resolve_annotator(annotator: str) -> str:
     (with a notice)."""
     if annotator == "auto":
         if os.environ.get(API_KEY_ENV):
-            return f"openai:{DEFAULT_MODEL}"
+            return f"openai:{DEFAULT_ANNOTATOR_MODEL}"
         click.echo(f"nnsteer: {API_KEY_ENV} is not set: annotating with the offline "
                    f"`{OFFLINE_DEFAULT}` annotator", err=True)
         return OFFLINE_DEFAULT

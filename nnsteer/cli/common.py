@@ -10,16 +10,16 @@ from typing import Any
 import click
 
 from nnsteer.annotation.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT
-from nnsteer.generation.loop import DEFAULT_PROMPT_TEMPLATE, PROMPT_TEMPLATES
+from nnsteer.generation.prompts import DEFAULT_PROMPT_TEMPLATE, PROMPT_TEMPLATES
 from nnsteer.modeling.models import (
     DEFAULT_MODEL,
     LoadedModel,
     load_model,
     load_tokenizer,
-    model_name,
     model_slug,
-    parse_placement_text,
 )
+from nnsteer.modeling.placement import parse_placement_text
+from nnsteer.modeling.sources import model_name
 from nnsteer.modeling.thinking import (
     FORMAT_CHOICES,
     REASONING_EFFORTS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from nnsteer.cli.common import generation_options, model_options, open_model, run_dir
-from nnsteer.generation.loop import generate_chains
+from nnsteer.generation.chains import generate_chains
 from nnsteer.runs.store import require
 
 

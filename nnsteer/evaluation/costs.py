@@ -45,7 +45,8 @@ from nnsteer.evaluation.paired import (
     with_holm,
     with_mode,
 )
-from nnsteer.modeling.models import LoadedModel, cache_dir
+from nnsteer.modeling.embedded import cache_dir
+from nnsteer.modeling.models import LoadedModel
 from nnsteer.runs.store import RunDir, read_complete, read_parquet
 from nnsteer.stats import ALPHA
 

@@ -15,19 +15,21 @@ step's input tokens (see ``docs/steering-modes.md`` for the exact positions):
   label, exceeds the threshold.
 
 :func:`block_inputs` turns a batch's specs into the plain tensors and lists the trace
-uploads; :func:`calibrate_threshold` picks a condition's threshold on labelled tokens.
+uploads (:class:`BlockInputs`); :func:`calibrate_threshold` picks a condition's threshold
+on labelled tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 
 from nnsteer.errors import BadInput
-from nnsteer.generation.spec import WHERE_FLAGS, SteeringSpec
+from nnsteer.generation.spec import WHERE_FLAGS, SteeringSpec, WhereFlags
 
 SENTENCE_ENDS = (".", "!", "?")
 
@@ -58,6 +60,54 @@ def step_boundary_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
     return list(boundary), list(newline)
 
 
+@dataclass(frozen=True)
+class RowModes:
+    """Per sequence of a batch, one flag each: which of its positions the spec steers.
+
+    The four phase flags are its ``where`` (:class:`nnsteer.generation.spec.WhereFlags`);
+    ``step_starts``: only positions that start a step; ``conditional``: only where the
+    condition's direction is detected. All ``False`` for an unsteered sequence.
+    """
+
+    prompt_thinking: list[bool]
+    prompt_answer: list[bool]
+    generated_thinking: list[bool]
+    generated_answer: list[bool]
+    step_starts: list[bool]
+    conditional: list[bool]
+
+
+@dataclass(frozen=True)
+class BlockInputs:
+    """What the steering block of one batch needs, as plain tensors, lists and numbers.
+
+    ``table``: each distinct vector once, in the model's dtype; per steered layer
+    (``layers``, ascending) ``rows`` (an index into ``table`` per sequence) and ``scale``
+    (``[n_layers, n_sequences]``: ``±coefficient / n_layers``, float32, 0 for unsteered
+    sequences); ``visit``: the layers the block reads, steered and detection.
+    ``lengths``: each sequence's prompt tokens. The token kinds, by id below ``vocab``:
+    ``end_of_thinking`` (the marker, in order), ``boundary`` (ends a step), ``newline``,
+    ``eos``. The condition: the residual at layer ``detect`` (-1: none) projected on
+    ``direction`` exceeds ``threshold``.
+    """
+
+    table: torch.Tensor
+    layers: list[int]
+    visit: list[int]
+    rows: list[list[int]]
+    scale: torch.Tensor
+    modes: RowModes
+    lengths: list[int]
+    vocab: int
+    end_of_thinking: list[int]
+    boundary: list[int]
+    newline: list[int]
+    eos: list[int]
+    detect: int
+    direction: torch.Tensor | None
+    threshold: float
+
+
 def block_inputs(
     specs: Sequence[SteeringSpec | None],
     lengths: Sequence[int],
@@ -67,20 +117,18 @@ def block_inputs(
     end_of_thinking: Sequence[int],
     boundaries: tuple[list[int], list[int]],
     eos: Sequence[int],
-) -> dict[str, Any] | None:
-    """What the steering block of one batch uploads, as plain tensors, lists and numbers.
+) -> BlockInputs | None:
+    """The steering block's inputs for a batch of ``specs`` (``None``: an unsteered
+    sequence) with prompts of ``lengths`` tokens; ``None`` if no sequence is steered.
 
-    ``table``: each distinct vector once, in ``dtype``; per steered layer ``rows`` (an index
-    into ``table`` per sequence) and ``scale`` (``±coefficient / n_layers``, float32, 0 for
-    unsteered rows); ``flags``: per sequence the four ``where`` flags
-    (:data:`WHERE_FLAGS`), step-starts only, conditional. ``None`` if no row is steered.
+    ``dtype``: the model's; ``boundaries``: ``(boundary ids, newline ids)``
+    (:func:`step_boundary_ids`).
     """
     if all(spec is None for spec in specs):
         return None
     distinct: dict[bytes, int] = {}
     vectors: list[torch.Tensor] = []
     per_layer: dict[int, tuple[list[int], list[float]]] = {}
-    flags = []
     conditions = {s.when.name: s.when for s in specs if s is not None and s.when is not None}
     if len(conditions) > 1:
         raise BadInput(f"one batch can steer with one --when condition at most, got "
@@ -88,9 +136,7 @@ def block_inputs(
     condition = next(iter(conditions.values()), None)
     for row, spec in enumerate(specs):
         if spec is None:
-            flags.append([False] * 6)
             continue
-        flags.append([*WHERE_FLAGS[spec.where], spec.at == "step-starts", spec.when is not None])
         for layer, vector in spec.vectors.items():
             vector = vector.detach().to("cpu", torch.float32)
             key = vector.numpy().tobytes()
@@ -101,23 +147,37 @@ def block_inputs(
             rows[row], scales[row] = distinct[key], spec.scale
     layers = sorted(per_layer)
     visit = sorted({*layers, *([condition.layer] if condition else [])})
-    return {
-        "table": torch.stack(vectors).to(dtype),
-        "layers": layers,
-        "visit": visit,
-        "rows": [per_layer[layer][0] for layer in layers],
-        "scale": torch.tensor([per_layer[layer][1] for layer in layers], dtype=torch.float32),
-        "flags": torch.tensor(flags, dtype=torch.bool),
-        "lengths": list(lengths),
-        "vocab": max(vocab_size, 1 + max([*end_of_thinking, *boundaries[0], *boundaries[1], *eos])),
-        "close": list(end_of_thinking),
-        "boundary": boundaries[0],
-        "newline": boundaries[1],
-        "eos": list(eos),
-        "detect": condition.layer if condition else -1,
-        "direction": condition.vector.to(torch.float32) if condition else None,
-        "threshold": float(condition.threshold) if condition else 0.0,
-    }
+    return BlockInputs(
+        table=torch.stack(vectors).to(dtype),
+        layers=layers,
+        visit=visit,
+        rows=[per_layer[layer][0] for layer in layers],
+        scale=torch.tensor([per_layer[layer][1] for layer in layers], dtype=torch.float32),
+        modes=_row_modes(specs),
+        lengths=list(lengths),
+        vocab=max(vocab_size, 1 + max([*end_of_thinking, *boundaries[0], *boundaries[1], *eos])),
+        end_of_thinking=list(end_of_thinking),
+        boundary=boundaries[0],
+        newline=boundaries[1],
+        eos=list(eos),
+        detect=condition.layer if condition else -1,
+        direction=condition.vector.to(torch.float32) if condition else None,
+        threshold=float(condition.threshold) if condition else 0.0,
+    )
+
+
+def _row_modes(specs: Sequence[SteeringSpec | None]) -> RowModes:
+    """The flags of each sequence's spec, all ``False`` for an unsteered one."""
+    where = [WHERE_FLAGS[s.where] if s is not None else WhereFlags(False, False, False, False)
+             for s in specs]
+    return RowModes(
+        prompt_thinking=[w.prompt_thinking for w in where],
+        prompt_answer=[w.prompt_answer for w in where],
+        generated_thinking=[w.generated_thinking for w in where],
+        generated_answer=[w.generated_answer for w in where],
+        step_starts=[s is not None and s.at == "step-starts" for s in specs],
+        conditional=[s is not None and s.when is not None for s in specs],
+    )
 
 
 def calibrate_threshold(inside: torch.Tensor, outside: torch.Tensor) -> dict[str, float]:

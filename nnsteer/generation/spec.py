@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -26,16 +26,27 @@ STEERING_DIRECTIONS: tuple[Direction, ...] = ("positive", "negative")
 
 WHERE = ("all", "prompt", "generated", "thinking", "answer")
 AT = ("every", "step-starts")
-#: Per ``where``: steer (prompt pass, thinking), (prompt pass, answer),
-#: (generated, thinking), (generated, answer).
-WHERE_FLAGS: dict[str, tuple[bool, bool, bool, bool]] = {
-    "all": (True, True, True, True),
-    "prompt": (True, True, False, False),
-    "generated": (False, False, True, True),
-    "thinking": (True, False, True, False),
-    "answer": (False, True, False, True),
+
+
+class WhereFlags(NamedTuple):
+    """Which phases a ``where`` steers: the prompt pass or the generated tokens, each
+    before the end-of-thinking marker (thinking) or from it on (answer)."""
+
+    prompt_thinking: bool
+    prompt_answer: bool
+    generated_thinking: bool
+    generated_answer: bool
+
+
+#: The phases each ``where`` steers.
+WHERE_FLAGS: dict[str, WhereFlags] = {
+    "all": WhereFlags(True, True, True, True),
+    "prompt": WhereFlags(True, True, False, False),
+    "generated": WhereFlags(False, False, True, True),
+    "thinking": WhereFlags(True, False, True, False),
+    "answer": WhereFlags(False, True, False, True),
 }
-#: Text a sentence ends with (after trailing whitespace is stripped).
+#: ``--when``'s ``LABEL@LAYER>THRESHOLD``, the threshold optional.
 _WHEN = re.compile(r"^\s*(?P<label>[^@>\s]+)\s*@\s*(?P<layer>[^>\s]+)\s*(?:>\s*(?P<threshold>.+?))?\s*$")
 
 

@@ -1,5 +1,5 @@
-"""Models: loading (embedded, hub, GGUF; local or NDIF), their architecture, thinking formats,
-token positions, adapters and fingerprints."""
+"""Models: loading (embedded, hub, GGUF; local or NDIF) and placement, their architecture,
+thinking formats, token positions, adapters and fingerprints."""
 
 from nnsteer.modeling.architecture import Architecture
 from nnsteer.modeling.models import LoadedModel, load_model, load_tokenizer, wrap_model

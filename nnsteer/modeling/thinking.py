@@ -49,7 +49,10 @@ DEFAULT_REASONING_EFFORT = "medium"
 #: ``--thinking-format`` values: ``auto`` detects (:func:`detect`).
 AUTO = "auto"
 
-Span = tuple[int, int]
+#: ``[start, end)`` character offsets in a text.
+CharRange = tuple[int, int]
+#: ``[start, end)`` indices into a list of token ids.
+TokenRange = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,10 @@ class ResponseSpans:
     its reasoning ended sits at the response's end.
     """
 
-    reasoning: Span
-    answer: Span
-    reasoning_ids: Span
-    answer_ids: Span
+    reasoning: CharRange
+    answer: CharRange
+    reasoning_ids: TokenRange
+    answer_ids: TokenRange
 
 
 class ThinkingFormat:
@@ -92,7 +95,7 @@ class ThinkingFormat:
             token_spans = (_token_span(offsets, *reasoning), _token_span(offsets, *answer))
         return ResponseSpans(reasoning, answer, *token_spans)
 
-    def reasoning(self, tokenizer: Any, output_ids: Sequence[int], response: str) -> Span:
+    def reasoning(self, tokenizer: Any, output_ids: Sequence[int], response: str) -> CharRange:
         """Character offsets of the reasoning in ``response`` (the decoded ``output_ids``)."""
         return self._find(tokenizer, list(output_ids), response)[0]
 
@@ -111,7 +114,7 @@ class ThinkingFormat:
         return []
 
     def _find(self, tokenizer: Any, ids: list[int], response: str
-              ) -> tuple[Span, Span, tuple[Span, Span] | None]:
+              ) -> tuple[CharRange, CharRange, tuple[TokenRange, TokenRange] | None]:
         """Reasoning and answer chars, and their id spans where the ids give them (else None)."""
         raise NotImplementedError
 
@@ -122,7 +125,7 @@ class NoThinking(ThinkingFormat):
     name = "none"
 
     def _find(self, tokenizer: Any, ids: list[int], response: str
-              ) -> tuple[Span, Span, tuple[Span, Span] | None]:
+              ) -> tuple[CharRange, CharRange, tuple[TokenRange, TokenRange] | None]:
         n = len(response)
         end = _content_end(tokenizer, ids)
         return (0, n), (n, n), ((0, end), (end, end))
@@ -153,7 +156,7 @@ class TagFormat(ThinkingFormat):
             return [close]
         return list(tokenizer(self.close_tag, add_special_tokens=False)["input_ids"])
 
-    def text_spans(self, response: str) -> tuple[Span, Span]:
+    def text_spans(self, response: str) -> tuple[CharRange, CharRange]:
         """Reasoning and answer chars found by the tags in the text alone."""
         found = response.find(self.close_tag)
         end = len(response) if found < 0 else found
@@ -163,7 +166,7 @@ class TagFormat(ThinkingFormat):
         return (start, end), (answer, len(response))
 
     def _find(self, tokenizer: Any, ids: list[int], response: str
-              ) -> tuple[Span, Span, tuple[Span, Span] | None]:
+              ) -> tuple[CharRange, CharRange, tuple[TokenRange, TokenRange] | None]:
         close = token_id(tokenizer, self.close_tag)
         if close is None:
             return (*self.text_spans(response), None)
@@ -225,11 +228,11 @@ class HarmonyFormat(ThinkingFormat):
         prompt's own messages end with it."""
         return list(tokenizer(f"{self.CHANNEL}final", add_special_tokens=False)["input_ids"])
 
-    def messages(self, tokenizer: Any, ids: Sequence[int]) -> list[tuple[str, Span]]:
+    def messages(self, tokenizer: Any, ids: Sequence[int]) -> list[tuple[str, TokenRange]]:
         """``(channel, content id span)`` of each message in ``ids``, in order."""
         channel, message = token_id(tokenizer, self.CHANNEL), token_id(tokenizer, self.MESSAGE)
         ends = {token_id(tokenizer, t) for t in (self.END, self.RETURN, self.CALL)} - {None}
-        found: list[tuple[str, Span]] = []
+        found: list[tuple[str, TokenRange]] = []
         header = content = None
         name = ""
         for i, token in enumerate(ids):
@@ -247,13 +250,13 @@ class HarmonyFormat(ThinkingFormat):
         return found
 
     def _find(self, tokenizer: Any, ids: list[int], response: str
-              ) -> tuple[Span, Span, tuple[Span, Span] | None]:
+              ) -> tuple[CharRange, CharRange, tuple[TokenRange, TokenRange] | None]:
         found = self.messages(tokenizer, ids)
         analysis = next((span for name, span in found if name == "analysis"), (0, 0))
         final = next((span for name, span in found if name == "final" and span[0] >= analysis[1]),
                      (len(ids), len(ids)))
 
-        def chars(span: Span) -> Span:
+        def chars(span: TokenRange) -> CharRange:
             return tuple(len(decode_response(tokenizer, ids[:i])) for i in span)  # type: ignore[return-value]
 
         return chars(analysis), chars(final), (analysis, final)
@@ -440,7 +443,7 @@ def _content_end(tokenizer: Any, ids: list[int]) -> int:
     return end
 
 
-def _token_span(offsets: Sequence[Span], start: int, end: int) -> Span:
+def _token_span(offsets: Sequence[CharRange], start: int, end: int) -> TokenRange:
     """The generated tokens covering characters ``[start, end)`` as an index span; an empty
     span sits at the first token that ends after ``start``."""
     tokens = overlapping_tokens(offsets, start, end)

@@ -51,19 +51,14 @@ from nnsteer.errors import BadInput
 from nnsteer.evaluation.grader import resolve_grader
 from nnsteer.evaluation.shares import DENOMINATORS
 from nnsteer.evaluation.stage import evaluate
-from nnsteer.generation.loop import PROMPT_TEMPLATES, generate_chains
+from nnsteer.generation.chains import generate_chains
+from nnsteer.generation.prompts import PROMPT_TEMPLATES
 from nnsteer.generation.spec import AT, WHERE, check_coefficient, parse_when
 from nnsteer.labels import LABELS
-from nnsteer.modeling.models import (
-    DEFAULT_MODEL,
-    EMBEDDED_MODELS,
-    LoadedModel,
-    check_placement,
-    load_model,
-    model_slug,
-    resolve_device,
-    resolve_source,
-)
+from nnsteer.modeling.embedded import EMBEDDED_MODELS
+from nnsteer.modeling.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
+from nnsteer.modeling.placement import check_placement, resolve_device
+from nnsteer.modeling.sources import resolve_source
 from nnsteer.modeling.thinking import FORMAT_CHOICES, REASONING_EFFORTS, apply_thinking
 from nnsteer.package_data import package_path
 from nnsteer.pipeline.released import apply_released
@@ -125,7 +120,7 @@ class ModelConfig:
     batch_size: int = 8
     hot_swap: bool = False
     ndif_deadline: float | None = None
-    #: accelerate's placement (``nnsteer.modeling.models.check_placement``): a name or {module = device}.
+    #: accelerate's placement (``nnsteer.modeling.placement.check_placement``): a name or {module = device}.
     device_map: str | dict[str, Any] | None = None
     max_memory: dict[str, Any] | None = None
     #: :mod:`nnsteer.modeling.thinking`: ``auto`` (None) detects the format.

@@ -34,11 +34,8 @@ from nnsteer.errors import BadInput
 from nnsteer.evaluation import costs as tradeoffs
 from nnsteer.evaluation.shares import chain_fractions, summarise
 from nnsteer.evaluation.stage import training_annotator
-from nnsteer.generation.loop import (
-    DEFAULT_PROMPT_TEMPLATE,
-    run_chain_jobs,
-    split_tasks,
-)
+from nnsteer.generation.chains import run_chain_jobs, split_tasks
+from nnsteer.generation.prompts import DEFAULT_PROMPT_TEMPLATE
 from nnsteer.modeling.identity import check_made_on
 from nnsteer.modeling.models import LoadedModel
 from nnsteer.runs.store import RunDir, provenance, read_parquet

@@ -22,14 +22,13 @@ import polars as pl
 import torch
 
 from nnsteer.errors import BadInput
-from nnsteer.generation.loop import (
-    DEFAULT_PROMPT_TEMPLATE,
+from nnsteer.generation.chains import (
     ChainJob,
     chains_resume_key,
-    check_prompt_template,
     run_chain_jobs,
     split_tasks,
 )
+from nnsteer.generation.prompts import DEFAULT_PROMPT_TEMPLATE, check_prompt_template
 from nnsteer.generation.spec import (
     STEERING_DIRECTIONS,
     Condition,

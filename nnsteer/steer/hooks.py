@@ -22,7 +22,7 @@ import torch
 
 from nnsteer.errors import BadInput
 from nnsteer.generation.spec import Direction
-from nnsteer.modeling.models import Architecture
+from nnsteer.modeling.architecture import Architecture
 from nnsteer.runs.store import RunDir
 from nnsteer.steer.export import additions, read_control_vector, run_additions
 from nnsteer.vectors.extract import VectorSet, load_vectors
