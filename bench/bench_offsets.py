@@ -23,9 +23,9 @@ from _output import emit  # bench/_output.py
 
 from nnsteer.modeling.models import load_tokenizer
 from nnsteer.modeling.positions import (
-    _windowed_prefix_lengths,
     decode_response,
     token_offsets,
+    windowed_prefix_lengths,
 )
 
 TEXT = (
@@ -81,7 +81,7 @@ def main() -> None:
     for length in (int(n) for n in args.lengths.split(",")):
         for name, ids in chains(tokenizer, length).items():
             same = token_offsets(tokenizer, ids) == prefix_offsets(tokenizer, ids)
-            fallback = _windowed_prefix_lengths(tokenizer, ids) is None
+            fallback = windowed_prefix_lengths(tokenizer, ids) is None
             best = {"prefix": (float("inf"),) * 2, "new": (float("inf"),) * 2}
             for _ in range(args.repeats):
                 for method, fn in (("prefix", prefix_offsets), ("new", token_offsets)):

@@ -22,9 +22,9 @@ from tokenizers import (
 from transformers import PreTrainedTokenizerFast
 
 from nnsteer.modeling.positions import (
-    _windowed_prefix_lengths,
     decode_response,
     token_offsets,
+    windowed_prefix_lengths,
 )
 
 TEXT = (
@@ -127,7 +127,7 @@ def check(tokenizer, ids: list[int], windowed: bool = True) -> list[tuple[int, i
         assert offsets[0][0] == 0 and offsets[-1][1] == len(decode_response(tokenizer, ids))
         assert all(s <= e for s, e in offsets)
         assert all(b[0] in (a[1], a[1] - 1) for a, b in zip(offsets, offsets[1:]))
-    assert (_windowed_prefix_lengths(tokenizer, ids) is not None) == windowed
+    assert (windowed_prefix_lengths(tokenizer, ids) is not None) == windowed
     return offsets
 
 

@@ -27,9 +27,9 @@ def token_offsets(tokenizer: Any, output_ids: Sequence[int]) -> list[tuple[int, 
     character earlier where the two share a character.
     """
     ids = list(output_ids)
-    prefixes = _windowed_prefix_lengths(tokenizer, ids)
+    prefixes = windowed_prefix_lengths(tokenizer, ids)
     if prefixes is None:
-        prefixes = _exact_prefix_lengths(tokenizer, ids)
+        prefixes = exact_prefix_lengths(tokenizer, ids)
     lengths, completes = [n for n, _ in prefixes], [c for _, c in prefixes]
     # A prefix that ends inside a multi-byte character decodes to a replacement char
     # that a later token removes: take the running minimum from the end.
@@ -57,7 +57,7 @@ _MAX_WINDOW = 256  # tokens; a window that does not settle by then is given up o
 PrefixLengths = list[tuple[int, bool]]
 
 
-def _exact_prefix_lengths(tokenizer: Any, ids: list[int]) -> PrefixLengths:
+def exact_prefix_lengths(tokenizer: Any, ids: list[int]) -> PrefixLengths:
     """:data:`PrefixLengths` by decoding every prefix whole (quadratic, always right)."""
     skipped = _skipped_ids(tokenizer, ids)
     out: PrefixLengths = []
@@ -69,7 +69,7 @@ def _exact_prefix_lengths(tokenizer: Any, ids: list[int]) -> PrefixLengths:
     return out
 
 
-def _windowed_prefix_lengths(tokenizer: Any, ids: list[int]) -> PrefixLengths | None:
+def windowed_prefix_lengths(tokenizer: Any, ids: list[int]) -> PrefixLengths | None:
     """:data:`PrefixLengths` decoded a window at a time; None where the lengths cannot be
     checked against the whole decoded response."""
     # A prefix's text is taken as ``committed + decode(kept[start:])``. The window starts
