@@ -109,15 +109,21 @@ def installed(tmp_path_factory) -> Path:
     dependencies = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
     (site / "dependencies.pth").write_text("\n".join(dependencies) + "\n")
     python = env_dir / "bin" / "python"
+    # --ignore-installed: this environment's editable nnsteer is visible through the path file.
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-                    "-q", str(wheel)], check=True, capture_output=True, timeout=600)
+                    "--ignore-installed", "-q", str(wheel)], check=True, capture_output=True,
+                   timeout=600, env=_outside_checkout())
     return env_dir / "bin"
+
+
+def _outside_checkout() -> dict[str, str]:
+    """This process's environment without what would put this checkout on the path."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
 
 
 def _run_installed(bin_dir: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``args`` run by the installed environment (``nnsteer`` or ``python``), this checkout out of reach."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run([str(bin_dir / args[0]), *args[1:]], cwd=cwd, env=env,
+    return subprocess.run([str(bin_dir / args[0]), *args[1:]], cwd=cwd, env=_outside_checkout(),
                           capture_output=True, text=True, timeout=600)
 
 
