@@ -192,7 +192,7 @@ class LLMAnnotator:
 
         reply = self.cached(text)
         if reply is not None:
-            value, problem = accept(reply)
+            value, problem = _judged(accept, reply)
             if problem is None:
                 return value
         problem = "no reply"
@@ -210,7 +210,7 @@ class LLMAnnotator:
             except Exception as exc:  # a malformed response fails this text only
                 return Failed(scrub(f"malformed response ({type(exc).__name__}: "
                                     f"{first_line(exc)})")[:200])
-            value, problem = accept(reply)
+            value, problem = _judged(accept, reply)
             if problem is None:
                 path = self.cache_path(text)
                 if path is not None:
@@ -223,6 +223,14 @@ class LLMAnnotator:
         """Abort the requests in flight (their threads then end at once)."""
         if self._client is not None:
             self._client.close()
+
+
+def _judged(accept: Callable[[str], tuple[T, str | None]], reply: str) -> tuple[T | None, str | None]:
+    """``accept(reply)``; a reply it fails on is a problem, like any unacceptable reply."""
+    try:
+        return accept(reply)
+    except Exception as exc:  # the parsers are total; this is a backstop, per text
+        return None, f"reply could not be read ({type(exc).__name__})"
 
 
 class BadReply(Exception):
