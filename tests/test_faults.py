@@ -6,12 +6,14 @@ must not touch are byte for byte as they were.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -371,31 +373,127 @@ def test_whole_config_is_checked_before_the_first_stage(tmp_path, table, message
 
 # ------------------------------------------------------------------ two writers, SIGKILL
 
-def test_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
-    run = tmp_path / "run"
-    assert invoke("--run-dir", str(run), "tasks", "--per-category", "1")[0] == 0
-    before = snapshot(run)
+@contextlib.contextmanager
+def holding(run: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding the run directory's lock until the block ends (SIGKILL)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from nnsteer.runs.store import run_lock\n"
+        [sys.executable, "-c", "import time; from nnsteer.runs.store import run_lock\n"
          f"with run_lock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        code, stderr = invoke("--run-dir", str(run), "tasks", "--per-category", "2")
-        assert code == 1
-        assert one_line(stderr).startswith(
-            f"nnsteer: error: {run.resolve()} is in use by process {holder.pid} (")
-        assert "wait for it to finish, or stop it" in stderr
-        assert {k: v for k, v in snapshot(run).items() if k != LOCK_NAME} == before
+        yield holder
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def refused(run: Path, holder: subprocess.Popen, *command: str) -> bool:
+    """Whether ``nnsteer --run-dir RUN COMMAND`` is refused in one line naming ``holder``."""
+    code, stderr = invoke("--run-dir", str(run), *command)
+    line = one_line(stderr)
+    return code == 1 and line.startswith(
+        f"nnsteer: error: {run.resolve()} is in use by process {holder.pid} (on ") and line.endswith(
+        "wait for it to finish, or stop it")
+
+
+def test_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    run = tmp_path / "run"
+    assert invoke("--run-dir", str(run), "tasks", "--per-category", "1")[0] == 0
+    before = snapshot(run)
+    with holding(run) as holder:
+        assert refused(run, holder, "tasks", "--per-category", "2")
+        assert {k: v for k, v in snapshot(run).items() if k != LOCK_NAME} == before
     assert (run / LOCK_NAME).exists()  # left by the killed holder: free again
     code, stderr = invoke("--run-dir", str(run), "tasks", "--per-category", "2")
     assert code == 0, stderr
     assert not (run / LOCK_NAME).exists()
     with run_lock(run), run_lock(run):  # nests in one process
         assert (run / LOCK_NAME).exists()
+
+
+def test_a_new_run_directory_is_locked_from_the_start(tmp_path):
+    """A writer on a directory that does not exist yet makes it and holds it at once; one
+    that leaves it empty removes what it made."""
+    run = tmp_path / "new" / "run"
+    with holding(run) as holder:
+        assert refused(run, holder, "tasks", "--per-category", "1")
+        assert [p.name for p in run.iterdir()] == [LOCK_NAME]
+    other = tmp_path / "other" / "run"
+    with run_lock(other):
+        assert other.is_dir()
+    assert not (tmp_path / "other").exists()
+
+
+def race(*commands: list[str]) -> list[tuple[int, str]]:
+    """Start ``nnsteer COMMAND`` for every command at once; each one's exit code and stderr."""
+    processes = [subprocess.Popen([sys.executable, "-m", "nnsteer", *command], text=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for command in commands]
+    return [(process.wait(timeout=600), process.stderr.read()) for process in processes]
+
+
+def check_raced(results: list[tuple[int, str]], run: Path) -> list[int]:
+    """Each racer either finished or was refused in one line; nothing half-written is
+    left. The indices of those that finished."""
+    finished = []
+    for index, (code, stderr) in enumerate(results):
+        if code == 0:
+            finished.append(index)
+        else:
+            assert code == 1, stderr
+            assert f"{run.resolve()} is in use by process " in one_line(stderr)
+    assert finished, results
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no lock, no temporary
+    return finished
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_llama) -> Path:
+    """The tiny Llama saved as a local model directory, for commands in other processes."""
+    path = tmp_path_factory.mktemp("model") / "tiny-llama"
+    tiny_llama.hf_model.save_pretrained(path)
+    tiny_llama.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new-directory", "existing-directory"])
+def test_two_imports_at_once_lose_nothing(tmp_path, model_dir, exists):
+    """Two ``import`` commands started together on one run directory: the vectors and
+    layers.json name the same labels, those of the commands that finished."""
+    from test_export import cvector_generator_file
+
+    from nnsteer.steer.choices import read_layers
+    from nnsteer.vectors.extract import load_vectors
+
+    run = tmp_path / "new"
+    if exists:
+        run.mkdir()
+    files = {}
+    for name, layer in (("alpha", 1), ("beta", 2)):
+        files[name] = tmp_path / f"{name}.gguf"
+        cvector_generator_file(files[name], {layer: torch.ones(64).numpy()})
+    results = race(*[["--run-dir", str(run), "import", str(path), "--as", name, "--model",
+                      str(model_dir), "--device", "cpu"] for name, path in files.items()])
+    finished = {list(files)[i] for i in check_raced(results, run)}
+    assert set(load_vectors(run / "vectors.safetensors").labels) == finished
+    assert set(read_layers(run / "layers.json")) == finished
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new-directory", "existing-directory"])
+def test_two_task_commands_at_once_lose_nothing(tmp_path, exists):
+    """Two ``tasks`` commands started together: tasks.parquet is whole, and one of them wrote it."""
+    run = tmp_path / "new"
+    if exists:
+        run.mkdir()
+    counts = (1, 2)
+    results = race(*[["--run-dir", str(run), "tasks", "--per-category", str(n)] for n in counts])
+    finished = [counts[i] for i in check_raced(results, run)]
+    tasks = pl.read_parquet(run / "tasks.parquet")
+    written = pl.read_parquet_metadata(run / "tasks.parquet")
+    per_category = json.loads(written["metadata"])["options"]["per_category"]
+    assert per_category in finished
+    assert tasks.filter(pl.col("split") == "train").height == 10 * per_category
 
 
 def test_sigkill_while_outputs_are_set_aside_loses_nothing(tmp_path):
