@@ -172,3 +172,47 @@ def test_read_control_vector_follows_llama_cpp_rules(tmp_path):
     save_vectors(VectorSet({"x": torch.zeros(2, 2)}), tmp_path / "v.safetensors")
     with pytest.raises(BadInput):
         read_control_vector(tmp_path / "v.safetensors")
+
+
+def _export(run, out, *extra):
+    return CliRunner().invoke(cli, ["--run-dir", str(run.root), "export", "--behaviour",
+                                    "backtracking", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("name, fmt, message", [
+    ("layers.pt", "pt", "would write {run}/layers.json, a file of the run directory"),
+    ("vectors.safetensors", "gguf", "would write {run}/vectors.safetensors, a file of the run"),
+    ("tasks.parquet", "pt", "would write {run}/tasks.parquet, a file of the run directory"),
+    (".nnsteer.lock", "gguf", "would write {run}/.nnsteer.lock, a file of the run directory"),
+    ("pipeline.json", "gguf", "would write {run}/pipeline.json, a file of the run directory"),
+    (".extract.partial.pt", "pt", "would write {run}/.extract.partial.pt, a file of the run"),
+])
+def test_export_never_writes_over_the_runs_own_files(run, name, fmt, message):
+    """Not even with --force: the run directory is byte for byte as it was."""
+    write_vectors(run, 4, 64)
+    for own in ("pipeline.json", ".extract.partial.pt"):
+        run.path(own).write_text("{}")
+    before = {p.name: p.read_bytes() for p in run.root.iterdir()}
+    result = _export(run, run.path(name), "--format", fmt, "--layers", "1", "--force")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert message.format(run=run.root.resolve()) in result.output
+    assert {p.name: p.read_bytes() for p in run.root.iterdir()} == before
+
+
+def test_export_replaces_an_existing_file_only_with_force(run, tmp_path):
+    write_vectors(run, 4, 64)
+    tensors, metadata = tmp_path / "bt.pt", tmp_path / "bt.json"
+    metadata.write_text("mine")
+    result = _export(run, tensors, "--format", "pt", "--layers", "1")
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert f"{metadata} exists: choose another name, or pass --force" in result.output
+    assert metadata.read_text() == "mine" and not tensors.exists()
+    assert _export(run, tensors, "--format", "pt", "--layers", "1", "--force").exit_code == 0
+    assert json.loads(metadata.read_text())["behaviour"] == "backtracking"
+    gguf_file = tmp_path / "bt.gguf"
+    gguf_file.write_text("mine")
+    assert _export(run, gguf_file, "--layers", "1").exit_code == 2
+    assert gguf_file.read_text() == "mine"
+    same = _export(run, tmp_path / "x.json", "--format", "pt", "--layers", "1", "--force")
+    assert same.exit_code == 2 and "which would replace the vectors" in same.output
+    assert not (tmp_path / "x.json").exists()

@@ -33,13 +33,17 @@ def _layer_list(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Comma-separated layers. Default: layers.json's.")
 @click.option("--direction", type=click.Choice(["positive", "negative"]), default="positive",
               show_default=True, help="negative writes the subtracted vector.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing file (never one of the run directory's own).")
 @click.pass_context
 def export_command(ctx: click.Context, model: str | None, behaviour: str, fmt: str, out: Path,
-                   coefficient: float | None, layers: list[int] | None, direction: str) -> None:
-    """Write a behaviour's steering as a llama.cpp control vector or a plain .pt file."""
+                   coefficient: float | None, layers: list[int] | None, direction: str,
+                   force: bool) -> None:
+    """Write a behaviour's steering as a llama.cpp control vector or a plain .pt file
+    (with its metadata in a .json file beside it)."""
     run = run_dir(ctx, model)
     added = export_vector(run, behaviour, fmt, out, coefficient=coefficient, layers=layers,
-                          direction=direction)
+                          direction=direction, force=force)
     click.echo(f"wrote {out}: layers {', '.join(map(str, sorted(added)))}")
 
 

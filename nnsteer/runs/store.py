@@ -24,7 +24,7 @@ import polars as pl
 
 from nnsteer.errors import BadInput, NnsteerError, first_line
 from nnsteer.labels import FAILED, OK, UNALIGNED, UNKNOWN_LABEL
-from nnsteer.runs.registry import RUN_FILES, producer
+from nnsteer.runs.registry import PIPELINE_STATE, RUN_FILES, producer
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,15 @@ class RunDir:
     def partial(self, stage: str) -> Path:
         """The hidden file where ``stage`` keeps its finished batches until its output is written."""
         return self.root / f".{stage}.partial.pt"
+
+    def owns(self, path: Path | str) -> bool:
+        """Whether ``path`` is one of the run's own files, which nothing but its stages may
+        write: a stage's output (:data:`RUN_FILES`), ``pipeline.json``, the lock, or a hidden
+        file (partial checkpoints, set-aside and unfinished outputs, temporary files)."""
+        path = Path(path).resolve()
+        if path.parent != self.root.resolve():
+            return False
+        return path.name in {*RUN_FILES.values(), PIPELINE_STATE} or path.name.startswith(".")
 
 
 def now_iso() -> str:

@@ -122,11 +122,13 @@ def export_vector(
     coefficient: float | None = None,
     layers: Sequence[int] | None = None,
     direction: Direction = "positive",
+    force: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Write ``behaviour``'s steering as a llama.cpp control vector or a ``.pt`` file at ``out``.
 
-    Raises :class:`BadInput` for an unknown format, or, for GGUF, for layer 0 (llama.cpp
-    cannot steer block 0's output). Returns the additions written.
+    Raises :class:`BadInput` for an unknown format, for GGUF for layer 0 (llama.cpp
+    cannot steer block 0's output), and for a file it would write over
+    (:func:`export_targets`). Returns the additions written.
     """
     if fmt not in FORMATS:
         raise BadInput(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -134,6 +136,7 @@ def export_vector(
     if fmt == "gguf" and 0 in added:
         raise BadInput("layer 0: llama.cpp cannot steer the output of block 0 (its control "
                        "vectors start at direction.1); choose layers from 1")
+    export_targets(run, fmt, out, force)
     meta = {"hook_site": HOOK_SITE, "operation": OPERATION, "layer_numbering": LAYER_NUMBERING,
             **{k: v for k, v in vs.metadata.items() if k in _CARRIED}, "behaviour": behaviour,
             "direction": direction, "layers": sorted(added),
@@ -144,6 +147,27 @@ def export_vector(
     else:
         write_pt(added, out, meta)
     return added
+
+
+def export_targets(run: RunDir, fmt: str, out: Path | str, force: bool = False) -> list[Path]:
+    """The files an export to ``out`` writes (a ``.pt`` file's metadata goes to ``.json``
+    beside it); :class:`BadInput` if one of them is a file of ``run`` (:meth:`RunDir.owns`),
+    is a directory, would be both files, or exists and ``force`` is not given."""
+    out = Path(out)
+    targets = [out] if fmt == "gguf" else [out, out.with_suffix(".json")]
+    if len(set(targets)) < len(targets):
+        raise BadInput(f"--out {out}: the pt format writes its metadata to {targets[1]}, which "
+                       "would replace the vectors: give the file another suffix (.pt)")
+    for target in targets:
+        if run.owns(target):
+            raise BadInput(f"--out {out}: would write {target}, a file of the run directory "
+                           f"{run.root}: choose another name or folder")
+        if target.is_dir():
+            raise BadInput(f"--out {out}: {target} is a directory")
+        if target.exists() and not force:
+            raise BadInput(f"--out {out}: {target} exists: choose another name, or pass --force "
+                           "to replace it")
+    return targets
 
 
 #: The vector file's metadata that every export carries along.
