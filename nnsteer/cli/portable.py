@@ -51,7 +51,9 @@ def export_command(ctx: click.Context, model: str | None, behaviour: str, fmt: s
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--as", "name", required=True, help="Label to store it under (a behaviour label to evaluate it).")
 @click.option("--replace", is_flag=True, help="Replace an extracted vector of the same label.")
-@click.option("--force", is_flag=True, help="Add to vectors made on another model.")
+@click.option("--force", is_flag=True,
+              help="Import a file made on another model, or add to vectors made on another "
+                   "model (recorded in the vectors' metadata).")
 @model_choice_options
 @click.pass_context
 def import_command(ctx: click.Context, file: Path, name: str, replace: bool, force: bool, model: str,

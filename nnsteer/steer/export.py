@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,7 @@ from nnsteer.modeling.identity import (
     application,
     check_fits,
     check_made_on,
+    model_fingerprint,
 )
 from nnsteer.modeling.models import LoadedModel
 from nnsteer.runs.store import (
@@ -216,13 +218,25 @@ def write_pt(directions: Mapping[int, torch.Tensor], path: Path | str, metadata:
 
 
 def read_control_vector(path: Path | str) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """``({N: direction.N}, GGUF key-values)`` of a control vector, by llama.cpp's rules:
-    tensors named ``direction.N`` with N >= 1, float32, 1-D, all one width; tensors of the
-    same N add up. A ``.pt`` file is read as ``{layer: tensor}``. :class:`BadInput` names
-    the file and what is wrong."""
+    """``({N: direction.N}, key-values)`` of a control vector, checked by
+    :func:`check_directions`.
+
+    A GGUF file is read by llama.cpp's rules: tensors named ``direction.N`` with N >= 1,
+    float32, 1-D; tensors of the same N add up; its key-values are the GGUF keys. A
+    ``.pt`` file is read as ``{layer: tensor}`` (a layer an integer or a string of digits,
+    each once); its key-values are those of the ``.json`` file beside it, as ``export``
+    writes it, under ``nnsteer.`` keys. :class:`BadInput` names the file and what is wrong.
+    """
     path = require(path)
     if path.suffix == ".pt":
-        return _read_pt(path), {}
+        directions, fields = _read_pt(path), _read_pt_metadata(path)
+    else:
+        directions, fields = _read_gguf(path)
+    check_directions(path, directions)
+    return {layer: vector.float() for layer, vector in directions.items()}, fields
+
+
+def _read_gguf(path: Path) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     import gguf
 
     try:
@@ -241,7 +255,6 @@ def read_control_vector(path: Path | str) -> tuple[dict[int, torch.Tensor], dict
             raise BadInput(f"{path}: {tensor.name} must be a float32 1-D tensor")
         data = torch.from_numpy(tensor.data.copy()).float()
         directions[int(index)] = directions.get(int(index), 0) + data
-    _check_widths(path, directions)
     return directions, fields
 
 
@@ -252,22 +265,54 @@ def _read_pt(path: Path) -> dict[int, torch.Tensor]:
         raise damaged(path, exc) from None
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise BadInput(f"{path}: expected a {{layer: tensor}} dict")
-    try:
-        directions = {int(k): v.float().flatten() for k, v in raw.items()}
-    except ValueError:
-        raise BadInput(f"{path}: keys must be layer numbers, got {sorted(map(str, raw))}") from None
-    _check_widths(path, directions)
+    directions: dict[int, torch.Tensor] = {}
+    for key, vector in raw.items():
+        if isinstance(key, str) and re.fullmatch(r"[0-9]+", key):
+            layer = int(key)
+        elif isinstance(key, int) and not isinstance(key, bool):
+            layer = key
+        else:
+            raise BadInput(f"{path}: key {key!r} is not a layer number")
+        if layer in directions:
+            raise BadInput(f"{path}: layer {layer} appears more than once among its keys")
+        directions[layer] = vector
     return directions
 
 
-def _check_widths(path: Path, directions: Mapping[int, torch.Tensor]) -> None:
+def _read_pt_metadata(path: Path) -> dict[str, Any]:
+    """The provenance ``export`` writes beside a ``.pt`` file, as GGUF-style ``nnsteer.`` keys
+    (strings, JSON for the rest); {} if there is none (or the ``.json`` is another tool's)."""
+    beside = path.with_suffix(".json")
+    if not beside.is_file():
+        return {}
+    metadata = read_json(beside)
+    if not isinstance(metadata, dict) or metadata.get("stage") != "export":
+        return {}
+    return {PROVENANCE_PREFIX + key: value if isinstance(value, str) else json.dumps(value)
+            for key, value in metadata.items()}
+
+
+def check_directions(path: Path, directions: Mapping[int, Any]) -> None:
+    """:class:`BadInput` naming ``path`` and the layer unless every direction is a dense
+    1-D tensor of real floats, all of one width, finite in float32 and not all zeros."""
     if not directions:
         raise BadInput(f"{path}: holds no direction tensors")
+    for layer, vector in sorted(directions.items()):
+        where = f"{path}: layer {layer}"
+        if vector.layout != torch.strided:
+            raise BadInput(f"{where}: a sparse tensor; save it dense (tensor.to_dense())")
+        if not vector.is_floating_point():
+            raise BadInput(f"{where}: holds {str(vector.dtype).removeprefix('torch.')} values, "
+                           "not real floating-point numbers")
+        if vector.dim() != 1:
+            raise BadInput(f"{where}: has shape {list(vector.shape)}, not one vector (1-D)")
+        if not torch.isfinite(vector.float()).all():
+            raise BadInput(f"{where}: holds NaN or inf (in float32)")
+        if not vector.any():
+            raise BadInput(f"{where}: is all zeros: there is no direction to steer along")
     widths = sorted({int(v.numel()) for v in directions.values()})
     if len(widths) != 1:
         raise BadInput(f"{path}: direction tensors have different widths {widths}")
-    if not all(torch.isfinite(v).all() for v in directions.values()):
-        raise BadInput(f"{path}: a direction tensor holds NaN or inf")
 
 
 def _field_value(field: Any) -> Any:
@@ -279,6 +324,24 @@ def _field_value(field: Any) -> Any:
         return bytes(part).decode("utf-8", "replace") if part.dtype.kind == "u" and part.dtype.itemsize == 1 else part.tolist()
 
 
+def _made_on(path: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The model a control vector says it was made on (``nnsteer.model``,
+    ``nnsteer.fingerprint``), as :func:`check_made_on` reads vector metadata; {} if it does
+    not say."""
+    fingerprint = fields.get(PROVENANCE_PREFIX + "fingerprint")
+    model = fields.get(PROVENANCE_PREFIX + "model")
+    try:
+        model = json.loads(model) if isinstance(model, str) else model
+    except json.JSONDecodeError:
+        raise damaged(path, f"its {PROVENANCE_PREFIX}model key is not JSON") from None
+    made_on: dict[str, Any] = {}
+    if isinstance(model, dict) and model.get("model"):
+        made_on["model"] = {"model": str(model["model"])}
+    if isinstance(fingerprint, str) and fingerprint not in ("", "null"):
+        made_on["fingerprint"] = fingerprint
+    return made_on
+
+
 def import_vector(run: RunDir, lm: LoadedModel, path: Path | str, name: str, *, replace: bool = False,
                   force: bool = False) -> VectorSet:
     """Add the control vector at ``path`` to ``run``'s vectors as label ``name``, steered at
@@ -287,10 +350,19 @@ def import_vector(run: RunDir, lm: LoadedModel, path: Path | str, name: str, *, 
 
     Raises :class:`BadInput` for a vector whose width is not ``lm``'s or whose layers it
     does not have, a ``name`` that would overwrite an extracted vector (unless ``replace``),
-    or vectors in ``run`` made on another model (unless ``force``).
+    or a file or vectors in ``run`` made on another model (unless ``force``; a file
+    imported so records it under ``forced``).
     """
     path = Path(path)
     directions, fields = read_control_vector(path)
+    made_on = _made_on(path, fields)
+    try:
+        check_made_on(made_on, lm, str(path))
+        forced = False
+    except BadInput:
+        if not force:
+            raise
+        forced = True
     width = int(next(iter(directions.values())).numel())
     if width != lm.arch.d_model:
         raise BadInput(f"{path}: its vectors have width {width}, {lm.name} has width {lm.arch.d_model}")
@@ -316,6 +388,9 @@ def import_vector(run: RunDir, lm: LoadedModel, path: Path | str, name: str, *, 
     layers = sorted(directions)
     source = {"file": str(path), "sha256": file_digest(path), "layers": layers,
               **{k: v for k, v in fields.items() if k.startswith(("general.", f"{ARCHITECTURE}.", PROVENANCE_PREFIX))}}
+    if forced:
+        source["forced"] = {"made_on": made_on, "imported_into": lm.name,
+                            "fingerprint": model_fingerprint(lm)}
     metadata = {**vs.metadata, PER_LAYER: sorted({*vs.metadata.get(PER_LAYER, []), name}),
                 "imported": {**vs.metadata.get("imported", {}), name: source}}
     result = VectorSet({**vs.vectors, name: stacked}, metadata)
