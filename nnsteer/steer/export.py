@@ -52,6 +52,12 @@ from nnsteer.runs.store import (
     write_json,
 )
 from nnsteer.steer.choices import LayerChoice, read_layers
+from nnsteer.steer.limits import (
+    RESIDUAL_NORMS,
+    check_additions,
+    measure_residual_norms,
+    residual_norms,
+)
 from nnsteer.vectors.extract import (
     PER_LAYER,
     VectorSet,
@@ -129,7 +135,8 @@ def export_vector(
     """Write ``behaviour``'s steering as a llama.cpp control vector or a ``.pt`` file at ``out``.
 
     Raises :class:`BadInput` for an unknown format, for GGUF for layer 0 (llama.cpp
-    cannot steer block 0's output), and for a file it would write over
+    cannot steer block 0's output), for additions out of bounds
+    (:func:`nnsteer.steer.limits.check_additions`), and for a file it would write over
     (:func:`export_targets`). Returns the additions written.
     """
     if fmt not in FORMATS:
@@ -138,6 +145,8 @@ def export_vector(
     if fmt == "gguf" and 0 in added:
         raise BadInput("layer 0: llama.cpp cannot steer the output of block 0 (its control "
                        "vectors start at direction.1); choose layers from 1")
+    check_additions(added, residual_norms(vs), f"{behaviour} at --coefficient {coefficient:g}"
+                    if coefficient is not None else f"{run.layers}: {behaviour}")
     export_targets(run, fmt, out, force)
     meta = {"hook_site": HOOK_SITE, "operation": OPERATION, "layer_numbering": LAYER_NUMBERING,
             **{k: v for k, v in vs.metadata.items() if k in _CARRIED}, "behaviour": behaviour,
@@ -382,6 +391,11 @@ def import_vector(run: RunDir, lm: LoadedModel, path: Path | str, name: str, *, 
                            "import into another run directory (--run-dir) or pass --replace")
     else:
         vs = VectorSet({}, {**provenance("import", {}, lm.provenance()), **application(lm)})
+    norms = residual_norms(vs) if vs.vectors else None
+    measured = norms is None
+    if measured:
+        norms = measure_residual_norms(lm)
+    check_additions(directions, norms, str(path), advice="scale the vectors down")
     stacked = torch.zeros(lm.arch.n_layers, width)
     for layer, vector in directions.items():
         stacked[layer] = vector.reshape(-1)
@@ -392,7 +406,8 @@ def import_vector(run: RunDir, lm: LoadedModel, path: Path | str, name: str, *, 
         source["forced"] = {"made_on": made_on, "imported_into": lm.name,
                             "fingerprint": model_fingerprint(lm)}
     metadata = {**vs.metadata, PER_LAYER: sorted({*vs.metadata.get(PER_LAYER, []), name}),
-                "imported": {**vs.metadata.get("imported", {}), name: source}}
+                "imported": {**vs.metadata.get("imported", {}), name: source},
+                **({RESIDUAL_NORMS: norms} if measured else {})}
     result = VectorSet({**vs.vectors, name: stacked}, metadata)
     save_vectors(result, run.vectors)
     entries = read_json(run.layers) if run.layers.exists() else {}
