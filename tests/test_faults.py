@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,11 @@ TEXTS = ["Okay, so I need to find x. We know that 2x = 6. So x is 3. Let me chec
          "Wait, maybe the side was 5?",
          "I remember that primes have two divisors. Take 7 as an example. It has 1 and 7. "
          "So 7 is prime."]
+
+
+def leaked(text: str, secret: str = KEY) -> list[str]:
+    """The runs of 8 characters of ``secret`` in ``text``."""
+    return [secret[i:i + 8] for i in range(len(secret) - 7) if secret[i:i + 8] in text]
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -86,7 +92,8 @@ def annotate(run: RunDir, server: FakeLLM, *extra: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("mode", ["garbage", "empty", "invented", "paraphrase", "partial",
-                                  "truncated", "no-choices", "bad-json", "hang", "echo-key"])
+                                  "truncated", "no-choices", "bad-json", "hang", "echo-key",
+                                  "echo-key-late"])
 def test_bad_replies_fail_their_chains_and_are_asked_again(chains_run, mode):
     run = chains_run
     chains = run.chains.read_bytes()
@@ -98,7 +105,7 @@ def test_bad_replies_fail_their_chains_and_are_asked_again(chains_run, mode):
                 "stages skip them: rerun to try them again") in stderr
         rows = pl.read_parquet(run.annotations)
         assert rows["status"].to_list() == ["failed"] * 3
-        assert KEY not in stderr and not any(KEY in text for text in rows["text"])
+        assert not leaked(stderr) and not leaked(" ".join(rows["text"]))
         assert not list(replies().rglob("*.json"))  # nothing cached
         assert run.chains.read_bytes() == chains
         server.mode = "good"  # the next run asks again, and keeps what it is given
@@ -192,6 +199,38 @@ def test_credentials_in_the_base_url_are_not_stored(chains_run, tmp_path):
     assert public_url(url) == server.url
     stored = b"".join(snapshot(chains_run.root).values())
     assert b"hunter2" not in stored and KEY.encode() not in stored
+
+
+def killed_once_asked(server: FakeLLM, key_variable: str, *command: str) -> int:
+    """Run ``nnsteer COMMAND`` (``key_variable`` set to :data:`KEY`) until it has sent
+    ``server`` (which never answers) a request, then SIGKILL it; its process id. Closes
+    ``server``."""
+    process = subprocess.Popen([sys.executable, "-m", "nnsteer", *command],
+                               stderr=subprocess.DEVNULL, env={**os.environ, key_variable: KEY})
+    try:
+        deadline = time.monotonic() + 60
+        while not server.requests:  # the stage is waiting for its reply
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        server.close()
+    return process.pid
+
+
+def test_the_lock_file_holds_no_arguments_even_after_sigkill(chains_run):
+    """A real ``annotate`` with credentials in --base-url, killed while its request hangs:
+    its lock file names the process, host and start time, and nothing of the command."""
+    server = FakeLLM("hang", hang_s=30)
+    url = server.url.replace("http://", "http://user:hunter2@") + "?api_key=QUERYSECRET"
+    pid = killed_once_asked(server, "OPENAI_API_KEY", "--run-dir", str(chains_run.root),
+                            "annotate", "--annotator", "openai:gpt-4o", "--base-url", url,
+                            "--retries", "0")
+    held = (chains_run.root / LOCK_NAME).read_text()
+    assert re.fullmatch(rf"process {pid} \(on [^ ,()]+, since [0-9T:+-]+\)", held), held
+    stored = b"".join(snapshot(chains_run.root).values())
+    assert b"hunter2" not in stored and b"QUERYSECRET" not in stored and not leaked(str(stored))
 
 
 def test_claude_giving_nothing_usable_keeps_the_tasks(tmp_path, monkeypatch):
@@ -507,18 +546,8 @@ def test_sigkill_while_outputs_are_set_aside_loses_nothing(tmp_path):
     server = FakeLLM("hang", hang_s=30)
     new.write_text(f'[tasks]\nsource = "claude"\nbase_url = "{server.url}"\n'
                    "per_category = 1\neval_per_category = 0\n")
-    process = subprocess.Popen([sys.executable, "-m", "nnsteer", "--run-dir", str(run), "run",
-                                "--config", str(new), "--only", "tasks"], stderr=subprocess.DEVNULL,
-                               env={**os.environ, "ANTHROPIC_API_KEY": KEY})
-    try:
-        deadline = time.monotonic() + 60
-        while not server.requests:  # the stage is waiting for its reply
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finally:
-        server.close()
+    killed_once_asked(server, "ANTHROPIC_API_KEY", "--run-dir", str(run), "run", "--config",
+                      str(new), "--only", "tasks")
     assert not (run / "tasks.parquet").exists()  # set aside when it was killed
     code, stderr = invoke("--run-dir", str(run), "run", "--config", str(old), "--only", "tasks")
     assert code == 0 and "skipped (up to date)" in stderr, stderr
