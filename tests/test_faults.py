@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -604,3 +605,175 @@ def test_vectors_from_other_annotations_are_refused(chains_run, tokenizer):
     with pytest.raises(BadInput, match="vectors.safetensors was extracted from other annotations "
                                        "than .*annotations.parquet: rerun `nnsteer extract`"):
         check_current(VectorSet(vectors, {"annotations": "0" * 64}), chains_run)
+
+
+# ------------------------------------------------ every file import, export and annotate read
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _json(value) -> callable:
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(value))
+    return write
+
+
+def _tensors(shapes: dict[str, tuple[int, ...]]) -> callable:
+    def write(path: Path) -> None:
+        save_vectors(VectorSet({k: torch.ones(*shape) for k, shape in shapes.items()}), path)
+    return write
+
+
+def _pt(content) -> callable:
+    def write(path: Path) -> None:
+        torch.save(content, path)
+    return write
+
+
+def _gguf(directions: dict[int, object]) -> callable:
+    def write(path: Path) -> None:
+        from test_export import cvector_generator_file
+
+        cvector_generator_file(path, directions)
+    return write
+
+
+def _frame(**columns) -> callable:
+    def write(path: Path) -> None:
+        df = pl.read_parquet(path)
+        write_parquet(df.with_columns(**{k: pl.Series(v) for k, v in columns.items()}), path, {})
+    return write
+
+
+def _drop(column: str) -> callable:
+    def write(path: Path) -> None:
+        write_parquet(pl.read_parquet(path).drop(column), path, {})
+    return write
+
+
+def _bytes(data: bytes) -> callable:
+    def write(path: Path) -> None:
+        path.write_bytes(data)
+    return write
+
+
+#: The vectors and layers.json of a run that export and import read (4 layers of width 64).
+_RUN_LAYERS = {"backtracking": {"vector_layer": 1, "layers": [1, 2], "coefficient": 2.0}}
+#: (command, the file it reads: a run file or one beside the run, how it is damaged, what
+#: the one line says after the file's path).
+FILE_FAULTS = [
+    *[(command, name, damage, said)
+      for command in ("export", "import")
+      for name, damage, said in [
+          ("vectors.safetensors", truncate, "damaged or not an nnsteer file"),
+          ("vectors.safetensors", _empty, "damaged or not an nnsteer file"),
+          ("vectors.safetensors", overwrite, "damaged or not an nnsteer file"),
+          ("vectors.safetensors", _tensors({"backtracking": (4, 64, 2)}),
+           "vectors must all be [n_layers, d_model]"),
+          ("layers.json", truncate, "damaged or not an nnsteer file"),
+          ("layers.json", _empty, "damaged or not an nnsteer file"),
+          ("layers.json", _json(["backtracking"]), ""),
+          ("layers.json", _json({"backtracking": {"vector_layer": 1, "layers": "1",
+                                                  "coefficient": 1.0}}), ""),
+      ]],
+    ("import", "vectors.safetensors", _tensors({"backtracking": (3, 64)}),
+     "vectors are [3, 64] per label but"),
+    ("import", "in.gguf", truncate, "damaged or not an nnsteer file"),
+    ("import", "in.gguf", _empty, "damaged or not an nnsteer file"),
+    ("import", "in.gguf", overwrite, "damaged or not an nnsteer file"),
+    ("import", "in.gguf", _gguf({1: np.ones((2, 32))}), "direction.1 must be a float32 1-D"),
+    ("import", "in.gguf", _gguf({1: np.ones(32)}), "its vectors have width 32"),
+    ("import", "in.pt", truncate, "damaged or not an nnsteer file"),
+    ("import", "in.pt", _empty, "damaged or not an nnsteer file"),
+    ("import", "in.pt", _pt([torch.ones(64)]), "expected a {layer: tensor} dict"),
+    ("import", "in.pt", _pt({1: torch.ones(2, 32)}), "layer 1: has shape [2, 32]"),
+    ("import", "in.json", truncate, "damaged or not an nnsteer file"),
+    ("import", "in.json", _bytes(b"\xff\xfe{}"), "not UTF-8 text"),
+    ("annotate", "chains.parquet", truncate, "damaged or not an nnsteer file"),
+    ("annotate", "chains.parquet", _empty, "damaged or not an nnsteer file"),
+    ("annotate", "chains.parquet", _frame(thinking_start=["0", "0", "0"]),
+     "column thinking_start holds String, not integers"),
+    ("annotate", "chains.parquet", _frame(response=[None, "x", "y"]), "row 0: response is empty"),
+    ("annotate", "chains.parquet", _drop("output_ids"), "missing column(s) output_ids"),
+    ("annotate", "annotations.parquet", truncate, "damaged or not an nnsteer file"),
+    ("annotate", "annotations.parquet", _empty, "damaged or not an nnsteer file"),
+    ("annotate", "prompt.txt", _bytes(b"Label this: \xff\xfe"), ""),
+    ("annotate", "prompt.txt", _empty, ""),
+]
+
+
+@pytest.fixture
+def fault_run(tmp_path, chains_run, tokenizer) -> RunDir:
+    """Chains annotated by the rules, vectors and a layers.json: what the commands read."""
+    from test_export import cvector_generator_file
+
+    from nnsteer.annotation.stage import annotate_chains
+
+    annotate_chains(chains_run, annotator="rules", tokenizer=tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    save_vectors(VectorSet({label: torch.randn(4, 64, generator=gen)
+                            for label in ("backtracking", "overall")}), chains_run.vectors)
+    chains_run.layers.write_text(json.dumps(_RUN_LAYERS))
+    cvector_generator_file(tmp_path / "in.gguf", {1: np.ones(64)})
+    torch.save({1: torch.ones(64)}, tmp_path / "in.pt")
+    (tmp_path / "in.json").write_text(json.dumps({"stage": "export"}))
+    (tmp_path / "prompt.txt").write_text("Label this reasoning: {thinking}")
+    return chains_run
+
+
+@pytest.mark.parametrize("command, name, damage, said", FILE_FAULTS)
+def test_damaged_files_of_import_export_and_annotate_are_one_line(
+        fault_run, model_dir, tmp_path, command, name, damage, said):
+    """The command exits 2 with one line naming the file, and the run directory is byte
+    for byte as it was."""
+    run = fault_run
+    path = run.path(name) if (run.root / name).exists() else tmp_path / name
+    damage(path)
+    before = snapshot(run.root)
+    if command == "export":
+        args = ["export", "--behaviour", "backtracking", "--out", str(tmp_path / "out.gguf")]
+    elif command == "import":
+        source = tmp_path / ("in.pt" if name in ("in.pt", "in.json") else "in.gguf")
+        args = ["import", str(source), "--as", "mine", "--model", str(model_dir), "--device", "cpu"]
+    else:
+        args = ["annotate", "--annotator", "rules"]
+        if name == "prompt.txt":
+            args = ["annotate", "--annotator", "openai:gpt-4o", "--base-url", "http://127.0.0.1:9",
+                    "--annotator-prompt", str(path)]
+    code, stderr = invoke("--run-dir", str(run.root), *args)
+    assert code == 2, stderr
+    line = one_line(stderr)
+    assert str(path) in line and said in line, line
+    assert snapshot(run.root) == before
+    assert not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.parametrize("where", ["option", "config"])
+@pytest.mark.parametrize("run_dir, why", [("afile", "File exists"), ("afile/run", "Not a directory"),
+                                          ("runs/x\x00y", "embedded null byte")],
+                         ids=["a-file", "under-a-file", "nul"])
+def test_a_run_directory_that_cannot_be_is_one_line(tmp_path, monkeypatch, where, run_dir, why):
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("mine")
+    if where == "option":
+        if "\x00" in run_dir:
+            pytest.skip("a command line cannot hold a NUL")
+        code, stderr = invoke("--run-dir", run_dir, "tasks", "--per-category", "1")
+    else:
+        Path("c.toml").write_text(f"run_dir = {json.dumps(run_dir)}\n[tasks]\nper_category = 1\n")
+        code, stderr = invoke("run", "--config", "c.toml")
+    assert code == 2
+    line = one_line(stderr)
+    assert ("is a file" if (where, run_dir) == ("option", "afile") else why) in line, line
+    assert Path("afile").read_text() == "mine" and sorted(os.listdir()) == sorted(
+        ["afile", *(["c.toml"] if where == "config" else [])])
+
+
+def test_writing_under_a_file_is_one_line(tmp_path):
+    from nnsteer.errors import BadInput
+    from nnsteer.runs.store import write_json
+
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(BadInput, match=rf"^{tmp_path}/afile/x.json: cannot write there \("):
+        write_json(tmp_path / "afile" / "x.json", {})

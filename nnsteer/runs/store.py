@@ -136,10 +136,17 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` on success only."""
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success only.
+
+    :class:`BadInput` naming ``target`` if its folder cannot be made or written to (a file
+    in the way, no permission).
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise BadInput(f"{target}: cannot write there ({exc.strerror or first_line(exc)})") from None
     os.close(fd)
     tmp = Path(name)
     try:

@@ -381,6 +381,10 @@ def import_vector(run: RunDir, lm: LoadedModel, path: Path | str, name: str, *, 
                        f"{lm.name} has layers 0..{lm.arch.n_layers - 1}")
     if name == OVERALL or not name.strip():
         raise BadInput(f"--as {name!r}: choose another name")
+    entries: dict[str, Any] = {}
+    if run.layers.exists():  # read and checked before anything is written
+        read_layers(run.layers)
+        entries = read_json(run.layers)
     if run.vectors.exists():
         vs = load_vectors(run.vectors)
         check_made_on(vs.metadata, lm, str(run.vectors), force)
@@ -410,7 +414,6 @@ def import_vector(run: RunDir, lm: LoadedModel, path: Path | str, name: str, *, 
                 **({RESIDUAL_NORMS: norms} if measured else {})}
     result = VectorSet({**vs.vectors, name: stacked}, metadata)
     save_vectors(result, run.vectors)
-    entries = read_json(run.layers) if run.layers.exists() else {}
     entries[name] = {"vector_layer": layers[0], "layers": layers, "coefficient": float(len(layers)),
                      "chosen_by": f"import {path.name}"}
     write_json(run.layers, entries)
