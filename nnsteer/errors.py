@@ -45,16 +45,47 @@ _SECRET_PATTERNS = [
 ]
 
 
+#: A run of this many characters of a secret's value (a prefix a server echoes, say) is
+#: scrubbed like the whole value.
+SECRET_PIECE = 8
+
+
 def scrub(text: str) -> str:
     """``text`` with whatever looks like a key, token or credential replaced by ``***``:
-    the values of :data:`SECRET_VARIABLES` and common key shapes."""
+    the values of :data:`SECRET_VARIABLES`, any run of :data:`SECRET_PIECE` or more of
+    their characters, and common key shapes. Scrub before cutting a text short: a cut key
+    no longer looks like one."""
     for name in SECRET_VARIABLES:
         value = os.environ.get(name)
         if value and len(value) >= 4:
-            text = text.replace(value, "***")
+            text = _without_pieces(text.replace(value, "***"), value)
     for pattern, replacement in _SECRET_PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def _without_pieces(text: str, secret: str) -> str:
+    """``text`` with every run of at least :data:`SECRET_PIECE` characters of ``secret``
+    replaced by ``***``."""
+    pieces = {secret[i:i + SECRET_PIECE] for i in range(len(secret) - SECRET_PIECE + 1)}
+    if not pieces:
+        return text
+    covered = [False] * len(text)
+    for i in range(len(text) - SECRET_PIECE + 1):
+        if text[i:i + SECRET_PIECE] in pieces:
+            covered[i:i + SECRET_PIECE] = [True] * SECRET_PIECE
+    if not any(covered):
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if covered[i]:
+            while i < len(text) and covered[i]:
+                i += 1
+            out.append("***")
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def public_url(url: str | None) -> str | None:

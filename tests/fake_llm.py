@@ -12,7 +12,8 @@ changed between requests):
 - ``no-choices``: a 200 with no ``choices``; ``bad-json``: a 200 whose body is not JSON;
 - ``flaky``: a 429, then a 500, then good replies;
 - ``hang``: no answer for ``hang_s`` seconds;
-- ``echo-key``: a 500 whose error message repeats the request's key.
+- ``echo-key``: a 500 whose error message repeats the request's key;
+- ``echo-key-late``: a reply without labels that repeats the key from its 71st character.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODES = ("good", "garbage", "empty", "invented", "paraphrase", "partial", "truncated",
-         "no-choices", "bad-json", "flaky", "hang", "echo-key")
+         "no-choices", "bad-json", "flaky", "hang", "echo-key", "echo-key-late")
 
 
 def labelled(text: str, label: str = "deduction") -> str:
@@ -89,6 +90,7 @@ class FakeLLM:
             "good": labelled(text), "truncated": labelled(text),
             "garbage": "I'd be glad to help! The reasoning looks fine to me.",
             "empty": "",
+            "echo-key-late": "I will not label this. " + "x" * 47 + key,
             "invented": labelled(text, "pondering"),
             "paraphrase": labelled("The model thinks hard about a wholly different question. "
                                    "It then writes something else entirely."),

@@ -478,3 +478,27 @@ def test_every_chain_gets_its_costs(tmp_path, tiny_llama, capsys):
     costs = costs_section(run)
     assert costs.spec is not None and "NLL under the unsteered model" in costs.body
     assert "backtracking: baseline" in (run.root / "summary.txt").read_text()
+
+
+def test_an_answer_the_grader_cannot_read_does_not_stop_evaluate(tmp_path, tokenizer):
+    """A chain whose answer is a thousand minus signs and a digit: evaluation.parquet is
+    written, and the chain gets a verdict (the number written last is -6, not 6)."""
+    run = _write_run(tmp_path, tokenizer, conditions=("base", "pos"))
+    chains = pl.read_parquet(run.steered)
+    response = chains["response"][0] + "\n\nThe answer is " + "-" * 1000 + "6"
+    ids = tokenizer.encode(response, add_special_tokens=False)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == response
+    first = pl.Series([True] + [False] * (chains.height - 1))
+    chains = chains.with_columns(
+        response=pl.when(first).then(pl.lit(response)).otherwise(pl.col("response")),
+        output_ids=pl.when(first).then(pl.lit(ids, dtype=pl.List(pl.Int64)))
+        .otherwise(pl.col("output_ids")),
+        finish_reason=pl.lit("eos"))
+    write_parquet(chains, run.steered, read_metadata(run.steered))
+    write_parquet(pl.DataFrame({"task_id": list(TASKS), "category": ["Mathematical Logic"] * 3,
+                                "prompt": ["Solve 2x = 8."] * 3, "answer": ["6"] * 3,
+                                "split": ["eval"] * 3, "source": ["file"] * 3}), run.tasks, {})
+    evaluation = evaluate(run, tokenizer=tokenizer, n_boot=50)
+    assert run.evaluation.exists()
+    verdict = evaluation.filter(pl.col("chain_id") == chains["chain_id"][0])["correct"]
+    assert verdict.unique().to_list() == [False]

@@ -5,6 +5,7 @@ vector steers as forward hooks adding each ``direction.N`` at block N."""
 from __future__ import annotations
 
 import json
+import re
 
 import gguf
 import numpy as np
@@ -18,6 +19,7 @@ from test_steer import LAYERS, NEW, write_vectors
 from nnsteer.cli import cli
 from nnsteer.errors import BadInput
 from nnsteer.labels import OVERALL
+from nnsteer.modeling.identity import application, model_fingerprint
 from nnsteer.runs.store import RunDir, write_json
 from nnsteer.steer.chains import random_like, steer_chains
 from nnsteer.steer.export import export_vector, import_vector, read_control_vector
@@ -122,8 +124,8 @@ def test_round_trip_export_import(run, tmp_path, tiny_llama):
 
 
 @pytest.mark.parametrize("directions, message", [
-    ({1: np.zeros(32)}, r"width 32, tiny-llama has width 64$"),
-    ({2: np.zeros(64), 4: np.zeros(64)}, r"has layer 4 \(2 layers up to 4\), tiny-llama has layers 0..3$"),
+    ({1: np.ones(32)}, r"width 32, tiny-llama has width 64$"),
+    ({2: np.ones(64), 4: np.ones(64)}, r"has layer 4 \(2 layers up to 4\), tiny-llama has layers 0..3$"),
 ])
 def test_import_refuses_a_vector_that_does_not_fit(run, tmp_path, tiny_llama, directions, message):
     path = tmp_path / "bad.gguf"
@@ -172,3 +174,118 @@ def test_read_control_vector_follows_llama_cpp_rules(tmp_path):
     save_vectors(VectorSet({"x": torch.zeros(2, 2)}), tmp_path / "v.safetensors")
     with pytest.raises(BadInput):
         read_control_vector(tmp_path / "v.safetensors")
+
+
+def _export(run, out, *extra):
+    return CliRunner().invoke(cli, ["--run-dir", str(run.root), "export", "--behaviour",
+                                    "backtracking", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("name, fmt, message", [
+    ("layers.pt", "pt", "would write {run}/layers.json, a file of the run directory"),
+    ("vectors.safetensors", "gguf", "would write {run}/vectors.safetensors, a file of the run"),
+    ("tasks.parquet", "pt", "would write {run}/tasks.parquet, a file of the run directory"),
+    (".nnsteer.lock", "gguf", "would write {run}/.nnsteer.lock, a file of the run directory"),
+    ("pipeline.json", "gguf", "would write {run}/pipeline.json, a file of the run directory"),
+    (".extract.partial.pt", "pt", "would write {run}/.extract.partial.pt, a file of the run"),
+])
+def test_export_never_writes_over_the_runs_own_files(run, name, fmt, message):
+    """Not even with --force: the run directory is byte for byte as it was."""
+    write_vectors(run, 4, 64)
+    for own in ("pipeline.json", ".extract.partial.pt"):
+        run.path(own).write_text("{}")
+    before = {p.name: p.read_bytes() for p in run.root.iterdir()}
+    result = _export(run, run.path(name), "--format", fmt, "--layers", "1", "--force")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert message.format(run=run.root.resolve()) in result.output
+    assert {p.name: p.read_bytes() for p in run.root.iterdir()} == before
+
+
+def test_export_replaces_an_existing_file_only_with_force(run, tmp_path):
+    write_vectors(run, 4, 64)
+    tensors, metadata = tmp_path / "bt.pt", tmp_path / "bt.json"
+    metadata.write_text("mine")
+    result = _export(run, tensors, "--format", "pt", "--layers", "1")
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert f"{metadata} exists: choose another name, or pass --force" in result.output
+    assert metadata.read_text() == "mine" and not tensors.exists()
+    assert _export(run, tensors, "--format", "pt", "--layers", "1", "--force").exit_code == 0
+    assert json.loads(metadata.read_text())["behaviour"] == "backtracking"
+    gguf_file = tmp_path / "bt.gguf"
+    gguf_file.write_text("mine")
+    assert _export(run, gguf_file, "--layers", "1").exit_code == 2
+    assert gguf_file.read_text() == "mine"
+    same = _export(run, tmp_path / "x.json", "--format", "pt", "--layers", "1", "--force")
+    assert same.exit_code == 2 and "which would replace the vectors" in same.output
+    assert not (tmp_path / "x.json").exists()
+
+
+def _vectors_made_on(run, lm, name: str, fingerprint: str | None) -> None:
+    gen = torch.Generator().manual_seed(0)
+    vectors = {label: torch.randn(4, 64, generator=gen) for label in ("backtracking", OVERALL)}
+    save_vectors(VectorSet(vectors, {"model": {"model": name}, **application(lm, fingerprint)}),
+                 run.vectors)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "pt"])
+def test_import_refuses_a_file_made_on_another_model_unless_forced(run, tmp_path, tiny_llama, fmt):
+    """The fingerprint a file carries is compared with the model's; --force imports it
+    anyway and says so in the vectors' metadata."""
+    _vectors_made_on(run, tiny_llama, "tiny-other", "0" * 64)
+    out = tmp_path / f"bt.{fmt}"
+    export_vector(run, "backtracking", fmt, out, layers=[1, 2], coefficient=2.0)
+    fresh = RunDir(tmp_path / "fresh")
+    with pytest.raises(BadInput, match=rf"^{out}: made on tiny-other \(weights fingerprint "
+                                       r"000000000000\), but tiny-llama has fingerprint "
+                                       r"[0-9a-f]{12}: .*pass --force"):
+        import_vector(fresh, tiny_llama, out, "backtracking")
+    assert not fresh.root.exists()
+    vs = import_vector(fresh, tiny_llama, out, "backtracking", force=True)
+    forced = vs.metadata["imported"]["backtracking"]["forced"]
+    assert forced["made_on"] == {"model": {"model": "tiny-other"}, "fingerprint": "0" * 64}
+    assert forced["imported_into"] == "tiny-llama"
+    assert forced["fingerprint"] == vs.metadata["fingerprint"] == model_fingerprint(tiny_llama)
+
+
+def test_import_accepts_a_file_made_on_the_same_model(run, tmp_path, tiny_llama):
+    _vectors_made_on(run, tiny_llama, "tiny-llama", model_fingerprint(tiny_llama))
+    out = tmp_path / "bt.pt"
+    export_vector(run, "backtracking", "pt", out, layers=[1], coefficient=1.0)
+    vs = import_vector(RunDir(tmp_path / "fresh"), tiny_llama, out, "backtracking")
+    assert "forced" not in vs.metadata["imported"]["backtracking"]
+
+
+def _sparse() -> torch.Tensor:
+    return torch.ones(64).to_sparse()
+
+
+@pytest.mark.parametrize("content, message", [
+    ({1: torch.ones(2, 32)}, "layer 1: has shape [2, 32], not one vector (1-D)"),
+    ({1: torch.ones(8, 8)}, "layer 1: has shape [8, 8], not one vector (1-D)"),
+    ({1.0: torch.ones(64)}, "key 1.0 is not a layer number"),
+    ({True: torch.ones(64)}, "key True is not a layer number"),
+    ({"1a": torch.ones(64)}, "key '1a' is not a layer number"),
+    ({2: torch.ones(64), "2": torch.ones(64)}, "layer 2 appears more than once among its keys"),
+    ({1: torch.ones(64, dtype=torch.complex64)}, "layer 1: holds complex64 values, not real"),
+    ({1: torch.ones(64, dtype=torch.int64)}, "layer 1: holds int64 values, not real"),
+    ({1: torch.zeros(64)}, "layer 1: is all zeros"),
+    ({1: torch.full((64,), 1e39, dtype=torch.float64)}, "layer 1: holds NaN or inf (in float32)"),
+    ({1: "sparse"}, "layer 1: a sparse tensor"),
+    ({}, "holds no direction tensors"),
+    ([torch.ones(64)], "expected a {layer: tensor} dict"),
+])
+def test_pt_import_is_checked_like_gguf(run, tmp_path, tiny_llama, content, message):
+    path = tmp_path / "v.pt"
+    if isinstance(content, dict):
+        content = {k: _sparse() if isinstance(v, str) else v for k, v in content.items()}
+    torch.save(content, path)
+    with pytest.raises(BadInput, match=rf"^{path}: " + re.escape(message)):
+        import_vector(run, tiny_llama, path, "mine")
+    assert not run.vectors.exists()
+
+
+def test_gguf_import_is_checked_by_the_same_rules(tmp_path, tiny_llama):
+    path = tmp_path / "zero.gguf"
+    cvector_generator_file(path, {1: np.ones(64), 2: np.zeros(64)})
+    with pytest.raises(BadInput, match=rf"^{path}: layer 2: is all zeros"):
+        import_vector(RunDir(tmp_path / "run"), tiny_llama, path, "mine")

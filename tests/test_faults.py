@@ -6,14 +6,18 @@ must not touch are byte for byte as they were.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -31,6 +35,11 @@ TEXTS = ["Okay, so I need to find x. We know that 2x = 6. So x is 3. Let me chec
          "Wait, maybe the side was 5?",
          "I remember that primes have two divisors. Take 7 as an example. It has 1 and 7. "
          "So 7 is prime."]
+
+
+def leaked(text: str, secret: str = KEY) -> list[str]:
+    """The runs of 8 characters of ``secret`` in ``text``."""
+    return [secret[i:i + 8] for i in range(len(secret) - 7) if secret[i:i + 8] in text]
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -84,7 +93,8 @@ def annotate(run: RunDir, server: FakeLLM, *extra: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("mode", ["garbage", "empty", "invented", "paraphrase", "partial",
-                                  "truncated", "no-choices", "bad-json", "hang", "echo-key"])
+                                  "truncated", "no-choices", "bad-json", "hang", "echo-key",
+                                  "echo-key-late"])
 def test_bad_replies_fail_their_chains_and_are_asked_again(chains_run, mode):
     run = chains_run
     chains = run.chains.read_bytes()
@@ -96,7 +106,7 @@ def test_bad_replies_fail_their_chains_and_are_asked_again(chains_run, mode):
                 "stages skip them: rerun to try them again") in stderr
         rows = pl.read_parquet(run.annotations)
         assert rows["status"].to_list() == ["failed"] * 3
-        assert KEY not in stderr and not any(KEY in text for text in rows["text"])
+        assert not leaked(stderr) and not leaked(" ".join(rows["text"]))
         assert not list(replies().rglob("*.json"))  # nothing cached
         assert run.chains.read_bytes() == chains
         server.mode = "good"  # the next run asks again, and keeps what it is given
@@ -190,6 +200,38 @@ def test_credentials_in_the_base_url_are_not_stored(chains_run, tmp_path):
     assert public_url(url) == server.url
     stored = b"".join(snapshot(chains_run.root).values())
     assert b"hunter2" not in stored and KEY.encode() not in stored
+
+
+def killed_once_asked(server: FakeLLM, key_variable: str, *command: str) -> int:
+    """Run ``nnsteer COMMAND`` (``key_variable`` set to :data:`KEY`) until it has sent
+    ``server`` (which never answers) a request, then SIGKILL it; its process id. Closes
+    ``server``."""
+    process = subprocess.Popen([sys.executable, "-m", "nnsteer", *command],
+                               stderr=subprocess.DEVNULL, env={**os.environ, key_variable: KEY})
+    try:
+        deadline = time.monotonic() + 60
+        while not server.requests:  # the stage is waiting for its reply
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        server.close()
+    return process.pid
+
+
+def test_the_lock_file_holds_no_arguments_even_after_sigkill(chains_run):
+    """A real ``annotate`` with credentials in --base-url, killed while its request hangs:
+    its lock file names the process, host and start time, and nothing of the command."""
+    server = FakeLLM("hang", hang_s=30)
+    url = server.url.replace("http://", "http://user:hunter2@") + "?api_key=QUERYSECRET"
+    pid = killed_once_asked(server, "OPENAI_API_KEY", "--run-dir", str(chains_run.root),
+                            "annotate", "--annotator", "openai:gpt-4o", "--base-url", url,
+                            "--retries", "0")
+    held = (chains_run.root / LOCK_NAME).read_text()
+    assert re.fullmatch(rf"process {pid} \(on [^ ,()]+, since [0-9T:+-]+\)", held), held
+    stored = b"".join(snapshot(chains_run.root).values())
+    assert b"hunter2" not in stored and b"QUERYSECRET" not in stored and not leaked(str(stored))
 
 
 def test_claude_giving_nothing_usable_keeps_the_tasks(tmp_path, monkeypatch):
@@ -371,31 +413,127 @@ def test_whole_config_is_checked_before_the_first_stage(tmp_path, table, message
 
 # ------------------------------------------------------------------ two writers, SIGKILL
 
-def test_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
-    run = tmp_path / "run"
-    assert invoke("--run-dir", str(run), "tasks", "--per-category", "1")[0] == 0
-    before = snapshot(run)
+@contextlib.contextmanager
+def holding(run: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding the run directory's lock until the block ends (SIGKILL)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from nnsteer.runs.store import run_lock\n"
+        [sys.executable, "-c", "import time; from nnsteer.runs.store import run_lock\n"
          f"with run_lock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        code, stderr = invoke("--run-dir", str(run), "tasks", "--per-category", "2")
-        assert code == 1
-        assert one_line(stderr).startswith(
-            f"nnsteer: error: {run.resolve()} is in use by process {holder.pid} (")
-        assert "wait for it to finish, or stop it" in stderr
-        assert {k: v for k, v in snapshot(run).items() if k != LOCK_NAME} == before
+        yield holder
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def refused(run: Path, holder: subprocess.Popen, *command: str) -> bool:
+    """Whether ``nnsteer --run-dir RUN COMMAND`` is refused in one line naming ``holder``."""
+    code, stderr = invoke("--run-dir", str(run), *command)
+    line = one_line(stderr)
+    return code == 1 and line.startswith(
+        f"nnsteer: error: {run.resolve()} is in use by process {holder.pid} (on ") and line.endswith(
+        "wait for it to finish, or stop it")
+
+
+def test_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    run = tmp_path / "run"
+    assert invoke("--run-dir", str(run), "tasks", "--per-category", "1")[0] == 0
+    before = snapshot(run)
+    with holding(run) as holder:
+        assert refused(run, holder, "tasks", "--per-category", "2")
+        assert {k: v for k, v in snapshot(run).items() if k != LOCK_NAME} == before
     assert (run / LOCK_NAME).exists()  # left by the killed holder: free again
     code, stderr = invoke("--run-dir", str(run), "tasks", "--per-category", "2")
     assert code == 0, stderr
     assert not (run / LOCK_NAME).exists()
     with run_lock(run), run_lock(run):  # nests in one process
         assert (run / LOCK_NAME).exists()
+
+
+def test_a_new_run_directory_is_locked_from_the_start(tmp_path):
+    """A writer on a directory that does not exist yet makes it and holds it at once; one
+    that leaves it empty removes what it made."""
+    run = tmp_path / "new" / "run"
+    with holding(run) as holder:
+        assert refused(run, holder, "tasks", "--per-category", "1")
+        assert [p.name for p in run.iterdir()] == [LOCK_NAME]
+    other = tmp_path / "other" / "run"
+    with run_lock(other):
+        assert other.is_dir()
+    assert not (tmp_path / "other").exists()
+
+
+def race(*commands: list[str]) -> list[tuple[int, str]]:
+    """Start ``nnsteer COMMAND`` for every command at once; each one's exit code and stderr."""
+    processes = [subprocess.Popen([sys.executable, "-m", "nnsteer", *command], text=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for command in commands]
+    return [(process.wait(timeout=600), process.stderr.read()) for process in processes]
+
+
+def check_raced(results: list[tuple[int, str]], run: Path) -> list[int]:
+    """Each racer either finished or was refused in one line; nothing half-written is
+    left. The indices of those that finished."""
+    finished = []
+    for index, (code, stderr) in enumerate(results):
+        if code == 0:
+            finished.append(index)
+        else:
+            assert code == 1, stderr
+            assert f"{run.resolve()} is in use by process " in one_line(stderr)
+    assert finished, results
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no lock, no temporary
+    return finished
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_llama) -> Path:
+    """The tiny Llama saved as a local model directory, for commands in other processes."""
+    path = tmp_path_factory.mktemp("model") / "tiny-llama"
+    tiny_llama.hf_model.save_pretrained(path)
+    tiny_llama.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new-directory", "existing-directory"])
+def test_two_imports_at_once_lose_nothing(tmp_path, model_dir, exists):
+    """Two ``import`` commands started together on one run directory: the vectors and
+    layers.json name the same labels, those of the commands that finished."""
+    from test_export import cvector_generator_file
+
+    from nnsteer.steer.choices import read_layers
+    from nnsteer.vectors.extract import load_vectors
+
+    run = tmp_path / "new"
+    if exists:
+        run.mkdir()
+    files = {}
+    for name, layer in (("alpha", 1), ("beta", 2)):
+        files[name] = tmp_path / f"{name}.gguf"
+        cvector_generator_file(files[name], {layer: torch.ones(64).numpy()})
+    results = race(*[["--run-dir", str(run), "import", str(path), "--as", name, "--model",
+                      str(model_dir), "--device", "cpu"] for name, path in files.items()])
+    finished = {list(files)[i] for i in check_raced(results, run)}
+    assert set(load_vectors(run / "vectors.safetensors").labels) == finished
+    assert set(read_layers(run / "layers.json")) == finished
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new-directory", "existing-directory"])
+def test_two_task_commands_at_once_lose_nothing(tmp_path, exists):
+    """Two ``tasks`` commands started together: tasks.parquet is whole, and one of them wrote it."""
+    run = tmp_path / "new"
+    if exists:
+        run.mkdir()
+    counts = (1, 2)
+    results = race(*[["--run-dir", str(run), "tasks", "--per-category", str(n)] for n in counts])
+    finished = [counts[i] for i in check_raced(results, run)]
+    tasks = pl.read_parquet(run / "tasks.parquet")
+    written = pl.read_parquet_metadata(run / "tasks.parquet")
+    per_category = json.loads(written["metadata"])["options"]["per_category"]
+    assert per_category in finished
+    assert tasks.filter(pl.col("split") == "train").height == 10 * per_category
 
 
 def test_sigkill_while_outputs_are_set_aside_loses_nothing(tmp_path):
@@ -409,18 +547,8 @@ def test_sigkill_while_outputs_are_set_aside_loses_nothing(tmp_path):
     server = FakeLLM("hang", hang_s=30)
     new.write_text(f'[tasks]\nsource = "claude"\nbase_url = "{server.url}"\n'
                    "per_category = 1\neval_per_category = 0\n")
-    process = subprocess.Popen([sys.executable, "-m", "nnsteer", "--run-dir", str(run), "run",
-                                "--config", str(new), "--only", "tasks"], stderr=subprocess.DEVNULL,
-                               env={**os.environ, "ANTHROPIC_API_KEY": KEY})
-    try:
-        deadline = time.monotonic() + 60
-        while not server.requests:  # the stage is waiting for its reply
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finally:
-        server.close()
+    killed_once_asked(server, "ANTHROPIC_API_KEY", "--run-dir", str(run), "run", "--config",
+                      str(new), "--only", "tasks")
     assert not (run / "tasks.parquet").exists()  # set aside when it was killed
     code, stderr = invoke("--run-dir", str(run), "run", "--config", str(old), "--only", "tasks")
     assert code == 0 and "skipped (up to date)" in stderr, stderr
@@ -477,3 +605,175 @@ def test_vectors_from_other_annotations_are_refused(chains_run, tokenizer):
     with pytest.raises(BadInput, match="vectors.safetensors was extracted from other annotations "
                                        "than .*annotations.parquet: rerun `nnsteer extract`"):
         check_current(VectorSet(vectors, {"annotations": "0" * 64}), chains_run)
+
+
+# ------------------------------------------------ every file import, export and annotate read
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _json(value) -> callable:
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(value))
+    return write
+
+
+def _tensors(shapes: dict[str, tuple[int, ...]]) -> callable:
+    def write(path: Path) -> None:
+        save_vectors(VectorSet({k: torch.ones(*shape) for k, shape in shapes.items()}), path)
+    return write
+
+
+def _pt(content) -> callable:
+    def write(path: Path) -> None:
+        torch.save(content, path)
+    return write
+
+
+def _gguf(directions: dict[int, object]) -> callable:
+    def write(path: Path) -> None:
+        from test_export import cvector_generator_file
+
+        cvector_generator_file(path, directions)
+    return write
+
+
+def _frame(**columns) -> callable:
+    def write(path: Path) -> None:
+        df = pl.read_parquet(path)
+        write_parquet(df.with_columns(**{k: pl.Series(v) for k, v in columns.items()}), path, {})
+    return write
+
+
+def _drop(column: str) -> callable:
+    def write(path: Path) -> None:
+        write_parquet(pl.read_parquet(path).drop(column), path, {})
+    return write
+
+
+def _bytes(data: bytes) -> callable:
+    def write(path: Path) -> None:
+        path.write_bytes(data)
+    return write
+
+
+#: The vectors and layers.json of a run that export and import read (4 layers of width 64).
+_RUN_LAYERS = {"backtracking": {"vector_layer": 1, "layers": [1, 2], "coefficient": 2.0}}
+#: (command, the file it reads: a run file or one beside the run, how it is damaged, what
+#: the one line says after the file's path).
+FILE_FAULTS = [
+    *[(command, name, damage, said)
+      for command in ("export", "import")
+      for name, damage, said in [
+          ("vectors.safetensors", truncate, "damaged or not an nnsteer file"),
+          ("vectors.safetensors", _empty, "damaged or not an nnsteer file"),
+          ("vectors.safetensors", overwrite, "damaged or not an nnsteer file"),
+          ("vectors.safetensors", _tensors({"backtracking": (4, 64, 2)}),
+           "vectors must all be [n_layers, d_model]"),
+          ("layers.json", truncate, "damaged or not an nnsteer file"),
+          ("layers.json", _empty, "damaged or not an nnsteer file"),
+          ("layers.json", _json(["backtracking"]), ""),
+          ("layers.json", _json({"backtracking": {"vector_layer": 1, "layers": "1",
+                                                  "coefficient": 1.0}}), ""),
+      ]],
+    ("import", "vectors.safetensors", _tensors({"backtracking": (3, 64)}),
+     "vectors are [3, 64] per label but"),
+    ("import", "in.gguf", truncate, "damaged or not an nnsteer file"),
+    ("import", "in.gguf", _empty, "damaged or not an nnsteer file"),
+    ("import", "in.gguf", overwrite, "damaged or not an nnsteer file"),
+    ("import", "in.gguf", _gguf({1: np.ones((2, 32))}), "direction.1 must be a float32 1-D"),
+    ("import", "in.gguf", _gguf({1: np.ones(32)}), "its vectors have width 32"),
+    ("import", "in.pt", truncate, "damaged or not an nnsteer file"),
+    ("import", "in.pt", _empty, "damaged or not an nnsteer file"),
+    ("import", "in.pt", _pt([torch.ones(64)]), "expected a {layer: tensor} dict"),
+    ("import", "in.pt", _pt({1: torch.ones(2, 32)}), "layer 1: has shape [2, 32]"),
+    ("import", "in.json", truncate, "damaged or not an nnsteer file"),
+    ("import", "in.json", _bytes(b"\xff\xfe{}"), "not UTF-8 text"),
+    ("annotate", "chains.parquet", truncate, "damaged or not an nnsteer file"),
+    ("annotate", "chains.parquet", _empty, "damaged or not an nnsteer file"),
+    ("annotate", "chains.parquet", _frame(thinking_start=["0", "0", "0"]),
+     "column thinking_start holds String, not integers"),
+    ("annotate", "chains.parquet", _frame(response=[None, "x", "y"]), "row 0: response is empty"),
+    ("annotate", "chains.parquet", _drop("output_ids"), "missing column(s) output_ids"),
+    ("annotate", "annotations.parquet", truncate, "damaged or not an nnsteer file"),
+    ("annotate", "annotations.parquet", _empty, "damaged or not an nnsteer file"),
+    ("annotate", "prompt.txt", _bytes(b"Label this: \xff\xfe"), ""),
+    ("annotate", "prompt.txt", _empty, ""),
+]
+
+
+@pytest.fixture
+def fault_run(tmp_path, chains_run, tokenizer) -> RunDir:
+    """Chains annotated by the rules, vectors and a layers.json: what the commands read."""
+    from test_export import cvector_generator_file
+
+    from nnsteer.annotation.stage import annotate_chains
+
+    annotate_chains(chains_run, annotator="rules", tokenizer=tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    save_vectors(VectorSet({label: torch.randn(4, 64, generator=gen)
+                            for label in ("backtracking", "overall")}), chains_run.vectors)
+    chains_run.layers.write_text(json.dumps(_RUN_LAYERS))
+    cvector_generator_file(tmp_path / "in.gguf", {1: np.ones(64)})
+    torch.save({1: torch.ones(64)}, tmp_path / "in.pt")
+    (tmp_path / "in.json").write_text(json.dumps({"stage": "export"}))
+    (tmp_path / "prompt.txt").write_text("Label this reasoning: {thinking}")
+    return chains_run
+
+
+@pytest.mark.parametrize("command, name, damage, said", FILE_FAULTS)
+def test_damaged_files_of_import_export_and_annotate_are_one_line(
+        fault_run, model_dir, tmp_path, command, name, damage, said):
+    """The command exits 2 with one line naming the file, and the run directory is byte
+    for byte as it was."""
+    run = fault_run
+    path = run.path(name) if (run.root / name).exists() else tmp_path / name
+    damage(path)
+    before = snapshot(run.root)
+    if command == "export":
+        args = ["export", "--behaviour", "backtracking", "--out", str(tmp_path / "out.gguf")]
+    elif command == "import":
+        source = tmp_path / ("in.pt" if name in ("in.pt", "in.json") else "in.gguf")
+        args = ["import", str(source), "--as", "mine", "--model", str(model_dir), "--device", "cpu"]
+    else:
+        args = ["annotate", "--annotator", "rules"]
+        if name == "prompt.txt":
+            args = ["annotate", "--annotator", "openai:gpt-4o", "--base-url", "http://127.0.0.1:9",
+                    "--annotator-prompt", str(path)]
+    code, stderr = invoke("--run-dir", str(run.root), *args)
+    assert code == 2, stderr
+    line = one_line(stderr)
+    assert str(path) in line and said in line, line
+    assert snapshot(run.root) == before
+    assert not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.parametrize("where", ["option", "config"])
+@pytest.mark.parametrize("run_dir, why", [("afile", "File exists"), ("afile/run", "Not a directory"),
+                                          ("runs/x\x00y", "embedded null byte")],
+                         ids=["a-file", "under-a-file", "nul"])
+def test_a_run_directory_that_cannot_be_is_one_line(tmp_path, monkeypatch, where, run_dir, why):
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("mine")
+    if where == "option":
+        if "\x00" in run_dir:
+            pytest.skip("a command line cannot hold a NUL")
+        code, stderr = invoke("--run-dir", run_dir, "tasks", "--per-category", "1")
+    else:
+        Path("c.toml").write_text(f"run_dir = {json.dumps(run_dir)}\n[tasks]\nper_category = 1\n")
+        code, stderr = invoke("run", "--config", "c.toml")
+    assert code == 2
+    line = one_line(stderr)
+    assert ("is a file" if (where, run_dir) == ("option", "afile") else why) in line, line
+    assert Path("afile").read_text() == "mine" and sorted(os.listdir()) == sorted(
+        ["afile", *(["c.toml"] if where == "config" else [])])
+
+
+def test_writing_under_a_file_is_one_line(tmp_path):
+    from nnsteer.errors import BadInput
+    from nnsteer.runs.store import write_json
+
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(BadInput, match=rf"^{tmp_path}/afile/x.json: cannot write there \("):
+        write_json(tmp_path / "afile" / "x.json", {})

@@ -224,3 +224,16 @@ def test_annotator_prompt_file_replaces_the_prompt_and_keys_the_cache(serve, tmp
         read_annotator_prompt(tmp_path / "empty.txt", "openai:gpt-4.1")
     with pytest.raises(BadInput, match="rules annotator takes no prompt"):
         read_annotator_prompt(tmp_path / "empty.txt", "rules")
+
+
+@pytest.mark.parametrize("entry", [b"\xff\xfe not UTF-8", b'{"reply": 5}', b"[1, 2]", b'"text"',
+                                   b'{"reply": null}', b"{"],
+                         ids=["not-utf8", "number", "list", "string", "null", "truncated"])
+def test_a_damaged_cache_entry_is_asked_again_and_replaced(serve, tmp_path, entry):
+    server = serve(_well_formed)
+    first = annotate_texts(TEXTS[:1], base_url=server.url, cache_dir=tmp_path, progress=False)
+    [path] = (tmp_path / "gpt-4o").glob("*.json")
+    path.write_bytes(entry)
+    again = annotate_texts(TEXTS[:1], base_url=server.url, cache_dir=tmp_path, progress=False)
+    assert again == first and len(server.requests) == 2
+    assert json.loads(path.read_text())["reply"] == labelled(TEXTS[0])

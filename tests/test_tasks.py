@@ -428,3 +428,38 @@ def test_pipeline_tasks_stage_asks_claude_once(tmp_path, claude):
 def test_claude_options_need_the_claude_source(tmp_path):
     with pytest.raises(BadInput, match="claude_model and base_url are only for source='claude'"):
         write_tasks(RunDir(tmp_path), claude_model="claude-test")
+
+
+def test_a_reply_without_usage_is_counted_without_tokens(tmp_path, claude, capsys):
+    """A compatible server that sends no ``usage``: the tasks are kept, no traceback."""
+    def script(n: int, body: dict) -> Reply:
+        status, payload, headers = server.good(body)
+        return status, {k: v for k, v in payload.items() if k != "usage"}, headers
+
+    server = claude(script)
+    tasks = generate(RunDir(tmp_path), server)
+    assert len(tasks) == 30
+    assert "token use: 20 requests, 0 input and 0 output tokens" in capsys.readouterr().err
+
+
+def test_key_pieces_a_server_echoes_are_never_printed(tmp_path, claude, monkeypatch):
+    """An error reply with the key's first 12 characters, and a task whose category is the
+    key: neither the key nor any 8 characters of it reach stderr."""
+    key = "ant-FAKE-0123456789abcdefXYZ"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+    run = RunDir(tmp_path)
+
+    def echo(n: int, body: dict) -> Reply:
+        if n == 1:
+            return message(json.dumps([{"category": key, "prompt": "Why?", "answer": "yes"}]))
+        return 400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                "message": f"key {key[:12]}... is not allowed"}}, {}
+
+    server = claude(echo)
+    result = CliRunner().invoke(cli, ["--run-dir", str(run.root), "tasks", "generate", "--base-url",
+                                      server.url, "--per-category", "1", "--eval-per-category", "0"])
+    assert result.exit_code == 1
+    assert result.stderr.count("nnsteer: error:") == 1 and "Traceback" not in result.stderr
+    assert "key ***... is not allowed" in result.stderr
+    assert "unknown category '***'" in result.stderr
+    assert not [key[i:i + 8] for i in range(len(key) - 7) if key[i:i + 8] in result.stderr]

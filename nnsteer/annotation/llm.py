@@ -119,14 +119,18 @@ class LLMAnnotator:
         return Path(self.cache_dir) / model_slug(self.model) / f"{self.prompt_key}-{digest}.json"
 
     def cached(self, text: str) -> str | None:
-        """The cached reply for ``text``, if any."""
+        """The cached reply for ``text``, if any; a damaged entry (not UTF-8 JSON, or its
+        reply not text) counts as none, so the reply is asked for again and the entry
+        replaced."""
         path = self.cache_path(text)
-        if path is None or not path.exists():
+        if path is None or not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())["reply"]
-        except (json.JSONDecodeError, KeyError):
+            entry = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
+        reply = entry.get("reply") if isinstance(entry, dict) else None
+        return reply if isinstance(reply, str) else None
 
     def connect(self) -> None:
         """Create the client; :class:`BadInput` if no key is set (unless a server is named)."""
@@ -166,7 +170,10 @@ class LLMAnnotator:
             raise BadReply("a reply without choices")
         if choices[0].finish_reason == "length":
             raise BadReply("a reply cut off at its length limit")
-        return choices[0].message.content or ""
+        content = choices[0].message.content or ""
+        if not isinstance(content, str):
+            raise BadReply("a reply whose content is not text")
+        return content
 
     def _drop_temperature(self) -> None:
         """Ask at the model's default temperature from now on, saying so once."""
@@ -193,7 +200,7 @@ class LLMAnnotator:
 
         reply = self.cached(text)
         if reply is not None:
-            value, problem = accept(reply)
+            value, problem = _judged(accept, reply)
             if problem is None:
                 return value
         problem = "no reply"
@@ -211,19 +218,28 @@ class LLMAnnotator:
             except Exception as exc:  # a malformed response fails this text only
                 return Failed(scrub(f"malformed response ({type(exc).__name__}: "
                                     f"{first_line(exc)})")[:200])
-            value, problem = accept(reply)
+            value, problem = _judged(accept, reply)
             if problem is None:
                 path = self.cache_path(text)
                 if path is not None:
                     write_json(path, {"model": self.model, "prompt_version": PROMPT_VERSION,
                                       "prompt_key": self.prompt_key, "reply": reply})
                 return value
-        return Failed(scrub(f"{problem}: {reply[:80]!r}" if reply else problem)[:200])
+        shown = f"{problem}: {scrub(reply)[:80]!r}" if reply else problem  # scrubbed, then cut
+        return Failed(scrub(shown)[:200])
 
     def cancel(self) -> None:
         """Abort the requests in flight (their threads then end at once)."""
         if self._client is not None:
             self._client.close()
+
+
+def _judged(accept: Callable[[str], tuple[T, str | None]], reply: str) -> tuple[T | None, str | None]:
+    """``accept(reply)``; a reply it fails on is a problem, like any unacceptable reply."""
+    try:
+        return accept(reply)
+    except Exception as exc:  # the parsers are total; this is a backstop, per text
+        return None, f"reply could not be read ({type(exc).__name__})"
 
 
 class BadReply(Exception):

@@ -84,6 +84,9 @@ _STATEMENT = re.compile(
     r"(?!.*\b(maybe|perhaps|might|could|should|would|probably)\b)"
     r".*\b(is|are|has|have|was|were|uses?|can|means|contains?|consists?)\b", re.I)
 _CALCULATION = re.compile(r"[=×*/+]\s*\d")
+#: A sentence is labelled from its first this many characters (keeps every cue's search
+#: linear in the chain's length whatever its sentences look like).
+MAX_SENTENCE_CHARS = 2_000
 #: Labels a cue-less sentence inherits from the sentence before it in a paragraph.
 _CONTINUED = ("example-testing",)
 #: A cue-less fragment of at most this many words continues any label before it.
@@ -107,7 +110,9 @@ def sentences(text: str) -> list[tuple[int, int]]:
 def label_sentence(sentence: str, index: int, in_first_paragraph: bool,
                    previous: str | None = None) -> str:
     """The label of one sentence from its cues, its place in the chain, and the label of
-    the sentence before it in the same paragraph (``previous``, None at a paragraph start)."""
+    the sentence before it in the same paragraph (``previous``, None at a paragraph start).
+    Only its first :data:`MAX_SENTENCE_CHARS` characters are read."""
+    sentence = sentence[:MAX_SENTENCE_CHARS]
     if (in_first_paragraph and index < OPENING_SENTENCES
             or index < PLANNING_SENTENCES and _PLANNING.search(sentence)):
         return "initializing"

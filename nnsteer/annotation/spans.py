@@ -5,6 +5,11 @@ An annotator names parts of a chain's reasoning in the paper's format
 original characters, in order, never reusing a character. What cannot be placed is kept
 with status ``unaligned`` (``start = end = -1``); a label outside
 :data:`nnsteer.labels.LABELS` is kept with status ``unknown-label``. Nothing is guessed.
+
+The parser is total: any reply and any text give a list of spans, without recursion, in
+time linear in their lengths plus fixed budgets for the searches that are not: the
+look-ups beyond a part's neighbourhood (:data:`FAR_BUDGET`) and the fuzzy ones
+(:data:`FUZZY_BUDGET`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,12 @@ from nnsteer.labels import LABELS, OK, UNALIGNED, UNKNOWN_LABEL
 END_SECTION = "end-section"
 #: Minimum similarity (difflib ratio on letters and digits) for a fuzzy placement.
 FUZZY_THRESHOLD = 0.8
+#: Characters one reply's look-ups beyond a part's neighbourhood may scan in all; once
+#: spent, parts are looked up near the cursor only.
+FAR_BUDGET = 200_000_000
+#: Character pairs one reply's fuzzy look-ups may compare in all (a few seconds at most; one
+#: part of :attr:`_Aligner.FUZZY_MAX` characters fits).
+FUZZY_BUDGET = 20_000_000
 
 @dataclass(frozen=True)
 class Span:
@@ -50,8 +61,9 @@ def _normal_label(body: str) -> str:
     return re.sub(r"[\s_]+", "-", body)
 
 
-def _tag_labels(match: re.Match, text: str) -> list[str] | None:
-    """The labels a bracket names, or None if it is chain text (``\\[ x \\]``, ``[blank]``)."""
+def _tag_labels(match: re.Match, in_text: set[str]) -> list[str] | None:
+    """The labels a bracket names, or None if it is chain text (``\\[ x \\]``, ``[blank]``;
+    ``in_text``: the brackets of the chain's text)."""
     quoted = bool(match.group(1))
     pieces = [_normal_label(p) for p in re.split(r"[\"'“”‘’]?\s*,\s*[\"'“”‘’]?", match.group(2))]
     if all(p in LABELS or p == END_SECTION for p in pieces):
@@ -59,7 +71,7 @@ def _tag_labels(match: re.Match, text: str) -> list[str] | None:
     if quoted and all(_LABEL_WORD.match(p) for p in pieces):
         return pieces
     # A bare word in brackets is a label the annotator invented unless the chain has it.
-    if len(pieces) == 1 and _LABEL_WORD.match(pieces[0]) and match.group(0) not in text:
+    if len(pieces) == 1 and _LABEL_WORD.match(pieces[0]) and match.group(0) not in in_text:
         return pieces
     return None
 
@@ -77,8 +89,10 @@ def _split_parts(annotated: str, text: str) -> list[_Part]:
     parts: list[_Part] = []
     open_part: _Part | None = None
     cursor = 0
+    # A bracket without brackets inside occurs in the text exactly where the pattern finds it.
+    in_text = {m.group(0) for m in _TAG.finditer(text)}
     for match in _TAG.finditer(annotated):
-        labels = _tag_labels(match, text)
+        labels = _tag_labels(match, in_text)
         if labels is None:
             continue
         if open_part is not None:
@@ -131,12 +145,13 @@ class _Aligner:
     Near the cursor (within ``max(len(part), NEAR)`` characters) a part is looked up
     exactly, then ignoring whitespace, then on letters and digits only, then fuzzily;
     only if all fail is it looked up (not fuzzily) further on. Looking near first keeps a
-    slightly edited part from jumping to a later verbatim repetition of the chain.
+    slightly edited part from jumping to a later verbatim repetition of the chain. The
+    look-ups further on and the fuzzy ones stop once their budgets are spent.
     """
 
     NEAR = 200
-    #: Parts longer than this (a degenerate reply) are not matched fuzzily.
-    FUZZY_MAX = 4000
+    #: Parts with more letters and digits than this (a degenerate reply) are not matched fuzzily.
+    FUZZY_MAX = 1500
 
     def __init__(self, text: str, threshold: float = FUZZY_THRESHOLD) -> None:
         self.text = text
@@ -144,6 +159,8 @@ class _Aligner:
         self.cursor = 0
         self.no_space = _Projection(text, _not_space)
         self.alnum = _Projection(text, str.isalnum)
+        self.far_left = FAR_BUDGET
+        self.fuzzy_left = FUZZY_BUDGET
 
     def place(self, part: str) -> tuple[int, int] | None:
         """Character range of ``part`` after the cursor, or None; advances the cursor."""
@@ -151,11 +168,19 @@ class _Aligner:
         found = (self._exact(part, near) or self._projected(part, self.no_space, near)
                  or self._widen(self._projected(part, self.alnum, near), part)
                  or self._widen(self._fuzzy(part), part)
-                 or self._exact(part) or self._projected(part, self.no_space)
-                 or self._widen(self._projected(part, self.alnum), part))
+                 or self._far(part))
         if found is not None:
             self.cursor = found[1]
         return found
+
+    def _far(self, part: str) -> tuple[int, int] | None:
+        """``part`` anywhere after the cursor (not fuzzily), while :data:`FAR_BUDGET` lasts."""
+        cost = 3 * (len(self.text) - self.cursor)
+        if cost > self.far_left:
+            return None
+        self.far_left -= cost
+        return (self._exact(part) or self._projected(part, self.no_space)
+                or self._widen(self._projected(part, self.alnum), part))
 
     def _exact(self, part: str, limit: int | None = None) -> tuple[int, int] | None:
         end = None if limit is None else limit + len(part)
@@ -177,6 +202,10 @@ class _Aligner:
             return None
         origin = self.alnum.at(self.cursor)
         hay = self.alnum.chars[origin: origin + 2 * len(needle) + self.NEAR]
+        cost = 3 * len(hay) * len(needle)  # three comparisons below
+        if cost > self.fuzzy_left:
+            return None
+        self.fuzzy_left -= cost
         matcher = difflib.SequenceMatcher(None, hay, needle, autojunk=False)
         anchor = matcher.find_longest_match(0, len(hay), 0, len(needle))
         if anchor.size < 4:

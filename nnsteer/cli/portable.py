@@ -33,13 +33,17 @@ def _layer_list(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Comma-separated layers. Default: layers.json's.")
 @click.option("--direction", type=click.Choice(["positive", "negative"]), default="positive",
               show_default=True, help="negative writes the subtracted vector.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing file (never one of the run directory's own).")
 @click.pass_context
 def export_command(ctx: click.Context, model: str | None, behaviour: str, fmt: str, out: Path,
-                   coefficient: float | None, layers: list[int] | None, direction: str) -> None:
-    """Write a behaviour's steering as a llama.cpp control vector or a plain .pt file."""
+                   coefficient: float | None, layers: list[int] | None, direction: str,
+                   force: bool) -> None:
+    """Write a behaviour's steering as a llama.cpp control vector or a plain .pt file
+    (with its metadata in a .json file beside it)."""
     run = run_dir(ctx, model)
     added = export_vector(run, behaviour, fmt, out, coefficient=coefficient, layers=layers,
-                          direction=direction)
+                          direction=direction, force=force)
     click.echo(f"wrote {out}: layers {', '.join(map(str, sorted(added)))}")
 
 
@@ -47,7 +51,9 @@ def export_command(ctx: click.Context, model: str | None, behaviour: str, fmt: s
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--as", "name", required=True, help="Label to store it under (a behaviour label to evaluate it).")
 @click.option("--replace", is_flag=True, help="Replace an extracted vector of the same label.")
-@click.option("--force", is_flag=True, help="Add to vectors made on another model.")
+@click.option("--force", is_flag=True,
+              help="Import a file made on another model, or add to vectors made on another "
+                   "model (recorded in the vectors' metadata).")
 @model_choice_options
 @click.pass_context
 def import_command(ctx: click.Context, file: Path, name: str, replace: bool, force: bool, model: str,

@@ -20,6 +20,10 @@ judge that uses the LLM annotator's client, cache, reply validation and retries
 (:mod:`nnsteer.annotation.llm`) and the prompt in ``nnsteer/data/grader_prompt.txt``.
 A chain with no answer is wrong; a task with no reference answer gets None.
 
+The offline grader is total: any answer and any reference get a verdict or None, in time
+and memory bounded by :data:`MAX_ANSWER_CHARS`, :data:`MAX_REFERENCE_CHARS` and
+:data:`MAX_EXPRESSION_CHARS`, without recursion.
+
 Example:
     >>> grade_offline("So she has 7 cows.", "7")
     True
@@ -50,6 +54,12 @@ OFFLINE = "offline"
 MAX_WORDS = 5
 #: Default relative tolerance of a numeric comparison.
 TOLERANCE = 1e-3
+#: The grader reads the last this many characters of an answer text (the final answer is at its end).
+MAX_ANSWER_CHARS = 20_000
+#: A longer reference is free text: not graded offline.
+MAX_REFERENCE_CHARS = 1_000
+#: Longest text read as an arithmetic expression.
+MAX_EXPRESSION_CHARS = 200
 PROMPT_FILE = "grader_prompt.txt"
 VERDICTS = {"CORRECT": True, "INCORRECT": False}
 
@@ -57,7 +67,7 @@ _NUMBER = r"[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _NUMBER_RE = re.compile(rf"(?<![\w.]){_NUMBER}(?:\s*/\s*\d+(?:\.\d+)?)?(?![\d])")
 _UNIT = re.compile(r"^[A-Za-z%$€£°][\w%°]*(?:\s+[A-Za-z]+){0,3}$")
 _FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
-_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+_BRACES = re.compile(r"\\boxed\{|[{}]")
 _ANSWER_IS = re.compile(r"(?i)\banswer\s*(?:is|:)\s*:?\s*(.+)")
 _YES_NO = {"yes": "yes", "no": "no", "true": "yes", "false": "no"}
 _ARTICLES = {"a", "an", "the"}
@@ -73,11 +83,13 @@ def resolve_grader(grader: str) -> str:
 
 
 def final_segment(answer: str) -> str:
-    """The final answer inside an answer text: the last ``\\boxed{}``, else the text after
-    the last "answer is" / "answer:", else the last non-empty line."""
-    boxed = _BOXED.findall(answer)
-    if boxed:
-        return boxed[-1]
+    """The final answer inside an answer text (its last :data:`MAX_ANSWER_CHARS`
+    characters): the last ``\\boxed{}``, else the text after the last "answer is" /
+    "answer:", else the last non-empty line."""
+    answer = answer[-MAX_ANSWER_CHARS:]
+    boxed = _last_boxed(answer)
+    if boxed is not None:
+        return boxed
     stated = _ANSWER_IS.findall(answer)
     if stated:
         return stated[-1]
@@ -85,10 +97,24 @@ def final_segment(answer: str) -> str:
     return lines[-1] if lines else ""
 
 
+def _last_boxed(text: str) -> str | None:
+    """What the ``\\boxed{...}`` that closes last holds (braces balanced inside), or None."""
+    found = None
+    opened: list[tuple[int, bool]] = []  # (where its content starts, whether it is boxed)
+    for match in _BRACES.finditer(text):
+        if match.group() != "}":
+            opened.append((match.end(), match.group() != "{"))
+        elif opened:
+            start, boxed = opened.pop()
+            if boxed:
+                found = text[start:match.start()]
+    return found
+
+
 def grade_offline(answer: str, reference: str | None, tolerance: float = TOLERANCE) -> bool | None:
     """Whether ``answer`` (an answer text) gives ``reference``; None if the reference is
     missing or free text the offline grader cannot check."""
-    if not reference or not reference.strip():
+    if not reference or not reference.strip() or len(reference) > MAX_REFERENCE_CHARS:
         return None
     segment = final_segment(answer)
     verdicts = [_grade_part(segment, part.strip(), tolerance) for part in reference.split(";")]
@@ -130,28 +156,54 @@ def _reference_number(part: str) -> float | None:
 
 
 def _evaluate(text: str) -> float | None:
-    """The value of an arithmetic expression of numbers, ``+ - * / ^ ( )``; else None."""
+    """The value of an arithmetic expression of numbers, ``+ - * / ^ ( )``, of at most
+    :data:`MAX_EXPRESSION_CHARS` characters; else None."""
+    if len(text) > MAX_EXPRESSION_CHARS:
+        return None
     text = _FRAC.sub(r"(\1)/(\2)", text).replace("^", "**").replace("×", "*").replace("÷", "/")
     if not re.fullmatch(r"[\d\s.+\-*/()]+", text) or not re.search(r"\d", text):
         return None
     try:
-        return _value(ast.parse(text.strip(), mode="eval").body)
-    except (SyntaxError, ZeroDivisionError, OverflowError, ValueError):
+        tree = ast.parse(text.strip(), mode="eval").body
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
         return None
+    return _value(tree)
 
 
-def _value(node: ast.AST) -> float:
-    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-        return float(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        sign = -1.0 if isinstance(node.op, ast.USub) else 1.0
-        return sign * _value(node.operand)
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-        right = _value(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > 64:
-            raise ValueError("exponent too large")
-        return _OPERATORS[type(node.op)](_value(node.left), right)
-    raise ValueError("not arithmetic")
+def _value(root: ast.AST) -> float | None:
+    """The real value of an arithmetic syntax tree, evaluated with a stack of its own (no
+    recursion); None if it is not arithmetic, not real, or overflows."""
+    values: list[float] = []
+    stack: list[tuple[ast.AST, bool]] = [(root, False)]
+    while stack:
+        node, operands_done = stack.pop()
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            try:
+                values.append(float(node.value))
+            except OverflowError:
+                return None
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+            if not operands_done:
+                stack += [(node, True), (node.operand, False)]
+            elif isinstance(node.op, ast.USub):
+                values.append(-values.pop())
+        elif isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            if not operands_done:
+                stack += [(node, True), (node.right, False), (node.left, False)]
+                continue
+            right, left = values.pop(), values.pop()
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
+                return None
+            try:
+                result = _OPERATORS[type(node.op)](left, right)
+            except (ZeroDivisionError, OverflowError, ValueError):
+                return None
+            if not isinstance(result, float):  # a negative number to a fractional power
+                return None
+            values.append(result)
+        else:
+            return None
+    return values[0]
 
 
 def _number(text: str) -> float:
@@ -181,6 +233,16 @@ def _close(found: float, written: str, reference: float, tolerance: float) -> bo
 def _normalise(text: str) -> str:
     words = re.sub(r"[^\w\s]", " ", text.lower().replace("'", "")).split()
     return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def _guarded_grade(answer: str, reference: str | None) -> bool | None:
+    """:func:`grade_offline`, None (ungraded, said in one line) should it ever fail: one
+    answer never stops a stage."""
+    try:
+        return grade_offline(answer, reference)
+    except Exception as exc:  # grade_offline is total by construction; this is a backstop
+        say(f"the offline grader could not grade an answer ({type(exc).__name__}); left ungraded")
+        return None
 
 
 # --- grading chains -------------------------------------------------------------------------
@@ -236,7 +298,7 @@ def grade_answers(
     asked = [i for i, (answer, ref) in enumerate(zip(answers, references)) if ref and answer.strip()]
     if grader == OFFLINE:
         for i in asked:
-            grades[i] = grade_offline(answers[i], references[i])
+            grades[i] = _guarded_grade(answers[i], references[i])
         return grades
     judge = LLMJudge(grader.removeprefix("openai:"), base_url=base_url, cache_dir=cache_dir,
                      max_retries=retries, timeout=timeout)

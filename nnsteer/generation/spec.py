@@ -51,13 +51,17 @@ _WHEN = re.compile(r"^\s*(?P<label>[^@>\s]+)\s*@\s*(?P<layer>[^>\s]+)\s*(?:>\s*(
 
 
 def check_coefficient(value: Any, what: str) -> float:
-    """``value`` as a steering coefficient: a finite number >= 0 (the direction gives the sign).
+    """``value`` as a steering coefficient: a finite number >= 0 (the direction gives the sign),
+    at most 1e6 (far beyond any useful strength; the additions it makes are bounded by the
+    model's residual norms in :mod:`nnsteer.steer.limits`).
 
     :class:`BadInput` naming ``what`` (an option or a file entry) otherwise.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < 0:
         raise BadInput(f"{what}: {value!r} is not a number >= 0 (the direction gives the sign)")
+    if value > 1e6:
+        raise BadInput(f"{what}: {value!r} is more than 1e6, far beyond any useful strength")
     return float(value)
 
 

@@ -63,7 +63,7 @@ from nnsteer.modeling.thinking import FORMAT_CHOICES, REASONING_EFFORTS, apply_t
 from nnsteer.package_data import package_path
 from nnsteer.pipeline.released import apply_released
 from nnsteer.report.page import write_report
-from nnsteer.runs.registry import STAGE_NAMES, STAGES, Stage
+from nnsteer.runs.registry import PIPELINE_STATE, STAGE_NAMES, STAGES, Stage
 from nnsteer.runs.store import (
     RunDir,
     create_run_dir,
@@ -544,7 +544,7 @@ def run_pipeline(
     origin = "run_dir" if run_dir else f"{config.path}: run_dir" if config.run_dir else "run directory"
     create_run_dir(run.root, origin)
     with run_lock(run.root):
-        state = PipelineState(run.root / "pipeline.json")
+        state = PipelineState(run.root / PIPELINE_STATE)
         model = _LazyModel(config.model)
         width = max(len(stage.name) for stage, _, _ in plan)
         for index, (stage, function, options) in enumerate(plan, start=1):

@@ -25,6 +25,9 @@ RUN_FILES: dict[str, str] = {
     "report": "report.html",
 }
 
+#: ``nnsteer run``'s record of the stages it ran (not a stage's output).
+PIPELINE_STATE = "pipeline.json"
+
 
 @dataclass(frozen=True)
 class Stage:

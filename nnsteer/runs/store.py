@@ -22,9 +22,9 @@ from typing import Any
 
 import polars as pl
 
-from nnsteer.errors import BadInput, NnsteerError
+from nnsteer.errors import BadInput, NnsteerError, first_line
 from nnsteer.labels import FAILED, OK, UNALIGNED, UNKNOWN_LABEL
-from nnsteer.runs.registry import RUN_FILES, producer
+from nnsteer.runs.registry import PIPELINE_STATE, RUN_FILES, producer
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,15 @@ class RunDir:
         """The hidden file where ``stage`` keeps its finished batches until its output is written."""
         return self.root / f".{stage}.partial.pt"
 
+    def owns(self, path: Path | str) -> bool:
+        """Whether ``path`` is one of the run's own files, which nothing but its stages may
+        write: a stage's output (:data:`RUN_FILES`), ``pipeline.json``, the lock, or a hidden
+        file (partial checkpoints, set-aside and unfinished outputs, temporary files)."""
+        path = Path(path).resolve()
+        if path.parent != self.root.resolve():
+            return False
+        return path.name in {*RUN_FILES.values(), PIPELINE_STATE} or path.name.startswith(".")
+
 
 def now_iso() -> str:
     """The current UTC time in ISO 8601, to the second (for provenance)."""
@@ -127,10 +136,17 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` on success only."""
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success only.
+
+    :class:`BadInput` naming ``target`` if its folder cannot be made or written to (a file
+    in the way, no permission).
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise BadInput(f"{target}: cannot write there ({exc.strerror or first_line(exc)})") from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -154,21 +170,32 @@ def create_run_dir(root: Path, origin: str) -> list[Path]:
         made = [path for path in (root, *root.parents) if not path.exists()]
         root.mkdir(parents=True, exist_ok=True)
         return made
-    except OSError as exc:
-        raise BadInput(f"{origin} {root}: cannot create the directory "
-                       f"({exc.strerror or type(exc).__name__})") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise not_a_run_dir(root, origin, exc) from None
+
+
+def not_a_run_dir(root: Path, origin: str, exc: OSError | ValueError) -> BadInput:
+    """The one-line error for a run directory that cannot be made or written to."""
+    why = getattr(exc, "strerror", None) or first_line(exc)
+    return BadInput(f"{origin} {root}: cannot create the directory ({why})")
 
 
 @contextlib.contextmanager
-def run_lock(root: Path | str) -> Iterator[None]:
+def run_lock(root: Path | str, origin: str = "run directory") -> Iterator[None]:
     """Hold the run directory ``root`` for this process while the block writes there.
 
-    A second process is refused with :class:`RunDirBusy` naming the process that holds
-    it; a lock left by a process that died is free again (the operating system drops
-    it). The same process may nest the lock. A directory that does not exist yet is not
-    locked (nothing in it to protect).
+    A directory that does not exist yet is created first (with its missing parents;
+    :class:`BadInput` naming ``origin`` if it cannot be), so that two processes starting
+    on a new directory contend for the same lock; the directories made are removed again
+    at the end if the block left them empty. A second process is refused with
+    :class:`RunDirBusy` naming the process that holds it; a lock left by a process that
+    died is free again (the operating system drops it). The same process may nest the
+    lock. The lock file holds the holder's process id, host and start time, nothing else.
     """
-    root = Path(root).resolve()
+    try:
+        root = Path(root).resolve()
+    except (OSError, ValueError) as exc:
+        raise not_a_run_dir(Path(root), origin, exc) from None
     if root in _held:
         fd, depth = _held[root]
         _held[root] = (fd, depth + 1)
@@ -178,10 +205,7 @@ def run_lock(root: Path | str) -> Iterator[None]:
             fd, depth = _held[root]
             _held[root] = (fd, depth - 1)
         return
-    if not root.is_dir():
-        yield
-        return
-    fd = _acquire(root / LOCK_NAME)
+    fd, made = _acquire(root, origin)
     _held[root] = (fd, 1)
     try:
         yield
@@ -189,6 +213,9 @@ def run_lock(root: Path | str) -> Iterator[None]:
         del _held[root]
         with contextlib.suppress(OSError):
             os.unlink(root / LOCK_NAME)
+        for path in made:  # deepest first; one that holds anything stays
+            with contextlib.suppress(OSError):
+                path.rmdir()
         os.close(fd)
 
 
@@ -196,19 +223,28 @@ class RunDirBusy(NnsteerError):
     """Another process holds the run directory."""
 
 
-def _acquire(path: Path) -> int:
-    """An open descriptor of the lock file ``path``, exclusively locked by this process."""
+def _acquire(root: Path, origin: str) -> tuple[int, list[Path]]:
+    """An open descriptor of ``root``'s lock file, exclusively locked by this process, and
+    the directories made for it, deepest first."""
     import fcntl
-    import sys
+    import socket
 
+    path = root / LOCK_NAME
+    made: list[Path] = []
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        made += create_run_dir(root, origin)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except FileNotFoundError:  # a process that made the directory removed it, empty
+            continue
+        except OSError as exc:
+            raise not_a_run_dir(root, origin, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunDirBusy(f"{path.parent} is in use by {holder}: wait for it to finish, "
+            raise RunDirBusy(f"{root} is in use by {holder}: wait for it to finish, "
                              "or stop it") from None
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
@@ -217,10 +253,10 @@ def _acquire(path: Path) -> int:
         if same:
             break
         os.close(fd)
-    command = " ".join(["nnsteer", *sys.argv[1:]])[:200]
     os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} ({command}, since {now_iso()})".encode())
-    return fd
+    os.write(fd, f"process {os.getpid()} (on {socket.gethostname()}, since {now_iso()})".encode())
+    made = sorted(set(made), key=lambda p: len(p.parts), reverse=True)
+    return fd, made
 
 
 def write_parquet(df: pl.DataFrame, path: Path | str, metadata: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from nnsteer.labels import STEERED_LABELS
 from nnsteer.modeling.models import LoadedModel
 from nnsteer.runs.store import RunDir, damaged, provenance, read_parquet, write_json
 from nnsteer.selection.strength import auto_coefficients, check_auto
+from nnsteer.steer.chains import check_plan
 from nnsteer.steer.choices import LayerChoice
 from nnsteer.vectors.extract import VectorSet, load_vectors
 
@@ -187,7 +188,11 @@ def select_layers(
         coefficient = min(grid)
     coefficient = check_coefficient(coefficient, "--coefficient")
     by_hand = dict(layers or {})
-    choices = _choices(run, load_vectors(run.vectors), labels, by_hand, skip_fraction, top_k)
+    vs = load_vectors(run.vectors)
+    choices = _choices(run, vs, labels, by_hand, skip_fraction, top_k)
+    check_plan(vs, {c.label: LayerChoice(c.layers[0], tuple(c.layers), coefficient) for c in choices},
+               {c.label: grid if auto else [coefficient] for c in choices}, lm,
+               "--grid" if auto else "--coefficient")
     options = {"skip_fraction": skip_fraction, "top_k": top_k, "layers": by_hand,
                "coefficient": AUTO if auto else coefficient, "labels": labels}
     made = provenance("select", options)

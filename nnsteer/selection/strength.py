@@ -36,6 +36,7 @@ from nnsteer.evaluation.shares import chain_fractions, summarise
 from nnsteer.evaluation.stage import training_annotator
 from nnsteer.generation.chains import run_chain_jobs, split_tasks
 from nnsteer.generation.prompts import DEFAULT_PROMPT_TEMPLATE
+from nnsteer.generation.spec import check_coefficient
 from nnsteer.modeling.identity import check_made_on
 from nnsteer.modeling.models import LoadedModel
 from nnsteer.runs.store import RunDir, provenance, read_parquet
@@ -99,6 +100,7 @@ def check_grid(grid: Sequence[float] | None) -> list[float]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value) or value <= 0:
             raise BadInput(f"--grid {value!r}: expected numbers > 0")
+        check_coefficient(value, "--grid")
     if len(set(grid)) != len(grid):
         raise BadInput(f"--grid {grid}: a coefficient repeats")
     return sorted(float(v) for v in grid)

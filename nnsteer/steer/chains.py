@@ -51,6 +51,8 @@ from nnsteer.runs.store import (
     read_parquet,
 )
 from nnsteer.steer.choices import LayerChoice, read_layers
+from nnsteer.steer.export import additions
+from nnsteer.steer.limits import check_additions, model_residual_norms
 from nnsteer.vectors.extract import VectorSet, load_vectors, per_layer, steered_rows
 
 
@@ -156,6 +158,7 @@ def steer_chains(
     earlier = _earlier_coefficients(run, chains_resume_key(lm, max_new_tokens, used), choices)
     plan = {behaviour: sorted({*(coefficients or [choice.coefficient]), *earlier.get(behaviour, ())})
             for behaviour, choice in choices.items()}
+    check_plan(vector_set, choices, plan, lm, "--coefficients" if coefficients else str(run.layers))
     jobs = steering_jobs(tasks, "eval", choices, vectors, plan, where=where, at=at,
                          condition=condition)
     options = {
@@ -181,6 +184,20 @@ def steer_chains(
         batch_size=batch_size,
         prompt_template=prompt_template,
     )
+
+
+def check_plan(
+    vs: VectorSet, choices: dict[str, LayerChoice], plan: dict[str, Sequence[float]],
+    lm: LoadedModel | None, origin: str,
+) -> None:
+    """:class:`BadInput` if steering a behaviour at one of its planned coefficients would add
+    more than the model's residual norms allow (:func:`nnsteer.steer.limits.check_additions`);
+    ``origin`` names where the coefficients came from."""
+    norms = model_residual_norms(vs, lm)
+    for behaviour, choice in choices.items():
+        for coefficient in plan[behaviour]:
+            check_additions(additions(vs, behaviour, choice=choice, coefficient=coefficient),
+                            norms, f"{origin}: {behaviour} at coefficient {coefficient:g}")
 
 
 def steering_jobs(

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,7 @@ from nnsteer.modeling.identity import (
     application,
     check_fits,
     check_made_on,
+    model_fingerprint,
 )
 from nnsteer.modeling.models import LoadedModel
 from nnsteer.runs.store import (
@@ -50,6 +52,12 @@ from nnsteer.runs.store import (
     write_json,
 )
 from nnsteer.steer.choices import LayerChoice, read_layers
+from nnsteer.steer.limits import (
+    RESIDUAL_NORMS,
+    check_additions,
+    measure_residual_norms,
+    residual_norms,
+)
 from nnsteer.vectors.extract import (
     PER_LAYER,
     VectorSet,
@@ -122,11 +130,14 @@ def export_vector(
     coefficient: float | None = None,
     layers: Sequence[int] | None = None,
     direction: Direction = "positive",
+    force: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Write ``behaviour``'s steering as a llama.cpp control vector or a ``.pt`` file at ``out``.
 
-    Raises :class:`BadInput` for an unknown format, or, for GGUF, for layer 0 (llama.cpp
-    cannot steer block 0's output). Returns the additions written.
+    Raises :class:`BadInput` for an unknown format, for GGUF for layer 0 (llama.cpp
+    cannot steer block 0's output), for additions out of bounds
+    (:func:`nnsteer.steer.limits.check_additions`), and for a file it would write over
+    (:func:`export_targets`). Returns the additions written.
     """
     if fmt not in FORMATS:
         raise BadInput(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -134,6 +145,9 @@ def export_vector(
     if fmt == "gguf" and 0 in added:
         raise BadInput("layer 0: llama.cpp cannot steer the output of block 0 (its control "
                        "vectors start at direction.1); choose layers from 1")
+    check_additions(added, residual_norms(vs), f"{behaviour} at --coefficient {coefficient:g}"
+                    if coefficient is not None else f"{run.layers}: {behaviour}")
+    export_targets(run, fmt, out, force)
     meta = {"hook_site": HOOK_SITE, "operation": OPERATION, "layer_numbering": LAYER_NUMBERING,
             **{k: v for k, v in vs.metadata.items() if k in _CARRIED}, "behaviour": behaviour,
             "direction": direction, "layers": sorted(added),
@@ -144,6 +158,27 @@ def export_vector(
     else:
         write_pt(added, out, meta)
     return added
+
+
+def export_targets(run: RunDir, fmt: str, out: Path | str, force: bool = False) -> list[Path]:
+    """The files an export to ``out`` writes (a ``.pt`` file's metadata goes to ``.json``
+    beside it); :class:`BadInput` if one of them is a file of ``run`` (:meth:`RunDir.owns`),
+    is a directory, would be both files, or exists and ``force`` is not given."""
+    out = Path(out)
+    targets = [out] if fmt == "gguf" else [out, out.with_suffix(".json")]
+    if len(set(targets)) < len(targets):
+        raise BadInput(f"--out {out}: the pt format writes its metadata to {targets[1]}, which "
+                       "would replace the vectors: give the file another suffix (.pt)")
+    for target in targets:
+        if run.owns(target):
+            raise BadInput(f"--out {out}: would write {target}, a file of the run directory "
+                           f"{run.root}: choose another name or folder")
+        if target.is_dir():
+            raise BadInput(f"--out {out}: {target} is a directory")
+        if target.exists() and not force:
+            raise BadInput(f"--out {out}: {target} exists: choose another name, or pass --force "
+                           "to replace it")
+    return targets
 
 
 #: The vector file's metadata that every export carries along.
@@ -192,13 +227,25 @@ def write_pt(directions: Mapping[int, torch.Tensor], path: Path | str, metadata:
 
 
 def read_control_vector(path: Path | str) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """``({N: direction.N}, GGUF key-values)`` of a control vector, by llama.cpp's rules:
-    tensors named ``direction.N`` with N >= 1, float32, 1-D, all one width; tensors of the
-    same N add up. A ``.pt`` file is read as ``{layer: tensor}``. :class:`BadInput` names
-    the file and what is wrong."""
+    """``({N: direction.N}, key-values)`` of a control vector, checked by
+    :func:`check_directions`.
+
+    A GGUF file is read by llama.cpp's rules: tensors named ``direction.N`` with N >= 1,
+    float32, 1-D; tensors of the same N add up; its key-values are the GGUF keys. A
+    ``.pt`` file is read as ``{layer: tensor}`` (a layer an integer or a string of digits,
+    each once); its key-values are those of the ``.json`` file beside it, as ``export``
+    writes it, under ``nnsteer.`` keys. :class:`BadInput` names the file and what is wrong.
+    """
     path = require(path)
     if path.suffix == ".pt":
-        return _read_pt(path), {}
+        directions, fields = _read_pt(path), _read_pt_metadata(path)
+    else:
+        directions, fields = _read_gguf(path)
+    check_directions(path, directions)
+    return {layer: vector.float() for layer, vector in directions.items()}, fields
+
+
+def _read_gguf(path: Path) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     import gguf
 
     try:
@@ -217,7 +264,6 @@ def read_control_vector(path: Path | str) -> tuple[dict[int, torch.Tensor], dict
             raise BadInput(f"{path}: {tensor.name} must be a float32 1-D tensor")
         data = torch.from_numpy(tensor.data.copy()).float()
         directions[int(index)] = directions.get(int(index), 0) + data
-    _check_widths(path, directions)
     return directions, fields
 
 
@@ -228,22 +274,54 @@ def _read_pt(path: Path) -> dict[int, torch.Tensor]:
         raise damaged(path, exc) from None
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise BadInput(f"{path}: expected a {{layer: tensor}} dict")
-    try:
-        directions = {int(k): v.float().flatten() for k, v in raw.items()}
-    except ValueError:
-        raise BadInput(f"{path}: keys must be layer numbers, got {sorted(map(str, raw))}") from None
-    _check_widths(path, directions)
+    directions: dict[int, torch.Tensor] = {}
+    for key, vector in raw.items():
+        if isinstance(key, str) and re.fullmatch(r"[0-9]+", key):
+            layer = int(key)
+        elif isinstance(key, int) and not isinstance(key, bool):
+            layer = key
+        else:
+            raise BadInput(f"{path}: key {key!r} is not a layer number")
+        if layer in directions:
+            raise BadInput(f"{path}: layer {layer} appears more than once among its keys")
+        directions[layer] = vector
     return directions
 
 
-def _check_widths(path: Path, directions: Mapping[int, torch.Tensor]) -> None:
+def _read_pt_metadata(path: Path) -> dict[str, Any]:
+    """The provenance ``export`` writes beside a ``.pt`` file, as GGUF-style ``nnsteer.`` keys
+    (strings, JSON for the rest); {} if there is none (or the ``.json`` is another tool's)."""
+    beside = path.with_suffix(".json")
+    if not beside.is_file():
+        return {}
+    metadata = read_json(beside)
+    if not isinstance(metadata, dict) or metadata.get("stage") != "export":
+        return {}
+    return {PROVENANCE_PREFIX + key: value if isinstance(value, str) else json.dumps(value)
+            for key, value in metadata.items()}
+
+
+def check_directions(path: Path, directions: Mapping[int, Any]) -> None:
+    """:class:`BadInput` naming ``path`` and the layer unless every direction is a dense
+    1-D tensor of real floats, all of one width, finite in float32 and not all zeros."""
     if not directions:
         raise BadInput(f"{path}: holds no direction tensors")
+    for layer, vector in sorted(directions.items()):
+        where = f"{path}: layer {layer}"
+        if vector.layout != torch.strided:
+            raise BadInput(f"{where}: a sparse tensor; save it dense (tensor.to_dense())")
+        if not vector.is_floating_point():
+            raise BadInput(f"{where}: holds {str(vector.dtype).removeprefix('torch.')} values, "
+                           "not real floating-point numbers")
+        if vector.dim() != 1:
+            raise BadInput(f"{where}: has shape {list(vector.shape)}, not one vector (1-D)")
+        if not torch.isfinite(vector.float()).all():
+            raise BadInput(f"{where}: holds NaN or inf (in float32)")
+        if not vector.any():
+            raise BadInput(f"{where}: is all zeros: there is no direction to steer along")
     widths = sorted({int(v.numel()) for v in directions.values()})
     if len(widths) != 1:
         raise BadInput(f"{path}: direction tensors have different widths {widths}")
-    if not all(torch.isfinite(v).all() for v in directions.values()):
-        raise BadInput(f"{path}: a direction tensor holds NaN or inf")
 
 
 def _field_value(field: Any) -> Any:
@@ -255,6 +333,24 @@ def _field_value(field: Any) -> Any:
         return bytes(part).decode("utf-8", "replace") if part.dtype.kind == "u" and part.dtype.itemsize == 1 else part.tolist()
 
 
+def _made_on(path: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The model a control vector says it was made on (``nnsteer.model``,
+    ``nnsteer.fingerprint``), as :func:`check_made_on` reads vector metadata; {} if it does
+    not say."""
+    fingerprint = fields.get(PROVENANCE_PREFIX + "fingerprint")
+    model = fields.get(PROVENANCE_PREFIX + "model")
+    try:
+        model = json.loads(model) if isinstance(model, str) else model
+    except json.JSONDecodeError:
+        raise damaged(path, f"its {PROVENANCE_PREFIX}model key is not JSON") from None
+    made_on: dict[str, Any] = {}
+    if isinstance(model, dict) and model.get("model"):
+        made_on["model"] = {"model": str(model["model"])}
+    if isinstance(fingerprint, str) and fingerprint not in ("", "null"):
+        made_on["fingerprint"] = fingerprint
+    return made_on
+
+
 def import_vector(run: RunDir, lm: LoadedModel, path: Path | str, name: str, *, replace: bool = False,
                   force: bool = False) -> VectorSet:
     """Add the control vector at ``path`` to ``run``'s vectors as label ``name``, steered at
@@ -263,10 +359,19 @@ def import_vector(run: RunDir, lm: LoadedModel, path: Path | str, name: str, *, 
 
     Raises :class:`BadInput` for a vector whose width is not ``lm``'s or whose layers it
     does not have, a ``name`` that would overwrite an extracted vector (unless ``replace``),
-    or vectors in ``run`` made on another model (unless ``force``).
+    or a file or vectors in ``run`` made on another model (unless ``force``; a file
+    imported so records it under ``forced``).
     """
     path = Path(path)
     directions, fields = read_control_vector(path)
+    made_on = _made_on(path, fields)
+    try:
+        check_made_on(made_on, lm, str(path))
+        forced = False
+    except BadInput:
+        if not force:
+            raise
+        forced = True
     width = int(next(iter(directions.values())).numel())
     if width != lm.arch.d_model:
         raise BadInput(f"{path}: its vectors have width {width}, {lm.name} has width {lm.arch.d_model}")
@@ -276,6 +381,10 @@ def import_vector(run: RunDir, lm: LoadedModel, path: Path | str, name: str, *, 
                        f"{lm.name} has layers 0..{lm.arch.n_layers - 1}")
     if name == OVERALL or not name.strip():
         raise BadInput(f"--as {name!r}: choose another name")
+    entries: dict[str, Any] = {}
+    if run.layers.exists():  # read and checked before anything is written
+        read_layers(run.layers)
+        entries = read_json(run.layers)
     if run.vectors.exists():
         vs = load_vectors(run.vectors)
         check_made_on(vs.metadata, lm, str(run.vectors), force)
@@ -286,17 +395,25 @@ def import_vector(run: RunDir, lm: LoadedModel, path: Path | str, name: str, *, 
                            "import into another run directory (--run-dir) or pass --replace")
     else:
         vs = VectorSet({}, {**provenance("import", {}, lm.provenance()), **application(lm)})
+    norms = residual_norms(vs) if vs.vectors else None
+    measured = norms is None
+    if measured:
+        norms = measure_residual_norms(lm)
+    check_additions(directions, norms, str(path), advice="scale the vectors down")
     stacked = torch.zeros(lm.arch.n_layers, width)
     for layer, vector in directions.items():
         stacked[layer] = vector.reshape(-1)
     layers = sorted(directions)
     source = {"file": str(path), "sha256": file_digest(path), "layers": layers,
               **{k: v for k, v in fields.items() if k.startswith(("general.", f"{ARCHITECTURE}.", PROVENANCE_PREFIX))}}
+    if forced:
+        source["forced"] = {"made_on": made_on, "imported_into": lm.name,
+                            "fingerprint": model_fingerprint(lm)}
     metadata = {**vs.metadata, PER_LAYER: sorted({*vs.metadata.get(PER_LAYER, []), name}),
-                "imported": {**vs.metadata.get("imported", {}), name: source}}
+                "imported": {**vs.metadata.get("imported", {}), name: source},
+                **({RESIDUAL_NORMS: norms} if measured else {})}
     result = VectorSet({**vs.vectors, name: stacked}, metadata)
     save_vectors(result, run.vectors)
-    entries = read_json(run.layers) if run.layers.exists() else {}
     entries[name] = {"vector_layer": layers[0], "layers": layers, "coefficient": float(len(layers)),
                      "chosen_by": f"import {path.name}"}
     write_json(run.layers, entries)

@@ -80,10 +80,13 @@ class TokenUse:
     requests: int = 0
 
     def add(self, usage: Any) -> None:
-        """Count one request and its ``usage`` (an Anthropic reply's token counts)."""
-        self.input_tokens += usage.input_tokens
-        self.output_tokens += usage.output_tokens
+        """Count one request and its ``usage`` (an Anthropic reply's token counts; a reply
+        without them, from a compatible server, adds none)."""
         self.requests += 1
+        for name in ("input_tokens", "output_tokens"):
+            value = getattr(usage, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                setattr(self, name, getattr(self, name) + value)
 
     def __str__(self) -> str:
         requests = f"{self.requests} request{'' if self.requests == 1 else 's'}"
@@ -141,7 +144,7 @@ def generate_tasks(
                     f"Claude request for {category} failed ({_describe(exc)}); {len(generated)} tasks "
                     f"are kept in {progress}: rerun to continue"
                 ) from None
-            use.add(reply.usage)
+            use.add(getattr(reply, "usage", None))
             items, problems = _parse_reply(reply, category)
             for number, task in items:
                 key = normalise(task["prompt"])
@@ -154,7 +157,7 @@ def generate_tasks(
                     generated.append({**task, "split": split, "source": f"anthropic:{model}",
                                       "task_id": make_task_id(category, split, number_in_split, tag="gen")})
             for problem in problems:
-                tqdm.write(f"nnsteer: {category}: {problem}; skipped", file=sys.stderr)
+                tqdm.write(scrub(f"nnsteer: {category}: {problem}; skipped"), file=sys.stderr)
             _write_progress(progress, generated)
     finally:
         tqdm.write(f"nnsteer: token use: {use}", file=sys.stderr)
@@ -181,14 +184,17 @@ def _task_request(category: str, n: int, existing: list[str]) -> str:
 
 def _parse_reply(reply: Any, category: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
     """The usable tasks of a reply (numbered from 1) and what was wrong with the rest."""
-    text = "".join(block.text for block in reply.content if block.type == "text")
+    blocks = getattr(reply, "content", None)
+    text = "".join(block.text for block in blocks if getattr(block, "type", None) == "text"
+                   and isinstance(getattr(block, "text", None), str)) \
+        if isinstance(blocks, list) else ""
     start, end = text.find("["), text.rfind("]")
     try:
         items = json.loads(text[start:end + 1]) if 0 <= start < end else None
     except json.JSONDecodeError:
         items = None
     if not isinstance(items, list):
-        cut = " (cut at max_tokens)" if reply.stop_reason == "max_tokens" else ""
+        cut = " (cut at max_tokens)" if getattr(reply, "stop_reason", None) == "max_tokens" else ""
         return [], [f"reply is not a JSON list{cut}"]
     good, problems = [], []
     for number, item in enumerate(items, start=1):
