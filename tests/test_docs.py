@@ -62,3 +62,26 @@ def test_old_readme_section_is_on_a_page(section):
     page, heading = MOVED_SECTIONS[section]
     lines = (DOCS / page).read_text(encoding="utf-8").splitlines()
     assert heading in lines, f"{section!r}: no {heading!r} in docs/{page}"
+
+
+# --------------------------------------------------------------------------- the CLI reference
+
+
+def test_cli_reference_shows_defaults_and_placeholders_as_help_does():
+    """docs/reference/cli.md as MkDocs renders it with docs/hooks.py: no click sentinel in a
+    default cell, and ``<model-slug>`` kept as text (escaped), not swallowed as an HTML tag."""
+    import importlib.util
+
+    markdown = pytest.importorskip("markdown")
+    pytest.importorskip("mkdocs_click")
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    hooks.install()
+    page = markdown.markdown((DOCS / "reference" / "cli.md").read_text(encoding="utf-8"),
+                             extensions=["mkdocs-click", "attr_list", "tables", "fenced_code"])
+    assert "nnsteer steer" in page and "--run-dir" in page
+    assert "Sentinel" not in page and "UNSET" not in page
+    assert "runs/&lt;model-slug&gt;" in page
+    assert "openai:&lt;model&gt;" in page
+    assert "<model-slug>" not in page.replace("&lt;model-slug&gt;", "")
