@@ -238,3 +238,15 @@ class FaultAfter:
             raise KeyboardInterrupt
         self.calls += 1
         return self.real(*args, **kwargs)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """After a run that collected the documentation's examples, how many fences ran, were
+    parsed and were skipped, and why (``tests/test_doc_examples.py``)."""
+    import sys
+
+    module = sys.modules.get("test_doc_examples")
+    if module is not None:
+        terminalreporter.section("documentation examples")
+        for line in module.census_lines():
+            terminalreporter.write_line(line)
