@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from nnsteer.annotation.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT
+from nnsteer.errors import BadInput
 from nnsteer.generation.prompts import DEFAULT_PROMPT_TEMPLATE, PROMPT_TEMPLATES
 from nnsteer.modeling.models import (
     DEFAULT_MODEL,
@@ -170,13 +171,17 @@ def given_run_dir(ctx: click.Context) -> Path | None:
     return root
 
 
-def run_dir(ctx: click.Context, model: str | None = None) -> RunDir:
+def run_dir(ctx: click.Context, model: str | None = None, existing: bool = False) -> RunDir:
     """``--run-dir``, else ``runs/<model-slug>``; checked (:func:`check_run_dir`) and
-    locked against other processes until the command ends (:func:`nnsteer.runs.store.run_lock`)."""
+    locked against other processes until the command ends (:func:`nnsteer.runs.store.run_lock`).
+    With ``existing``, :class:`BadInput` if the directory does not exist (a command that only
+    reads a run never creates one)."""
     root = given_run_dir(ctx)
     if root is None:
         root = Path("runs") / model_slug(model or DEFAULT_MODEL)
         check_run_dir(root, "run directory")
+    if existing and not Path(root).is_dir():
+        raise BadInput(f"{root}: no such run directory")
     ctx.with_resource(run_lock(root))
     return RunDir(Path(root))
 

@@ -15,4 +15,4 @@ from nnsteer.report.page import write_report
 @click.pass_context
 def command(ctx: click.Context, model: str) -> None:
     """Write report.html (self-contained) and PNG/SVG copies of every chart; print its path."""
-    click.echo(write_report(run_dir(ctx, model)))
+    click.echo(write_report(run_dir(ctx, model, existing=True)))
