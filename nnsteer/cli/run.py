@@ -9,7 +9,8 @@ import click
 
 from nnsteer.annotation.stage import failed_chains_in, failed_note
 from nnsteer.cli.common import given_run_dir
-from nnsteer.pipeline.run import read_config, run_pipeline, shipped_configs
+from nnsteer.pipeline.plan import plan_study
+from nnsteer.pipeline.run import read_config, run_pipeline, select_stages, shipped_configs
 from nnsteer.runs.registry import STAGE_NAMES
 
 
@@ -38,6 +39,9 @@ def command(ctx: click.Context, config_path: Path, from_stage: str | None,
     config = read_config(config_path)
     if released_code:
         config = dataclasses.replace(config, released_code=True)
+    stages = [stage.name for stage in select_stages(from_stage, only)]
+    click.echo(f"nnsteer {plan_study(config, stages=stages).summary()} "
+               f"(`nnsteer plan --config {config_path}` for the table)", err=True)
     run = run_pipeline(config, run_dir=given_run_dir(ctx),
                        from_stage=from_stage, only=only, force=force)
     if run.report.exists():
