@@ -82,7 +82,7 @@ REPLY_PER_REASONING_TOKEN = 1.1
 
 #: Bytes one NDIF request sends beyond the distinct data it carries (code, module tree,
 #: pickling, tensors the server could derive), per stage, for a model of 32 layers × 4096:
-#: measured by ``python bench/bench_ndif.py`` (its "per-job excess" line) on a loopback
+#: measured by ``python bench/bench_ndif.py --study-json`` (bench/results/ndif.txt) on a loopback
 #: NDIF (nnsight's real client, NDIF main's sandbox), 8 chains of 12 tokens, batch 4;
 #: :func:`ndif_upload` scales them to a model's layers (its width for steer). Attribute's
 #: is net of the vectors every job carries, and negative: its request bodies carry the
@@ -95,7 +95,7 @@ NDIF_EXCESS: dict[str, float] = {
     "steer": 0.0,
 }
 #: Where :data:`NDIF_EXCESS` was measured (the figures' ``how``).
-NDIF_MEASURED = "bench_ndif.py on a loopback NDIF, 2026-12-08, x86_64, 2 CPUs"
+NDIF_MEASURED = "bench/results/ndif.txt: loopback NDIF, 2026-12-08, x86_64, 2 CPUs"
 #: The layers and width :data:`NDIF_EXCESS` was measured at.
 NDIF_BENCH_SHAPE = (32, 4096)
 
