@@ -416,7 +416,13 @@ def _count(n: float) -> str:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _n(count: int, noun: str) -> str:
+    """``1 batch``, ``2 batches``."""
+    plural = noun + ("es" if noun.endswith(("ch", "ss")) else "s")
+    return f"{count:,} {noun if count == 1 else plural}"
 
 
 def stage_settings(config: Config) -> dict[str, dict[str, Any]]:
@@ -564,7 +570,7 @@ class _Planner:
                  f"{_count(chains)} chains × max_new_tokens {new}")
         batches = math.ceil(chains / batch) if chains else 0
         self.add(stage, "forward passes", batches * new, f"≤ {_count(batches * new)}", "formula",
-                 f"{batches} batches of ≤ {batch} × (1 prefill + {new - 1} decoding steps); "
+                 f"{_n(batches, 'batch')} of ≤ {batch} × (1 prefill + {new - 1} decoding steps); "
                  "fewer when a batch's chains all stop early")
         self.add(stage, "backward passes", 0, "0", "count", "generation runs no backward pass")
         self.memory(stage, min(batch, chains), self.prompt[split] + new - 1,
@@ -718,8 +724,8 @@ class _Planner:
         reps = 1 if first_order else n_layers + 1
         per_trace = probe_rows_per_trace(batch, metric, n_layers)
         forward, backward = attribution_passes([probes] * chains, batch, metric, n_layers)
-        how = (f"{_count(chains)} chains × (1 clean forward + {math.ceil(probes / per_trace)} "
-               f"probe passes of ≤ {per_trace} probes"
+        how = (f"{_count(chains)} chains × (1 clean forward + "
+               f"{_n(math.ceil(probes / per_trace), 'probe pass')} of ≤ {per_trace} probes"
                f"{' × ' + str(reps) + ' rows' if reps > 1 else ''}); ≈ {probes} probes per chain "
                f"(estimated: {PROBES_PER_TOKEN * 500:g} per 500 tokens)")
         extra_jobs = 0
@@ -772,11 +778,11 @@ class _Planner:
         """How many behaviours steer (and a sweep) steer, and why."""
         steer, select = self.s["steer"], self.s["select"]
         if steer["behaviours"]:
-            return len(steer["behaviours"]), f"{len(steer['behaviours'])} behaviours ([steer])"
+            return len(steer["behaviours"]), f"{_n(len(steer['behaviours']), 'behaviour')} ([steer])"
         by_hand = set(select["layers"] or {})
         if select["labels"]:
             n = len(set(select["labels"]) | by_hand)
-            return n, f"{n} behaviours ([select] labels, layers)"
+            return n, f"{_n(n, 'behaviour')} ([select] labels, layers)"
         n = len(set(STEERED_LABELS) | by_hand)
         return n, f"≤ {n} behaviours (each steered one that gets a vector)"
 
@@ -790,7 +796,7 @@ class _Planner:
         behaviours, why = self.behaviours()
         chains = tasks * (1 + behaviours * len(grid))
         return tasks, chains, (f"{tasks} validation tasks × (1 unsteered + {why} × "
-                               f"{len(grid)} coefficients, positive)")
+                               f"{_n(len(grid), 'coefficient')}, positive)")
 
     def _select(self, stage: str) -> None:
         o = self.s["select"]
@@ -825,9 +831,9 @@ class _Planner:
         kinds = 2 if o["random_control"] else 1
         modes = len(o["where"])
         per_task = 1 + behaviours * coefficients * 2 * kinds * modes
-        how = (f"{tasks} eval tasks × (1 baseline + {why} × {coefficients} "
-               f"coefficients × 2 directions × {kinds} vectors"
-               f"{' (behaviour, random)' if kinds == 2 else ''} × {modes} modes)")
+        how = (f"{tasks} eval tasks × (1 baseline + {why} × {_n(coefficients, 'coefficient')}"
+               f" × 2 directions × {_n(kinds, 'vector')}"
+               f"{' (behaviour, random)' if kinds == 2 else ''} × {_n(modes, 'mode')})")
         return tasks * per_task, how
 
     def _steer(self, stage: str) -> None:
