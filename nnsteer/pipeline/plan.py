@@ -353,6 +353,7 @@ class Plan:
     prompt_tokens: dict[str, int] = field(default_factory=dict)
 
     def add(self, stage: str, name: str, value: float | None, text: str, kind: str, how: str) -> None:
+        """Append one :class:`Figure`."""
         self.figures.append(Figure(stage, name, value, text, kind, how))
 
     def values(self, name: str) -> dict[str, float]:
