@@ -8,7 +8,8 @@ only), and labels. Runs interleaved, best of ``--repeats``, wall and CPU time. M
 peak resident size after streaming ``--chains`` chains and after streaming them 3 times over
 (flat in the number of chains when the two agree).
 
-Usage: ``python bench/bench_annotator.py [FILE.json] [--chains 4] [--repeats 2] [--out bench/results/annotator.txt]``
+Usage: ``python bench/bench_annotator.py [FILE.json] [--chains 4] [--repeats 2]
+[--text-repeats 12] [--out bench/results/annotator.txt]``
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from nnsteer.annotation.learned import ENCODER, WINDOW, shipped_annotator
 from nnsteer.modeling.models import load_weights
 from nnsteer.modeling.sources import resolve_source
 
-TEXT = ("Okay, so I need to find how many apples are left. There were 24 and 9 were taken, so "
-        "24 - 9 = 15. Wait, let me double-check that. Hmm, I'm not sure the question says they "
-        "were not returned. For example, if 3 came back, 15 + 3 = 18. I remember that 'left' "
-        "usually means what remains. So the answer is 15.\n\n") * 12
+#: One paragraph of the built-in text, repeated ``--text-repeats`` times (12: 1,199 tokens).
+PARAGRAPH = ("Okay, so I need to find how many apples are left. There were 24 and 9 were taken, so "
+             "24 - 9 = 15. Wait, let me double-check that. Hmm, I'm not sure the question says "
+             "they were not returned. For example, if 3 came back, 15 + 3 = 18. I remember that "
+             "'left' usually means what remains. So the answer is 15.\n\n")
 
 
 def timed(fn) -> tuple[float, float]:
@@ -50,10 +52,12 @@ def main() -> None:
     parser.add_argument("file", type=Path, nargs="?", default=None)
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--text-repeats", type=int, default=12,
+                        help="paragraphs of the built-in text per chain (without FILE)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     texts = ([r["thinking_process"] for r in read_annotated_chains(args.file)[:args.chains]]
-             if args.file else [TEXT] * args.chains)
+             if args.file else [PARAGRAPH * args.text_repeats] * args.chains)
     annotator = shipped_annotator()
     model, tokenizer = load_weights(resolve_source(ENCODER), "cpu", torch.float32)
 

@@ -7,12 +7,12 @@
    ``lm_head``), which is all extraction needs. Rates are given from wall time and from
    this process's CPU time: on a machine shared with other jobs only the second is stable
    (use ``--threads 1`` there).
-2. Memory: peak resident memory of the extraction on 10 and on 100 chains, each in a fresh
-   process, measured from a warmed-up baseline (Linux ``VmHWM`` after ``clear_refs``), and
-   the peak of Python allocations (``tracemalloc``). The children run with a fixed glibc
-   mmap threshold: by default glibc raises it after large frees and then keeps freed
-   activation buffers, so RSS would climb over the first batches whatever the number of
-   chains.
+2. Memory: peak resident memory of the extraction on 10 and on 100 chains
+   (``--memory-chains``), each in a fresh process, measured from a warmed-up baseline
+   (Linux ``VmHWM`` after ``clear_refs``), and the peak of Python allocations
+   (``tracemalloc``). The children run with a fixed glibc mmap threshold: by default glibc
+   raises it after large frees and then keeps freed activation buffers, so RSS would climb
+   over the first batches whatever the number of chains.
 
 Usage: ``python bench/bench_extract.py [--chains 12] [--tokens 200] [--out bench/results/extract.txt]``
 """
@@ -186,7 +186,7 @@ def memory_child(n_chains: int, args: argparse.Namespace) -> None:
 
 def memory(args: argparse.Namespace) -> list[str]:
     results = []
-    for n in (10, 100):
+    for n in args.memory_chains:
         cmd = [sys.executable, __file__, "--memory-child", str(n), "--batch-size", str(args.batch_size),
                "--memory-tokens", str(args.memory_tokens), "--threads", str(args.threads)]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
@@ -199,7 +199,8 @@ def memory(args: argparse.Namespace) -> list[str]:
                      f"{(r['peak_kib'] - r['baseline_kib']) / 1024:6.1f} MiB above the warmed-up baseline, "
                      f"Python allocations peak {r['python_peak_kib'] / 1024:5.1f} MiB")
     small, large = results
-    lines.append(f"  peak RSS 100 / 10 chains: {large['peak_kib'] / small['peak_kib']:.3f}x")
+    lines.append(f"  peak RSS {large['chains']} / {small['chains']} chains: "
+                 f"{large['peak_kib'] / small['peak_kib']:.3f}x")
     return lines
 
 
@@ -211,6 +212,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-tokens", type=int, default=64)
+    parser.add_argument("--memory-chains", type=lambda v: [int(n) for n in v.split(",")],
+                        default=[10, 100], help="the two chain counts of the memory part")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -20,6 +20,10 @@ of 500 tokens, batch 8): per stage, jobs from the batching rules, and bytes up a
 the measured per-job *excess* (request bytes minus the distinct data it carried: code,
 module tree, pickling, derivable tensors) plus the study's distinct data; for 70B (80
 layers × 8192) the excess scales with the layer count and the vectors with layers × width.
+These formulas are ``nnsteer plan``'s (``nnsteer.pipeline.plan``: ``ndif_jobs``,
+``ndif_distinct``, ``ndif_upload``), one source for both; the last lines check its job
+formulas against the jobs this run sent, and print the per-job excess measured now beside
+the constants the plan holds (``NDIF_EXCESS``).
 
 Usage: ``python bench/bench_ndif.py [--train 8] [--eval 1] [--tokens 12] [--batch 4]
 [--out bench/results/ndif.txt]``.
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -252,38 +255,67 @@ SHAPES = {"8B": (32, 4096), "70B": (80, 8192)}
 
 def extrapolate(measured: dict, args, shape: tuple[int, int], chains_per_request: int,
                 batches_per_request: int) -> dict:
-    """Jobs and MB up per stage for :data:`STUDY` at ``shape`` (module doc)."""
+    """Jobs and MB up per stage for :data:`STUDY` at ``shape``, by ``nnsteer plan``'s
+    formulas (``nnsteer.pipeline.plan``: ``ndif_jobs``, ``ndif_distinct``, ``ndif_upload``)
+    with the per-job excess ``measured`` here (``ndif_excess``)."""
+    from nnsteer.pipeline import plan
+
     layers, width = shape
     s = STUDY
-    scale_layers = layers / 32
+    steered = s["eval"] * s["steer_chains_per_task"]
     jobs = {
-        "generate": math.ceil(s["chains"] / s["batch"]),
-        "extract": math.ceil(math.ceil(s["chains"] / s["batch"]) / batches_per_request),
-        "attribute": math.ceil(s["chains"] / chains_per_request),
-        "steer": math.ceil(s["eval"] * s["steer_chains_per_task"] / s["batch"]),
+        "generate": plan.ndif_jobs("generate", s["chains"], s["batch"]),
+        "extract": plan.ndif_jobs("extract", s["chains"], s["batch"],
+                                  per_request=batches_per_request),
+        "attribute": plan.ndif_jobs("attribute", s["chains"], per_request=chains_per_request),
+        "steer": plan.ndif_jobs("steer", steered, s["batch"]),
     }
-    vector = layers * width * 2
-    bench_vectors = s["labels"] * 32 * 4096 * 2  # what each attribute job carried here
-    distinct = {
-        "generate": 4 * s["chains"] * s["prompt"],
-        "extract": 4 * s["chains"] * (s["prompt"] + s["tokens"]) + 8 * s["chains"] * (s["spans"] + 1),
-        "attribute": (4 * s["chains"] * (s["prompt"] + s["tokens"]) + 8 * s["chains"] * s["spans"]
-                      + s["labels"] * vector),
-        "steer": 4 * s["eval"] * s["prompt"] + len(STEERED) * s["steered_layers"] * width * 2,
-    }
+    vectors = {"attribute": s["labels"], "steer": len(STEERED) * s["steered_layers"]}
     out = {}
     for stage in STAGES:
-        m = measured[stage]
-        if stage == "attribute":  # every job carries the vectors once: apart, scaled to shape
-            overhead = (m["up"] - m["distinct"] + bench_vectors) / m["jobs"] - bench_vectors
-            up = (jobs[stage] * (overhead * scale_layers + s["labels"] * vector)
-                  + distinct[stage] - s["labels"] * vector)
-        else:  # steer's excess is mostly its per-row deltas: scaled with the width
-            scale = width / 4096 if stage == "steer" else scale_layers
-            up = jobs[stage] * max(0.0, (m["up"] - m["distinct"]) / m["jobs"]) * scale
-            up += distinct[stage]
-        out[stage] = {"jobs": jobs[stage], "up": up, "distinct": distinct[stage]}
+        distinct = plan.ndif_distinct(
+            stage, chains=s["eval"] if stage == "steer" else s["chains"], prompt=s["prompt"],
+            tokens=s["tokens"], spans=s["spans"], vectors=vectors.get(stage, 0),
+            n_layers=layers, d_model=width, dtype_bytes=2)
+        excess = per_job_excess(measured, stage)
+        vector_bytes = s["labels"] * layers * width * 2 if stage == "attribute" else 0.0
+        up = plan.ndif_upload(stage, jobs[stage], distinct, layers, width,
+                              vector_bytes=vector_bytes, excess={stage: excess})
+        out[stage] = {"jobs": jobs[stage], "up": up, "distinct": distinct}
     return out
+
+
+def per_job_excess(measured: dict, stage: str) -> float:
+    """The bytes per job ``measured`` sent beyond the distinct data (``plan.ndif_excess``;
+    attribute's net of the vectors each job carried)."""
+    from nnsteer.pipeline import plan
+
+    m = measured[stage]
+    bench_vectors = STUDY["labels"] * 32 * 4096 * 2 if stage == "attribute" else 0.0
+    return plan.ndif_excess(stage, m["up"], m["distinct"], m["jobs"], bench_vectors)
+
+
+def plan_check(after: dict, args) -> list[str]:
+    """``nnsteer plan``'s NDIF formulas against this run: the jobs its formulas give for the
+    study measured here, and the per-job excess its constants hold against the one measured."""
+    from nnsteer.pipeline import plan
+
+    steered = args.eval * (1 + len(STEERED) * 2)
+    predicted = {
+        "generate": plan.ndif_jobs("generate", args.train, args.batch),
+        "extract": plan.ndif_jobs("extract", args.train, args.batch),
+        "attribute": plan.ndif_jobs("attribute", args.train,
+                                    per_request=plan.chains_per_request(len(LABELS))),
+        "steer": plan.ndif_jobs("steer", steered, args.batch),
+    }
+    jobs = ", ".join(f"{stage} {predicted[stage]} (measured {after[stage]['jobs']})"
+                     for stage in STAGES)
+    same = all(predicted[stage] == after[stage]["jobs"] for stage in STAGES)
+    excess = ", ".join(f"{stage} {per_job_excess(after, stage):,.0f} B (plan's constant "
+                       f"{plan.NDIF_EXCESS[stage]:,.0f})" for stage in STAGES)
+    return [f"nnsteer plan's job formulas on this study: {jobs}: "
+            f"{'all equal' if same else 'DIFFERENT'}",
+            f"per-job excess now (plan.NDIF_EXCESS): {excess}"]
 
 
 def extrapolated_table(today: dict, after: dict, args) -> list[str]:
@@ -344,6 +376,8 @@ def main() -> None:
         "extrapolated (module doc: per-job excess measured above, scaled with layers; "
         "distinct data from the shapes):",
         *extrapolated_table(today, after, args),
+        "",
+        *plan_check(after, args),
     ]
     emit(lines, args.out)
 

@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . scripts/setup.sh
 set +e
+# Without arguments: the test suite, then the notebooks of examples/, executed by nbmake
+# (testpaths is tests/ only, so a plain `pytest` leaves them out).
+[ "$#" -eq 0 ] && set -- tests examples --nbmake --nbmake-timeout=900
 python -m pytest -q "$@"
 status=$?
 set -e

@@ -87,9 +87,14 @@ class _Group(click.Group):
         if self._loaded:
             return
         with _interrupt_after():
-            from nnsteer.cli import models, portable, stages  # keeps torch out of CLI start-up
+            from nnsteer.cli import (  # keeps torch out of CLI start-up
+                models,
+                plan,
+                portable,
+                stages,
+            )
 
-        for command in [models.command, *portable.COMMANDS, *stages.COMMANDS]:
+        for command in [models.command, plan.command, *portable.COMMANDS, *stages.COMMANDS]:
             self.add_command(command)
         self._loaded = True
 

@@ -9,7 +9,15 @@ import click
 
 from nnsteer.annotation.stage import failed_chains_in, failed_note
 from nnsteer.cli.common import given_run_dir
-from nnsteer.pipeline.run import read_config, run_pipeline, shipped_configs
+from nnsteer.errors import BadInput
+from nnsteer.pipeline.plan import plan_study
+from nnsteer.pipeline.run import (
+    Config,
+    read_config,
+    run_pipeline,
+    select_stages,
+    shipped_configs,
+)
 from nnsteer.runs.registry import STAGE_NAMES
 
 
@@ -38,8 +46,17 @@ def command(ctx: click.Context, config_path: Path, from_stage: str | None,
     config = read_config(config_path)
     if released_code:
         config = dataclasses.replace(config, released_code=True)
+    summary = plan_line(config, from_stage, only, config_path)
+
+    def log(message: str) -> None:  # the plan's line first, once the run's checks have passed
+        nonlocal summary
+        if summary:
+            click.echo(summary, err=True)
+            summary = None
+        click.echo(message, err=True)
+
     run = run_pipeline(config, run_dir=given_run_dir(ctx),
-                       from_stage=from_stage, only=only, force=force)
+                       from_stage=from_stage, only=only, force=force, log=log)
     if run.report.exists():
         click.echo(run.report)
 
@@ -50,3 +67,15 @@ def command(ctx: click.Context, config_path: Path, from_stage: str | None,
             incomplete = True
     if incomplete:
         ctx.exit(1)
+
+
+def plan_line(config: Config, from_stage: str | None, only: tuple[str, ...],
+              config_path: Path) -> str | None:
+    """``nnsteer plan``'s summary of the stages this run covers; None when the plan cannot
+    be made (the run then reports the config's problem itself, or needs no plan)."""
+    try:
+        stages = [stage.name for stage in select_stages(from_stage, only)]
+        plan = plan_study(config, stages=stages)
+    except BadInput:
+        return None
+    return f"nnsteer {plan.summary()} (`nnsteer plan --config {config_path}` for the table)"
