@@ -37,12 +37,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from conftest import FaultAfter
 from safetensors.torch import save_file
 from test_faults import invoke, one_line, snapshot
 from test_pipeline import pipeline_config  # noqa: F401  (the study's config fixture)
 
 import nnsteer.cli.common as cli_common
 import nnsteer.pipeline.run as pipeline_run
+from nnsteer.cli import INTERRUPTED
+from nnsteer.generation import loop
 from nnsteer.modeling import embedded
 from nnsteer.pipeline.run import RUNNERS, SUPPLIED, ModelConfig, read_config
 from nnsteer.runs.registry import RUN_FILES, STAGES
@@ -175,6 +178,32 @@ def test_a_damaged_run_file_is_one_line_for_nnsteer_run(study, run_copy, key, da
     assert code == 2, err
     assert RUN_FILES[key] in one_line(err)
     assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("change, n, done", [
+    ({"--max-new-tokens": "8"}, 6, 4),
+    ({"--max-new-tokens": "8", "--limit": "2", "--batch-size": "1"}, 2, 1)])
+def test_ctrl_c_in_generate_with_other_settings_keeps_the_finished_chains(
+        study, run_copy, monkeypatch, change, n, done):
+    """The reported case: a finished chains.parquet (6 chains of 46 tokens), then ``generate``
+    with another ``--max-new-tokens`` (and ``--limit``) interrupted after one batch. The
+    table is kept byte for byte, and stderr says what it holds before "finished work is
+    saved"."""
+    args = stage_args("generate", study[0])
+    for option, value in change.items():
+        args[args.index(option) + 1] = value
+    before = snapshot(run_copy)
+    FaultAfter(monkeypatch, loop, "generate_batch", after=1)
+    code, err = invoke("--run-dir", str(run_copy), *args)
+    assert code == 130, err
+    assert [line for line in err.splitlines() if line.startswith("nnsteer:")][-2:] == [
+        f"nnsteer: {run_copy / 'chains.parquet'} still holds its 6 chains (other settings); "
+        f"{done} of this run's {n} chains are done, kept for a rerun with the same options",
+        INTERRUPTED]
+    after = snapshot(run_copy)
+    assert pl.read_parquet(run_copy / ".chains.parquet.pending").height == done
+    del after[".chains.parquet.pending"]
+    assert after == before
 
 
 # ------------------------------------------------------------------ hostile config keys
