@@ -420,3 +420,16 @@ def test_attribution_of_a_model_whose_forward_reads_the_pads_is_unpadded(tokeniz
     for model in (lm, _without_padding_quirks(lm)):
         eight = probe_effects(model, *args, batch_size=8, progress=False)
         assert torch.allclose(eight, one, rtol=1e-4, atol=1e-6) == (model is lm)
+
+
+def test_a_padded_batch_that_fails_counts_as_padding_dependent(tokenizer, capsys):
+    """transformers' generate fails on a left-padded batch of a MoE model that returns its
+    router logits (their load-balancing loss reads the mask): the probe then counts the
+    decode as changed by padding, in one line; the model still loads."""
+    from conftest import build_tiny_hf
+
+    arch = Architecture.discover(build_tiny_hf("qwen3_moe", len(tokenizer), output_router_logits=True))
+    assert arch.pads_forward and not arch.pads_decode
+    [note] = capsys.readouterr().err.splitlines()
+    assert note.startswith("nnsteer: qwen3_moe: a left-padded batch failed (RuntimeError: ")
+    assert note.endswith("): counted as padded-decode")

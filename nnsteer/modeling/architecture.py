@@ -218,9 +218,7 @@ class Architecture:
             problem = arch.check_on_forward(model)
             if problem:
                 raise _refuse(family, problem, source)
-            found = padding_quirks(model, arch.vocab_size)
-            if isinstance(found, str):
-                raise _refuse(family, found, source)
+            found = padding_quirks(model, arch.vocab_size, family)
             quirks = tuple(q for q in QUIRKS if q in found or (q in quirks and q not in PADDING_QUIRKS))
             arch = replace(arch, quirks=quirks)
         return arch
@@ -340,12 +338,13 @@ class Architecture:
 PADDING_PROBE = (16, 4, 4)
 
 
-def padding_quirks(model: torch.nn.Module, vocab_size: int) -> set[str] | str:
+def padding_quirks(model: torch.nn.Module, vocab_size: int, family: str = "model") -> set[str]:
     """Which of :data:`PADDING_QUIRKS` ``model`` has: a batch of a long row and a short
     left-padded one against the short row alone, for a forward pass (``padded-forward``)
     and for the cached decode steps of ``generate`` (``padded-decode``), both forced to the
     same tokens. Their logits may differ by rounding only (:func:`padding_tolerance`). A
-    message if the probe itself fails.
+    pass that fails on the padded batch counts as changed by the padding, with one line
+    naming ``family`` and the error (never silently batch-dependent, never refused for it).
     """
     long, short, steps = PADDING_PROBE
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -365,22 +364,26 @@ def padding_quirks(model: torch.nn.Module, vocab_size: int) -> set[str] | str:
     def force(width: int) -> Callable[[int, torch.Tensor], list[int]]:
         return lambda batch, seen: [forced[min(len(seen) - width, steps - 1)]]
 
+    quirk = "padded-forward"
     try:
         with torch.no_grad():
             padded = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=positions.to(device), use_cache=False).logits[1, long - short:]
             alone = model(input_ids=row[None].to(device), use_cache=False).logits[0]
             if _differ(padded, alone, dtype):
-                found.add("padded-forward")
+                found.add(quirk)
+            quirk = "padded-decode"
             padded = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                     prefix_allowed_tokens_fn=force(long), **decode).logits
             alone = model.generate(input_ids=row[None].to(device),
                                    attention_mask=torch.ones(1, short, dtype=torch.long).to(device),
                                    prefix_allowed_tokens_fn=force(short), **decode).logits
     except Exception as exc:  # the model's own forward or generate
-        return f"a left-padded batch failed ({type(exc).__name__}: {first_line(exc)})"
+        say(f"{family}: a left-padded batch failed ({type(exc).__name__}: {first_line(exc)}): "
+            f"counted as {quirk}")
+        return found | {quirk}
     if any(_differ(p[1], a[0], dtype) for p, a in zip(padded, alone)):
-        found.add("padded-decode")
+        found.add(quirk)
     return found
 
 
