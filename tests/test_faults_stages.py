@@ -12,7 +12,8 @@ The tables are generated, not written case by case:
   function's parameters, ``RUNNERS``) given a wrong type, and where it is a number NaN, inf,
   a negative and zero (zero only where the test's own table, :data:`ZERO_MEANS_SOMETHING`,
   does not say it is a meaningful value); each key naming a file (``Stage.file_options``
-  and ``[model] name``) given a missing file;
+  and ``[model] name``) given a missing file; each key with choices (``CHOICES``,
+  ``PATTERNS``) given one that is not among them;
 - **the embedded model's cache** (``$NNSTEER_CACHE``): each file of its entry truncated,
   empty, garbage or deleted is found and rebuilt, never fatal (the LLM annotator's cache
   is ``tests/test_faults.py``'s).
@@ -25,6 +26,7 @@ command (the same weights each time: ``load_model`` is wrapped in a cache, not r
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import inspect
 import json
@@ -254,6 +256,16 @@ def _inside(hint, value):
     return [value]
 
 
+def _unknown_choice(kinds: set):
+    """A value that is none of a key's choices, in the key's own shape (a table's choices
+    are its keys)."""
+    if dict in kinds:
+        return {"no-such-choice": [1]}
+    if kinds & {list, collections.abc.Sequence}:
+        return ["no-such-choice"]
+    return "no-such-choice"
+
+
 def hostile_values() -> list[tuple[str, str, str, typing.Any]]:
     """``(table, key, what, value)``: every hostile value of every key."""
     cases = []
@@ -271,6 +283,8 @@ def hostile_values() -> list[tuple[str, str, str, typing.Any]]:
                 cases.append((table, key, "zero", _inside(hint, 0)))
         if (table, key) in file_keys:
             cases.append((table, key, "missing-file", "no/such/file.txt"))
+        if (table, key) in pipeline_run.CHOICES or (table, key) in pipeline_run.PATTERNS:
+            cases.append((table, key, "unknown-choice", _unknown_choice(kinds)))
     return cases
 
 
