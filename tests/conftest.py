@@ -101,6 +101,9 @@ FAMILY_CONFIGS: dict[str, dict] = {
                        mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=8,
                        n_routed_experts=4, n_shared_experts=1,
                        moe_shared_expert_intermediate_size=16, **_MOE, **_SMALL),
+    # lightning (linear) attention carries left padding into its cached state: padded-decode
+    "minimax": dict(num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2,
+                    num_local_experts=4, num_experts_per_tok=2, block_size=4, **_SMALL),
 }
 
 

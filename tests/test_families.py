@@ -42,7 +42,7 @@ from nnsteer.selection.attribution import (
 
 #: Families whose cache is not plain keys and values: attribution's no-cache path.
 NO_PLAIN_CACHE = {"gpt_oss", "olmo3", "mistral", "gemma2", "gemma3_text", "exaone4",
-                  "qwen3_next", "nemotron_h"}
+                  "qwen3_next", "nemotron_h", "minimax"}
 NEW = 6
 
 _MODELS: dict[str, object] = {}
@@ -143,6 +143,8 @@ def test_no_cache_path_passes_ndif_allow_lists(tokenizer):
     ("gpt_oss", {"attention-sinks", "mixture-of-experts", "sliding-window"}),
     ("deepseek_v3", {"mixture-of-experts"}),
     ("nemotron_h", {"mixture-of-experts", "hybrid-cache"}),
+    ("qwen3_next", {"mixture-of-experts", "hybrid-cache"}),
+    ("minimax", {"mixture-of-experts", "hybrid-cache", "padded-decode"}),
     ("llama", set()),
 ])
 def test_quirks_named_per_family(tokenizer, family, quirks):
@@ -298,3 +300,136 @@ def test_config_placement_reaches_the_loader(tmp_path, saved_gpt_oss):
     config.write_text(f'[model]\nname = "{saved_gpt_oss}"\ndevice_map = "nowhere"\n')
     with pytest.raises(BadInput, match=r"c.toml: \[model\] device_map 'nowhere'"):
         check_model(read_config(config))
+
+
+def test_padding_probe_keeps_padding_safe_families_batched(family_model):
+    """Discovery's padding probe (a left-padded batch against its row alone, for a forward
+    pass and for cached decode steps) flags MiniMax's decoding only: every other tested
+    family, hybrids included, keeps its padded batches."""
+    arch = family_model.arch
+    assert arch.pads_forward
+    assert arch.pads_decode == (arch.family != "minimax")
+    lengths = [9, 4, 9, 6]
+    assert arch.batches(lengths, 8) == [[0, 2, 3, 1]]
+    assert arch.batches(lengths, 8, decode=True) == (
+        [[0, 2], [3], [1]] if arch.family == "minimax" else [[0, 2, 3, 1]])
+
+
+def _without_padding_quirks(lm):
+    """``lm`` as if discovery had not probed its padding (the code before the probe)."""
+    import dataclasses
+
+    quirks = tuple(q for q in lm.arch.quirks if not q.startswith("padded-"))
+    return dataclasses.replace(lm, arch=dataclasses.replace(lm.arch, quirks=quirks))
+
+
+def test_minimax_steered_chains_do_not_depend_on_the_batch_size(tokenizer, capsys):
+    """The finding: MiniMax's lightning attention carries left pads into its cached state,
+    so a padded batch of steered chains differs from each prompt steered alone with plain
+    forward hooks. With the probe's ``padded-decode`` prompts of equal length only share a
+    batch, with one line saying so, and every chain equals the hooks'."""
+    lm = _MODELS.get("minimax") or make_tiny("minimax", tokenizer)
+    last = lm.arch.n_layers - 1
+    vectors = random_vectors(lm.arch.d_model, [0, last], seed=1, scale=2.0)
+    spec = SteeringSpec(vectors, 1.0, "positive")
+    added = {layer: 1.0 / len(vectors) * v for layer, v in vectors.items()}
+    want = [hf_greedy(lm, [p], 10, add=added)[0] for p in PROMPTS]
+    assert want != [hf_greedy(lm, [p], 10)[0] for p in PROMPTS], "steering too weak to test"
+    padded = generate(_without_padding_quirks(lm), PROMPTS, steering=spec, max_new_tokens=10,
+                      progress=False)
+    assert ids(padded) != want, "left padding no longer changes MiniMax: the probe is moot"
+    capsys.readouterr()
+    assert ids(generate(lm, PROMPTS, steering=spec, max_new_tokens=10, progress=False)) == want
+    assert capsys.readouterr().err.splitlines() == [
+        "nnsteer: minimax: left padding changes its outputs (padded-decode), so only sequences "
+        "of equal length share a batch: 4 batches instead of 1"]
+
+
+def test_padded_decode_is_known_without_weights(tokenizer):
+    """On meta weights (NDIF, ``nnsteer models``) the probe cannot run: the family table says."""
+    from conftest import FAMILY_CONFIGS
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("minimax", vocab_size=len(tokenizer), **FAMILY_CONFIGS["minimax"])
+    assert "padded-decode" in Architecture.from_config(config).quirks
+    config = AutoConfig.for_model("qwen3_next", vocab_size=len(tokenizer),
+                                  **FAMILY_CONFIGS["qwen3_next"])
+    assert not {"padded-decode", "padded-forward"} & set(Architecture.from_config(config).quirks)
+
+
+def _pad_reading_llama(tokenizer):
+    """A tiny Llama whose first block also reads the running mean of the positions before
+    it, pads included: causal, but left padding changes its forward pass."""
+    from conftest import build_tiny_hf
+
+    from nnsteer.modeling.models import wrap_model
+
+    hf = build_tiny_hf("llama", len(tokenizer))
+
+    def running_mean(module, args):
+        h = args[0]
+        seen = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=h.dtype)[None, :, None]
+        return (h + h.cumsum(1) / seen, *args[1:])
+
+    hf.model.layers[0].register_forward_pre_hook(running_mean)
+    return wrap_model(hf, tokenizer, name="tiny-pad-reading", revision="test")
+
+
+def test_a_model_whose_forward_reads_the_pads_runs_unpadded(tokenizer):
+    """``padded-forward``: generation, the residual means of ``extract`` and the NLL cost
+    give batched what they give one sequence at a time (and would not, padded)."""
+    from test_costs import _chain
+    from test_residuals import GROUPS, random_selections
+
+    from nnsteer.evaluation.metrics import nll_unsteered
+    from nnsteer.vectors.residuals import sum_sample_means
+
+    lm = _pad_reading_llama(tokenizer)
+    assert {"padded-forward", "padded-decode"} <= set(lm.arch.quirks)
+    assert not lm.arch.pads_forward and not lm.arch.pads_decode
+    alone = [generate(lm, [p], max_new_tokens=NEW, progress=False)[0] for p in PROMPTS]
+    assert ids(generate(lm, PROMPTS, max_new_tokens=NEW, batch_size=4, progress=False)) == ids(alone)
+    selections = random_selections(len(tokenizer), 6)
+    one = sum_sample_means(lm, selections, GROUPS, batch_size=1, progress=False)
+    for model in (lm, _without_padding_quirks(lm)):
+        six = sum_sample_means(model, selections, GROUPS, batch_size=6, progress=False)
+        same = all(torch.allclose(one.sums[g], six.sums[g], atol=1e-5, rtol=1e-5) for g in GROUPS)
+        assert same == (model is lm)
+    chains = [_chain(tokenizer, "Question one: how many legs?", "Four legs per cow, so 7.", "7"),
+              _chain(tokenizer, "A much longer question about trains and stations?",
+                     "Sixty times three is 180 km.", "180 km")]
+    assert nll_unsteered(lm, chains, batch_size=2) == pytest.approx(
+        nll_unsteered(lm, chains, batch_size=1), abs=1e-5)
+
+
+def test_attribution_of_a_model_whose_forward_reads_the_pads_is_unpadded(tokenizer):
+    """Attribution's no-cache path runs each probe's prefix left-padded to its trace's
+    widest: with ``padded-forward`` a trace holds probes of one position, and the effects
+    do not depend on the batch size (they would, padded)."""
+    import dataclasses
+
+    lm = _pad_reading_llama(tokenizer)
+    lm = dataclasses.replace(lm, arch=dataclasses.replace(lm.arch, plain_kv_cache=False))
+    chain = _chain(tokenizer)
+    probes = find_probes(pl.DataFrame([chain]), _annotations([chain]), tokenizer,
+                         ["backtracking", "example-testing"])
+    assert len({p.position for p in probes}) > 1
+    args = ({"c0": _sequence(chain)}, probes, _vectors(lm, ["backtracking", "example-testing"]),
+            "nll")
+    one = probe_effects(lm, *args, batch_size=1, progress=False)
+    for model in (lm, _without_padding_quirks(lm)):
+        eight = probe_effects(model, *args, batch_size=8, progress=False)
+        assert torch.allclose(eight, one, rtol=1e-4, atol=1e-6) == (model is lm)
+
+
+def test_a_padded_batch_that_fails_counts_as_padding_dependent(tokenizer, capsys):
+    """transformers' generate fails on a left-padded batch of a MoE model that returns its
+    router logits (their load-balancing loss reads the mask): the probe then counts the
+    decode as changed by padding, in one line; the model still loads."""
+    from conftest import build_tiny_hf
+
+    arch = Architecture.discover(build_tiny_hf("qwen3_moe", len(tokenizer), output_router_logits=True))
+    assert arch.pads_forward and not arch.pads_decode
+    [note] = capsys.readouterr().err.splitlines()
+    assert note.startswith("nnsteer: qwen3_moe: a left-padded batch failed (RuntimeError: ")
+    assert note.endswith("): counted as padded-decode")

@@ -19,7 +19,7 @@ from nnsteer.generation.chains import generate_chains
 from nnsteer.generation.loop import generate, reasoning_span
 from nnsteer.generation.prompts import chat_prompt, prompt_token_ids
 from nnsteer.generation.spec import SteeringSpec
-from nnsteer.runs.store import RunDir, read_metadata, write_parquet
+from nnsteer.runs.store import RunDir, read_complete, read_metadata, write_parquet
 from nnsteer.vectors.extract import read_inputs
 
 PROMPTS = [
@@ -401,3 +401,48 @@ def test_rerun_says_what_it_drops_and_when_it_is_up_to_date(tiny_llama, tmp_path
         f"nnsteer: {run.chains} is up to date (1 chains)",
     ]
     assert read_metadata(run.chains)["complete"] is True
+
+
+def test_other_settings_keep_the_finished_table_until_the_new_one_is_complete(
+        tiny_llama, tmp_path, monkeypatch, capsys):
+    """Four complete chains, then a run with another max_new_tokens (or --limit) interrupted
+    after one batch: chains.parquet is the finished table, byte for byte, and stays readable
+    by later stages; stderr says what it holds and what waits; the same options continue,
+    and only the complete new table replaces it."""
+    run = RunDir(tmp_path)
+    write_tasks(run, n_train=6)
+    generate_chains(run, tiny_llama, limit=4, max_new_tokens=12, batch_size=2)
+    finished = run.chains.read_bytes()
+    pending = tmp_path / ".chains.parquet.pending"
+    for options, held in [(dict(limit=4, max_new_tokens=5), "4 chains (other settings)"),
+                          (dict(limit=6, max_new_tokens=12), "4 finished chains"),
+                          (dict(limit=2, max_new_tokens=5), "4 chains (other settings)")]:
+        capsys.readouterr()
+        FaultAfter(monkeypatch, generation, "generate_batch", after=1)
+        with pytest.raises(KeyboardInterrupt):
+            generate_chains(run, tiny_llama, batch_size=1, **options)
+        assert run.chains.read_bytes() == finished
+        assert read_complete(run.chains).height == 4  # complete, as it was
+        n = options["limit"]
+        done = 5 if n == 6 else 1
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"nnsteer: {run.chains} still holds its {held}; {done} of this run's {n} chains are "
+            "done, kept for a rerun with the same options")
+        assert pl.read_parquet(pending).height == done
+
+    # --limit 2 at max_new_tokens 5 continues from its pending chain, then replaces the table.
+    fault = FaultAfter(monkeypatch, generation, "generate_batch")
+    table = generate_chains(run, tiny_llama, limit=2, max_new_tokens=5, batch_size=1)
+    assert fault.calls == 1 and not pending.exists()
+    assert table["chain_id"].to_list() == ["t0", "t1"] and table["output_ids"].list.len().max() <= 5
+    assert pl.read_parquet(run.chains).equals(table) and read_metadata(run.chains)["complete"]
+
+
+def test_a_damaged_pending_file_is_discarded(tiny_llama, tmp_path, capsys):
+    run = RunDir(tmp_path)
+    write_tasks(run, n_train=2)
+    pending = tmp_path / ".chains.parquet.pending"
+    pending.write_bytes(b"PAR1 not a table")
+    assert generate_chains(run, tiny_llama, max_new_tokens=3).height == 2
+    assert f"nnsteer: {pending}: damaged, discarded" in capsys.readouterr().err
+    assert not pending.exists()

@@ -27,7 +27,8 @@ from nnsteer.modeling.models import DEFAULT_MODEL
               help="Shares of all labelled tokens, or of the four steered labels (released code).")
 @click.option("--n-boot", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Bootstrap resamples of the tasks.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Bootstrap seed.")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Only picks the default run directory, runs/<model-slug>.")
 @click.option("--grader", default="offline", show_default=True,

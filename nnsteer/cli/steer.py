@@ -38,7 +38,8 @@ def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     show_default=True,
     help="Also steer with a random vector of the same norm at the same layers.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the random control.")
 @click.option("--where", callback=_names, default="all", show_default=True,
               help="Comma-separated phases to steer, one condition each: all, prompt, generated, "
                    "thinking, answer (docs/steering-modes.md).")

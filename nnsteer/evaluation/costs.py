@@ -82,7 +82,7 @@ def cost_table(
     """
     grader = resolve_grader(grader)
     chains = read_parquet(chains or run.steered, _CHAIN_COLUMNS)
-    tasks = _task_answers(run)
+    tasks = task_answers(run)
     rows = chains.join(tasks, on="task_id", how="left").to_dicts()
     references = [row["answer"] for row in rows]
     _say_ungraded(list({row["task_id"]: row["answer"] for row in rows}.values()), grader)
@@ -124,7 +124,7 @@ def cost_metadata(cost_summary: pl.DataFrame, lm: LoadedModel | None) -> dict[st
             "nll_model": None if lm is None else lm.identity()}
 
 
-def _task_answers(run: RunDir) -> pl.DataFrame:
+def task_answers(run: RunDir) -> pl.DataFrame:
     """``task_id``, ``prompt``, ``answer`` of ``tasks.parquet`` (empty if there is none)."""
     if not run.tasks.exists():
         return pl.DataFrame(schema={"task_id": pl.String, "prompt": pl.String, "answer": pl.String})

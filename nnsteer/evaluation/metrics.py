@@ -118,7 +118,7 @@ def nll_unsteered(
 
     Each chain is ``prompt_ids + output_ids``; the reasoning tokens are those of
     :func:`reasoning_token_indices` (with ``lm``'s tokenizer). One nnsight trace per batch
-    of ``batch_size`` chains (longest first, left-padded, position ids counted from each
+    of ``batch_size`` chains (``Architecture.batches``: longest first, left-padded, position ids counted from each
     row's first token) reduces the log-probabilities inside the trace, so only one number
     per chain leaves the device, locally and on NDIF. None for a chain with no reasoning token.
     """
@@ -127,9 +127,10 @@ def nll_unsteered(
         start = len(chain["prompt_ids"])
         targets.append([start + i for i in reasoning_token_indices(chain, lm.tokenizer)])
     sequences = [list(c["prompt_ids"]) + list(c["output_ids"]) for c in chains]
-    order = sorted((i for i in range(len(chains)) if targets[i]), key=lambda i: -len(sequences[i]))
+    scored = [i for i in range(len(chains)) if targets[i]]
     result: list[float | None] = [None] * len(chains)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [[scored[j] for j in batch] for batch in
+               lm.arch.batches([len(sequences[i]) for i in scored], batch_size)]
     for k, batch in enumerate(tqdm(batches, desc="nll (unsteered)", unit="batch",
                                    disable=not progress), start=1):
         inputs = _nll_batch([sequences[i] for i in batch], [targets[i] for i in batch])

@@ -81,6 +81,11 @@ def chain_fractions(
     return pl.DataFrame(rows, schema=schema)
 
 
+#: The columns of ``evaluation.parquet`` that :func:`summarise` reads.
+SHARE_COLUMNS = ["task_id", "behaviour", "direction", "vector", "coefficient", "label",
+                 "fraction", "denominator"]
+
+
 def summarise(evaluation: pl.DataFrame, n_boot: int = 2000, seed: int = 0,
               min_tasks: int = MIN_TASKS_FOR_INTERVAL) -> pl.DataFrame:
     """Per behaviour and condition: the share of that behaviour's label over tasks.

@@ -23,6 +23,7 @@ from nnsteer.evaluation.costs import (
     cost_table,
     costs_text,
     summarise_costs,
+    task_answers,
 )
 from nnsteer.evaluation.grader import resolve_grader
 from nnsteer.evaluation.paired import CHAIN_DIRECTIONS, VECTORS
@@ -90,6 +91,7 @@ def evaluate(
             annotator_prompt = recorded.get("annotator_prompt")
     tokenizer = tokenizer if tokenizer is not None else _chain_tokenizer(run, chains)
     _check_responses(run, chains, tokenizer)
+    task_answers(run)  # tasks.parquet checked before steered_annotations.parquet is written
     annotate_chains(run, annotator=annotator, base_url=base_url, workers=workers,
                     source="steered", tokenizer=tokenizer, timeout=timeout, retries=retries,
                     annotator_prompt=annotator_prompt)

@@ -143,46 +143,70 @@ def run_chain_jobs(
     batch_size: int,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> pl.DataFrame:
-    """Generate the chains of ``jobs`` into ``path``, rewriting it atomically after each batch.
+    """Generate the chains of ``jobs`` into ``path``, rewriting a file atomically after each batch.
 
-    Rows already in ``path`` are kept when the file was written for the same model,
-    ``max_new_tokens`` and ``resume_inputs`` (e.g. the steering vectors); otherwise the
-    stage starts over. Rows of chains that are not among ``jobs`` are dropped, saying so.
+    Rows already written for the same model, ``max_new_tokens`` and ``resume_inputs`` (e.g.
+    the steering vectors) are kept, from ``path`` and from its pending file
+    (:func:`pending_path`); rows of chains that are not among ``jobs`` are dropped, saying so.
+    A complete ``path``, or one written with other settings, is never replaced by an
+    incomplete table: the batches go to the pending file beside it, which replaces ``path``
+    once every chain is done, and an interrupted run says what ``path`` still holds. Only a
+    missing ``path``, or an unfinished one of the same settings, is written batch by batch.
     The metadata says whether the file is complete (:func:`nnsteer.runs.store.completeness`),
     so that later stages refuse a file whose batches are still to come. Returns the
     table in job order.
     """
     resume_key = chains_resume_key(lm, max_new_tokens, resume_inputs)
     metadata = {**metadata, "resume_key": resume_key, "thinking": thinking_of(lm).provenance()}
-    done = _reusable_rows(lm, path, resume_key, jobs, prompt_template)
+    pending = pending_path(path)
+    done, target, held = _resume_point(lm, path, resume_key, jobs, prompt_template)
     finished = set(done["chain_id"])
     todo = [job for job in jobs if job.chain_id not in finished]
     ordered = {job.chain_id: i for i, job in enumerate(jobs)}
 
-    def save(rows: pl.DataFrame) -> pl.DataFrame:
+    def save(rows: pl.DataFrame, where: Path) -> pl.DataFrame:
         table = rows.sort(pl.col("chain_id").replace_strict(ordered, return_dtype=pl.Int64))
-        write_parquet(table, path, {**metadata, **completeness(table.height, len(jobs))})
+        write_parquet(table, where, {**metadata, **completeness(table.height, len(jobs))})
+        if where == path and pending.exists() and _key(pending) == resume_key:
+            pending.unlink()  # its rows are in path now
         return table
 
     if not todo:
         say(f"{path} is up to date ({done.height} chains)")
-        return save(done)  # records this run's options
+        return save(done, path)  # records this run's options
     check_lengths(lm, todo, max_new_tokens)
     if done.height:
         say(f"{path}: {done.height} of {len(jobs)} chains already done, generating {len(todo)}")
-    for indices, generations in generate_batches(
-        lm,
-        [job.prompt for job in todo],
-        steering=[job.steering for job in todo],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        desc=metadata.get("stage", "generate"),
-        prompt_template=prompt_template,
-    ):
-        rows = [_chain_row(lm.name, todo[i], gen) for i, gen in zip(indices, generations)]
-        done = pl.concat([done, pl.DataFrame(rows, schema=CHAIN_SCHEMA)])
-        table = save(done)
-    return table
+    if target == pending:
+        if pending.exists() and _key(pending) != resume_key:
+            say(f"discarding {pending.name}: the unfinished chains of a run with other settings")
+        say(f"{path} keeps its {held} until this run's {len(jobs)} chains are complete "
+            f"(meanwhile in {pending.name})")
+    try:
+        for indices, generations in generate_batches(
+            lm,
+            [job.prompt for job in todo],
+            steering=[job.steering for job in todo],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            desc=metadata.get("stage", "generate"),
+            prompt_template=prompt_template,
+        ):
+            rows = [_chain_row(lm.name, todo[i], gen) for i, gen in zip(indices, generations)]
+            done = pl.concat([done, pl.DataFrame(rows, schema=CHAIN_SCHEMA)])
+            table = save(done, target)
+    except BaseException:
+        if target == pending:
+            say(f"{path} still holds its {held}; {done.height} of this run's {len(jobs)} "
+                f"chains are done, kept for a rerun with the same options")
+        raise
+    return save(table, path) if target == pending else table
+
+
+def pending_path(path: Path) -> Path:
+    """Where the chains of a run that must not yet replace ``path`` wait:
+    ``.<name>.pending`` beside it."""
+    return path.with_name(f".{path.name}.pending")
 
 
 def check_lengths(lm: LoadedModel, jobs: list[ChainJob], max_new_tokens: int) -> None:
@@ -205,19 +229,56 @@ def chains_resume_key(lm: LoadedModel, max_new_tokens: int, resume_inputs: Any) 
     return fingerprint(lm.identity(), max_new_tokens, resume_inputs)
 
 
-def _reusable_rows(
+def _resume_point(
     lm: LoadedModel, path: Path, resume_key: str, jobs: list[ChainJob], prompt_template: str
+) -> tuple[pl.DataFrame, Path, str]:
+    """The finished rows to keep (of ``path`` and its pending file), the file the batches go
+    to (``path``, or the pending file while ``path`` must stay as it is), and what ``path``
+    holds now, in words."""
+    pending = pending_path(path)
+    waiting = _reusable_rows(lm, pending, resume_key, jobs, prompt_template, quiet=True)
+    if not path.exists():
+        return waiting, path, ""
+    metadata = read_metadata(path)
+    same = metadata.get("resume_key") == resume_key
+    rows = _reusable_rows(lm, path, resume_key, jobs, prompt_template)
+    if same and metadata.get("complete", True) is False:  # an unfinished run resumes in place
+        return rows, path, ""
+    rows = pl.concat([rows, waiting]).unique("chain_id", keep="first", maintain_order=True)
+    n = read_parquet(path, columns=["chain_id"]).height
+    held = f"{n} finished chains" if same else f"{n} chains (other settings)"
+    return rows, pending, held
+
+
+def _key(path: Path) -> Any:
+    """The resume key a chains file was written with."""
+    return read_metadata(path).get("resume_key")
+
+
+def _reusable_rows(
+    lm: LoadedModel, path: Path, resume_key: str, jobs: list[ChainJob], prompt_template: str,
+    quiet: bool = False,
 ) -> pl.DataFrame:
     """Rows of ``path`` that are exactly what ``jobs`` would generate now.
 
-    Says on stderr when the file is generated again, and how many of its chains are
-    dropped because ``jobs`` does not have them.
+    Says on stderr (unless ``quiet``: a pending file) when the file is generated again, and
+    how many of its chains are dropped because ``jobs`` does not have them. A damaged
+    pending file is discarded.
     """
     empty = pl.DataFrame(schema=CHAIN_SCHEMA)
     if not path.exists():
         return empty
-    if read_metadata(path).get("resume_key") != resume_key:
-        say(f"{path} was written with other settings or inputs: generating it again")
+    try:
+        key = _key(path)
+    except BadInput:
+        if not quiet:
+            raise
+        say(f"{path}: damaged, discarded")
+        path.unlink(missing_ok=True)
+        return empty
+    if key != resume_key:
+        if not quiet:
+            say(f"{path} was written with other settings or inputs: generating it again")
         return empty
     existing = read_parquet(path)
     if not set(CHAIN_SCHEMA) <= set(existing.columns):
@@ -231,7 +292,7 @@ def _reusable_rows(
         for job in jobs
     }
     dropped = existing.filter(~pl.col("chain_id").is_in(list(expected))).height
-    if dropped:
+    if dropped and not quiet:
         say(
             f"dropping {dropped} chains of {path} that are not in this run "
             "(other tasks, --limit, behaviours or layers)"

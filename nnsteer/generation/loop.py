@@ -156,8 +156,9 @@ def generate_batches(
     """Like :func:`generate`, yielding ``(prompt indices, generations)`` batch by batch
     (``desc`` labels the progress bar).
 
-    Batches group prompts of similar token length (longest first); every input is
-    checked before the first batch runs.
+    Batches group prompts of similar token length (longest first), of equal length where
+    left padding would change the model's outputs (:meth:`nnsteer.modeling.architecture.
+    Architecture.batches`); every input is checked before the first batch runs.
     """
     specs = _per_prompt(steering, len(prompts))
     check_prompt_template(prompt_template)
@@ -181,13 +182,12 @@ def generate_batches(
     thinking = thinking_of(lm)
     prompt_ids = [prompt_token_ids(tokenizer, p, prompt_template, thinking) for p in prompts]
     stop = eos_ids(lm, thinking)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
+    batches = lm.arch.batches([len(p) for p in prompt_ids], batch_size, decode=True)
     bar = tqdm(total=len(prompts), unit="chain", desc=desc, disable=not progress)
     seconds, n_tokens = 0.0, 0  # generating only: not the caller's work between batches
     try:
-        n_batches = -(-len(order) // batch_size)
-        for k, first in enumerate(range(0, len(order), batch_size), start=1):
-            indices = order[first : first + batch_size]
+        n_batches = len(batches)
+        for k, indices in enumerate(batches, start=1):
             started = time.perf_counter()
             new_ids, steered = with_retries(
                 lambda: generate_batch(

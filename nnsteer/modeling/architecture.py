@@ -14,7 +14,12 @@ silently wrong. On meta weights (NDIF, ``nnsteer models``) the structural answer
 
 :data:`QUIRKS` names where a family departs from the generic decoder, why nnsteer stays
 exact there, and what it changes (only ``plain_kv_cache``: whether attribution may reuse
-one clean forward's KV cache, see :mod:`nnsteer.selection.attribution`).
+one clean forward's KV cache, see :mod:`nnsteer.selection.attribution`), and the padding
+quirks: with real weights discovery also runs a left-padded batch against its row alone,
+for a forward pass and for a few cached decode steps (:func:`padding_quirks`); a family
+whose outputs the padding changes gets ``padded-forward`` or ``padded-decode``, and then
+:meth:`Architecture.batches` puts only sequences of equal length in one batch, so that
+no result depends on the batch size.
 
 Example:
     >>> arch = Architecture.discover(hf_model)
@@ -24,13 +29,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from nnsteer.errors import BadInput, first_line
+from nnsteer.errors import BadInput, first_line, say
 
 
 def _cache_layer_kinds(config: Any) -> set[str]:
@@ -93,7 +98,20 @@ QUIRKS: dict[str, Quirk] = {
         "values: attribution runs each probe on its own prefix, without a cache",
         lambda c: bool(_cache_layer_kinds(c) - {"DynamicLayer", "DynamicSlidingWindowLayer"}),
         breaks_kv_cache=True),
+    "padded-decode": Quirk(
+        "left padding changes its cached decode steps (MiniMax's lightning attention carries "
+        "the pads in its state): generation runs only prompts of equal token length together",
+        lambda c: c.model_type in PADDED_DECODE_FAMILIES),
+    "padded-forward": Quirk(
+        "left padding changes a forward pass: extract, attribute, calibration and the NLL "
+        "cost run only sequences of equal length together",
+        lambda c: False),  # found on the weights only
 }
+#: Families whose cached decode steps left padding changes: where the check cannot run
+#: (meta weights: NDIF, ``nnsteer models``), the ``padded-decode`` quirk comes from here.
+PADDED_DECODE_FAMILIES = frozenset({"minimax"})
+#: The quirks :func:`padding_quirks` decides on real weights.
+PADDING_QUIRKS = ("padded-forward", "padded-decode")
 
 
 #: The families tested in CI (tests/test_families.py) on a tiny random-weight model of each:
@@ -101,7 +119,7 @@ QUIRKS: dict[str, Quirk] = {
 SUPPORTED_FAMILIES: tuple[str, ...] = (
     "llama", "qwen2", "qwen3", "qwen3_moe", "gpt_oss", "olmo2", "olmo3", "phi3", "mistral",
     "mixtral", "gemma2", "gemma3_text", "smollm3", "exaone4", "granite", "deepseek_v3",
-    "glm4_moe", "qwen3_next", "nemotron_h",
+    "glm4_moe", "qwen3_next", "nemotron_h", "minimax",
 )
 
 
@@ -200,7 +218,41 @@ class Architecture:
             problem = arch.check_on_forward(model)
             if problem:
                 raise _refuse(family, problem, source)
+            found = padding_quirks(model, arch.vocab_size, family)
+            quirks = tuple(q for q in QUIRKS if q in found or (q in quirks and q not in PADDING_QUIRKS))
+            arch = replace(arch, quirks=quirks)
         return arch
+
+    @property
+    def pads_decode(self) -> bool:
+        """Whether left padding leaves generation's cached decode steps unchanged."""
+        return "padded-decode" not in self.quirks and self.pads_forward
+
+    @property
+    def pads_forward(self) -> bool:
+        """Whether left padding leaves a forward pass unchanged."""
+        return "padded-forward" not in self.quirks
+
+    def batches(self, lengths: Sequence[int], batch_size: int, *,
+                decode: bool = False) -> list[list[int]]:
+        """The indices of sequences of these ``lengths`` in batches of ``batch_size``,
+        longest first (the least padding). Where left padding changes this family's outputs
+        (:attr:`pads_forward`; with ``decode``, :attr:`pads_decode`), only sequences of equal
+        length share a batch, and a one-line note on stderr says so when that adds batches."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        plain = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if self.pads_decode if decode else self.pads_forward:
+            return plain
+        same: dict[int, list[int]] = {}
+        for i in order:
+            same.setdefault(lengths[i], []).append(i)
+        batches = [group[i:i + batch_size] for group in same.values()
+                   for i in range(0, len(group), batch_size)]
+        if len(batches) > len(plain):
+            quirk = "padded-decode" if decode and self.pads_forward else "padded-forward"
+            say(f"{self.family}: left padding changes its outputs ({quirk}), so only sequences "
+                f"of equal length share a batch: {len(batches)} batches instead of {len(plain)}")
+        return batches
 
     def check_on_forward(self, model: torch.nn.Module) -> str | None:
         """What is wrong with the found parts on a short forward pass of ``model``, or None:
@@ -280,6 +332,72 @@ class Architecture:
             "attribution cache": "one clean forward's KV cache" if self.plain_kv_cache
             else "none (each probe runs on its own prefix)",
         }
+
+
+#: The padding probe: the long row's length, the short row's, and the cached decode steps.
+PADDING_PROBE = (16, 4, 4)
+
+
+def padding_quirks(model: torch.nn.Module, vocab_size: int, family: str = "model") -> set[str]:
+    """Which of :data:`PADDING_QUIRKS` ``model`` has: a batch of a long row and a short
+    left-padded one against the short row alone, for a forward pass (``padded-forward``)
+    and for the cached decode steps of ``generate`` (``padded-decode``), both forced to the
+    same tokens. Their logits may differ by rounding only (:func:`padding_tolerance`). A
+    pass that fails on the padded batch counts as changed by the padding, with one line
+    naming ``family`` and the error (never silently batch-dependent, never refused for it).
+    """
+    long, short, steps = PADDING_PROBE
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device = torch.device("cpu") if device.type == "meta" else device
+    pad_id = getattr(model.config.get_text_config(), "pad_token_id", None)
+    pad_id = pad_id if isinstance(pad_id, int) and 0 <= pad_id < vocab_size else 0
+    tokens = (torch.arange(long + short + steps) * 7919 + 11) % vocab_size
+    row, forced = tokens[long:long + short], tokens[long + short:].tolist()
+    ids = torch.stack([tokens[:long], torch.cat([torch.full((long - short,), pad_id), row])])
+    mask = torch.ones_like(ids)
+    mask[1, :long - short] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    found = set()
+    decode = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1,
+                  output_logits=True, return_dict_in_generate=True, pad_token_id=pad_id)
+
+    def force(width: int) -> Callable[[int, torch.Tensor], list[int]]:
+        return lambda batch, seen: [forced[min(len(seen) - width, steps - 1)]]
+
+    quirk = "padded-forward"
+    try:
+        with torch.no_grad():
+            padded = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), use_cache=False).logits[1, long - short:]
+            alone = model(input_ids=row[None].to(device), use_cache=False).logits[0]
+            if _differ(padded, alone, dtype):
+                found.add(quirk)
+            quirk = "padded-decode"
+            padded = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                    prefix_allowed_tokens_fn=force(long), **decode).logits
+            alone = model.generate(input_ids=row[None].to(device),
+                                   attention_mask=torch.ones(1, short, dtype=torch.long).to(device),
+                                   prefix_allowed_tokens_fn=force(short), **decode).logits
+    except Exception as exc:  # the model's own forward or generate
+        say(f"{family}: a left-padded batch failed ({type(exc).__name__}: {first_line(exc)}): "
+            f"counted as {quirk}")
+        return found | {quirk}
+    if any(_differ(p[1], a[0], dtype) for p, a in zip(padded, alone)):
+        found.add(quirk)
+    return found
+
+
+def padding_tolerance(dtype: torch.dtype) -> float:
+    """How far, relative to the largest logit, a padded row's logits may stray from the
+    row's own by rounding: 8 ulps of ``dtype`` (bfloat16 0.0625), at least 1e-3."""
+    return max(1e-3, 8 * torch.finfo(dtype).eps)
+
+
+def _differ(padded: torch.Tensor, alone: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``padded`` strays from ``alone`` by more than rounding in a model of ``dtype``."""
+    scale = alone.float().abs().max().clamp(min=1e-6)
+    gap = (padded.float() - alone.float()).abs().max()
+    return bool((gap / scale).cpu() > padding_tolerance(dtype))
 
 
 def _resolve(obj: Any, path: str) -> Any:

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
@@ -21,10 +22,10 @@ from typing import Any
 
 import torch
 
-from nnsteer.errors import BadInput
+from nnsteer.errors import BadInput, say
 from nnsteer.modeling.lora import load_adapter, merge
 from nnsteer.package_data import package_path
-from nnsteer.runs.store import file_digest
+from nnsteer.runs.store import file_digest, write_json
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,16 @@ def embedded_dir(name: str) -> Path:
     A model with an adapter is the base's copy with the adapter merged in, cached the same
     way under a name carrying the adapter's hash. The copy is written to a temporary
     directory and renamed into place when complete, so an interrupted build is never used.
+    A copy that is damaged (:func:`cache_problem`: a file missing, truncated or changed) is
+    rebuilt, saying so in one line; it is never used, and never fatal.
     """
     spec_ = EMBEDDED_MODELS[name]
     target = cache_dir() / f"{name}-{embedded_revision(name).replace('==', '-')}"
-    if (target / "config.json").is_file():
+    problem = cache_problem(target) if target.exists() else None
+    if target.exists() and problem is None:
         return target
+    if problem is not None:
+        say(f"{target}: damaged cache entry ({problem}): rebuilding it")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec_.adapter:
@@ -135,8 +141,12 @@ def embedded_dir(name: str) -> Path:
     else:
         gguf = embedded_gguf(name)
         source, gguf_file = gguf.parent, gguf.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError as exc:
+        raise BadInput(f"{target.parent}: cannot write the model cache "
+                       f"({exc.strerror or type(exc).__name__}): set NNSTEER_CACHE") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
@@ -145,14 +155,116 @@ def embedded_dir(name: str) -> Path:
             merge(model, factors, alpha=float(metadata["alpha"]))
         _save_dequantised(model, tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; its copy is as good
-            if not (target / "config.json").is_file():
-                raise
+        write_manifest(tmp)
+        _replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+#: The record, in each cache entry, of its files as built: size, modification time, sha256.
+MANIFEST = "nnsteer-cache.json"
+#: The files a cache entry built before nnsteer kept a :data:`MANIFEST` must have.
+ENTRY_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json")
+
+
+def cache_problem(directory: Path) -> str | None:
+    """Why the cache entry ``directory`` cannot be used as it is, or None.
+
+    Against its :data:`MANIFEST`: a file missing, of another size, or, where its time
+    changed, of other contents (then the new time is recorded when the contents are the
+    same). An entry without one (built before nnsteer kept it) is checked by reading its
+    files (:func:`unreadable_file`) and, if they read, gets one.
+    """
+    try:
+        record = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+        files = record["files"]
+        sizes = {str(k): (int(v["size"]), int(v["mtime_ns"]), str(v["sha256"])) for k, v in files.items()}
+    except FileNotFoundError:
+        problem = unreadable_file(directory)
+        if problem is None:
+            with contextlib.suppress(OSError):
+                write_manifest(directory)
+        return problem
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is damaged"
+    if not sizes:
+        return f"{MANIFEST} lists no files"
+    touched = False
+    for file, (size, mtime, digest) in sizes.items():
+        try:
+            stat = (directory / file).stat()
+        except OSError:
+            return f"{file} is missing"
+        if stat.st_size != size:
+            return f"{file} has {stat.st_size} bytes, not {size}"
+        if stat.st_mtime_ns != mtime:
+            if file_digest(directory / file) != digest:
+                return f"{file} has changed"
+            touched = True
+    if touched:  # the same contents under new times (a copy): remember them
+        with contextlib.suppress(OSError):
+            write_manifest(directory)
+    return None
+
+
+def unreadable_file(directory: Path) -> str | None:
+    """The first of a cache entry's files that is missing or does not read (its JSON files
+    parse, its safetensors header and length agree, its chat template is text), as a
+    reason; None if all read."""
+    from safetensors import safe_open
+
+    for file in ENTRY_FILES:
+        path = directory / file
+        if not path.is_file():
+            return f"{file} is missing"
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            else:
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+        except Exception as exc:  # JSON, UTF-8 and safetensors errors alike
+            return f"{file} does not read ({type(exc).__name__})"
+    template = directory / "chat_template.jinja"
+    if not template.is_file():  # older transformers kept it in the tokenizer config
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        return None if isinstance(config, dict) and config.get("chat_template") else (
+            "chat_template.jinja is missing")
+    try:
+        return None if template.read_text(encoding="utf-8").strip() else (
+            "chat_template.jinja is empty")
+    except UnicodeDecodeError:
+        return "chat_template.jinja does not read (UnicodeDecodeError)"
+
+
+def write_manifest(directory: Path) -> None:
+    """Record every file of the cache entry ``directory`` in its :data:`MANIFEST`."""
+    files = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.name != MANIFEST:
+            stat = path.stat()
+            files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                "sha256": file_digest(path)}
+    write_json(directory / MANIFEST, {"files": files})
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename the built directory ``new`` to ``target``, moving a damaged ``target`` aside
+    first; if another process put a sound copy there meanwhile, keep that one."""
+    if target.exists():
+        if cache_problem(target) is None:
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}-damaged-", dir=target.parent))
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(target, old)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.rename(new, target)
+    except OSError:  # another process finished first; its copy is as good
+        if cache_problem(target) is not None:
+            raise
 
 
 def _save_dequantised(model: Any, directory: Path) -> None:

@@ -83,6 +83,7 @@ from nnsteer.selection.attribution import (
 from nnsteer.selection.layers import AUTO, select_layers
 from nnsteer.selection.strength import Bounds, check_grid
 from nnsteer.steer.chains import steer_chains
+from nnsteer.tasks.files import read_task_file
 from nnsteer.tasks.stage import SPLITS, write_tasks
 from nnsteer.vectors.extract import VARIANTS, extract_vectors
 
@@ -256,6 +257,8 @@ LEAST: dict[str, int | float] = {
     "batch_size": 1, "limit": 1, "max_new_tokens": 1, "per_category": 0,
     "eval_per_category": 0, "workers": 1, "top_k": 1, "n_boot": 1, "validate": 0,
     "coefficient": 0, "layers": 0, "timeout": 0.001, "retries": 0, "min_spans": 1,
+    "validation_per_category": 0, "rows_per_request": 1, "validation_limit": 1, "seed": 0,
+    "ndif_deadline": 1,
 }
 FRACTIONS = frozenset({"skip_fraction"})
 
@@ -282,6 +285,7 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("evaluate", "grader"): resolve_grader,
     ("annotate", "annotator_prompt"): _check_prompt_file,
     ("evaluate", "annotator_prompt"): _check_prompt_file,
+    ("tasks", "path"): read_task_file,
 }
 #: Options whose values are one of a list, and the list.
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {

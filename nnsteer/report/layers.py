@@ -19,7 +19,7 @@ from nnsteer.report.blocks import (
     select_provenance,
 )
 from nnsteer.runs.store import RunDir, read_metadata, read_parquet
-from nnsteer.selection.figure3 import LayerMarks, figure3_chart
+from nnsteer.selection.figure3 import FIGURE3_COLUMNS, LayerMarks, figure3_chart
 from nnsteer.selection.layers import first_allowed_layer, rank_layers
 from nnsteer.vectors.extract import cosine_similarity, load_vectors
 
@@ -31,7 +31,7 @@ METRIC_COLOURS = {"exact": "#222222", "nll": "#1f77b4", "kl2": "#2ca02c",
 def attribution_section(run: RunDir) -> Section:
     """Figure 3: mean |ΔL| per layer and label, with the layers ``select`` skipped,
     chose and ranked second."""
-    df = read_parquet(need(run.attribution))
+    df = read_parquet(need(run.attribution), columns=FIGURE3_COLUMNS)
     metric = ", ".join(sorted(df["metric"].unique().to_list())) if "metric" in df.columns else "?"
     marks = layer_marks(run, df)
     skipped = marks.first_allowed

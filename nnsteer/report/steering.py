@@ -19,7 +19,7 @@ from nnsteer.evaluation.costs import (
     unvaried_metrics,
 )
 from nnsteer.evaluation.paired import CONDITION_COLOURS, condition_name, interval_text
-from nnsteer.evaluation.shares import steering_chart, summarise, summary_text
+from nnsteer.evaluation.shares import SHARE_COLUMNS, steering_chart, summarise, summary_text
 from nnsteer.report.blocks import (
     CHARTS,
     Section,
@@ -39,7 +39,7 @@ def steering_summary(run: RunDir) -> pl.DataFrame:
 
 def _summary_of_evaluation(run: RunDir, summary: Callable[..., pl.DataFrame]) -> pl.DataFrame:
     """``summary(evaluation, n_boot=..., seed=...)`` with the draws ``evaluate`` used."""
-    evaluation = read_parquet(need(run.evaluation))
+    evaluation = read_parquet(need(run.evaluation), columns=SHARE_COLUMNS)
     options = read_metadata(run.evaluation).get("options", {})
     same_draws = {k: options[k] for k in ("n_boot", "seed") if k in options}
     return summary(evaluation, **same_draws)

@@ -41,6 +41,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +207,8 @@ def probe_effects(
             index = {label: j for j, label in enumerate(present)}
             request_table = table[[table_labels.index(label) for label in present]]
             request = [_chain_request(sequences[chain_id], [probes[i] for i in chain_members],
-                                      index, per_trace) for chain_id, chain_members in group]
+                                      index, per_trace, lm.arch.pads_forward)
+                       for chain_id, chain_members in group]
             request_effects = with_retries(
                 lambda: _request_effects(lm, request, request_table, metric),
                 what=f"attribute chains {done + 1}-{done + len(group)}/{len(chains)}",
@@ -229,18 +231,20 @@ def _request_end(chains: list[tuple[str, list[int]]], start: int, probes: int) -
 
 
 def _chain_request(sequence: Sequence[int], probes: list[Probe], index: dict[str, int],
-                   per_trace: int) -> dict:
+                   per_trace: int, pads: bool = True) -> dict:
     """What one chain's probes send: the token ids up to the last probe's target (int32),
     and per trace the probes' positions and label indices (int32); the server derives
-    the rest (probe tokens, targets, masks, cache indices, patched layers)."""
+    the rest (probe tokens, targets, masks, cache indices, patched layers). Without
+    ``pads`` (a model whose outputs left padding changes) a trace holds probes of one
+    position only, so that none is padded."""
     end = max(p.position for p in probes) + 2
+    groups = [probes] if pads else [list(g) for _, g in groupby(probes, key=lambda p: p.position)]
+    traces = [group[s:s + per_trace] for group in groups for s in range(0, len(group), per_trace)]
     return {
         "ids": torch.tensor([list(sequence[:end])], dtype=torch.int32),
-        "batches": [{"positions": torch.tensor([p.position for p in probes[s:s + per_trace]],
-                                               dtype=torch.int32),
-                     "labels": torch.tensor([index[p.label] for p in probes[s:s + per_trace]],
-                                            dtype=torch.int32)}
-                    for s in range(0, len(probes), per_trace)],
+        "batches": [{"positions": torch.tensor([p.position for p in trace], dtype=torch.int32),
+                     "labels": torch.tensor([index[p.label] for p in trace], dtype=torch.int32)}
+                    for trace in traces],
     }
 
 

@@ -24,6 +24,10 @@ class LayerMarks:
     skip_fraction: float = 0.0
 
 
+#: The columns of ``attribution.parquet`` that Figure 3 draws.
+FIGURE3_COLUMNS = ["label", "layer", "effect", "std"]
+
+
 def figure3_chart(df: pl.DataFrame, marks: LayerMarks | None = None) -> Any:
     """One panel per label, two per row: line, ±1 SD band, skipped layers shaded,
     chosen layer (solid rule) and runner-up (dashed) when ``marks`` has them; one y scale

@@ -49,18 +49,21 @@ def calibrate_conditions(run: RunDir, lm: LoadedModel, *, batch_size: int = 8,
     inside: dict[tuple[str, int], list[torch.Tensor]] = {}
     outside: dict[tuple[str, int], list[torch.Tensor]] = {}
     bar = tqdm(total=len(annotated), unit="chain", desc="calibrate", disable=not progress)
-    for first in range(0, len(annotated), batch_size):
-        batch = annotated[first:first + batch_size]
-        projected = with_retries(lambda: _project(lm, batch, units.transpose(0, 1)),
-                                 what=f"calibrate batch {first // batch_size + 1}")
-        for chain, values in zip(batch, projected):  # values: [layers, labels, generated]
-            for k, label in enumerate(labels):
-                mask = _inside(chain, label, values.shape[-1])
-                for layer in range(values.shape[0]):
-                    inside.setdefault((label, layer), []).append(values[layer, k][mask])
-                    outside.setdefault((label, layer), []).append(values[layer, k][~mask])
+    projections: dict[int, torch.Tensor] = {}  # per chain: [layers, labels, generated]
+    for k, batch in enumerate(lm.arch.batches([len(c.ids) for c in annotated], batch_size), 1):
+        projected = with_retries(
+            lambda: _project(lm, [annotated[i] for i in batch], units.transpose(0, 1)),
+            what=f"calibrate batch {k}")
+        projections.update(zip(batch, projected))
         bar.update(len(batch))
     bar.close()
+    for i, chain in enumerate(annotated):
+        values = projections[i]
+        for k, label in enumerate(labels):
+            mask = _inside(chain, label, values.shape[-1])
+            for layer in range(values.shape[0]):
+                inside.setdefault((label, layer), []).append(values[layer, k][mask])
+                outside.setdefault((label, layer), []).append(values[layer, k][~mask])
     found: dict[str, dict[int, dict[str, float]]] = {}
     for label in labels:
         if not any(t.numel() for t in inside[(label, 0)]):

@@ -69,7 +69,8 @@ def sum_sample_means(
 ) -> MeanSums:
     """Sum of per-sample mean activations at every layer, per group, over all selections.
 
-    Sequences run longest first in batches of ``batch_size`` (less padding); the
+    Sequences run longest first in batches of ``batch_size`` (less padding; of equal
+    length where padding changes the model's outputs: ``Architecture.batches``); the
     accumulators are float64 ``[n_layers, d_model]`` per group, whatever the number
     of sequences. With ``checkpoint``, the sums of the finished batches are saved
     there after each batch, and a rerun with the same model, selections, groups and
@@ -80,8 +81,7 @@ def sum_sample_means(
     for selection in selections:
         for group in groups:
             counts[group] += sum(1 for sample in selection.samples.get(group, ()) if sample)
-    order = sorted(range(len(selections)), key=lambda i: -len(selections[i].ids))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = lm.arch.batches([len(s.ids) for s in selections], batch_size)
     partial = Checkpoint.of(checkpoint, lm.identity(), list(groups), batch_size,
                           [(list(s.ids), _plain(s.samples)) for s in selections])
     state = partial.resume({
