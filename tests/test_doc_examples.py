@@ -290,9 +290,9 @@ def _loaded(*args, **kwargs):
     return models.__dict__["_docs_original_load_model"](*args, **kwargs)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cached_models():
-    """``load_model`` loads each embedded model once for the whole doc test, and torch runs
+    """``load_model`` loads each embedded model once for this module's doc tests, and torch runs
     on one thread: on a busy machine a second one spins more than it computes (a quarter of
     the CPU time, measured)."""
     import torch
@@ -308,7 +308,7 @@ def cached_models():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, cached_models):
     """``runs/demo``: a small study of the embedded thinking model, ``smollm2-135m-r1``, with
     the files the pages read: tasks, a few training chains with their rules annotations, an

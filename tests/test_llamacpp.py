@@ -223,7 +223,7 @@ def test_q4_1_file_shifts_the_same_way(lm, run, tmp_path):
     q4 = LlamaCpp(embedded_gguf("smollm2-135m"))
     path = tmp_path / "cv.gguf"
     for behaviour, direction in CASES:
-        export_vector(run, behaviour, "gguf", path, direction=direction)
+        export_vector(run, behaviour, "gguf", path, direction=direction, force=True)  # one file, rewritten
         for prompt in PROMPTS[2:]:
             ids = prompt_token_ids(lm.tokenizer, prompt)
             ours = nnsteer_logits(lm, ids, run, behaviour, direction) - nnsteer_logits(lm, ids, run)

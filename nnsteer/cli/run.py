@@ -46,6 +46,7 @@ def command(ctx: click.Context, config_path: Path, from_stage: str | None,
     config = read_config(config_path)
     if released_code:
         config = dataclasses.replace(config, released_code=True)
+    root = given_run_dir(ctx)  # a bad --run-dir is one line before the plan opens the model
     summary = plan_line(config, from_stage, only, config_path)
 
     def log(message: str) -> None:  # the plan's line first, once the run's checks have passed
@@ -55,7 +56,7 @@ def command(ctx: click.Context, config_path: Path, from_stage: str | None,
             summary = None
         click.echo(message, err=True)
 
-    run = run_pipeline(config, run_dir=given_run_dir(ctx),
+    run = run_pipeline(config, run_dir=root,
                        from_stage=from_stage, only=only, force=force, log=log)
     if run.report.exists():
         click.echo(run.report)
